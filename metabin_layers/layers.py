@@ -1,0 +1,381 @@
+"""MetaBIN layers: BatchNorm and InstanceNorm branches mixed by a per-channel ``rho``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .functional import BACKENDS, batch_instance_norm
+
+__all__ = [
+    "MetaBIN1d",
+    "MetaBIN2d",
+    "MetaBIN3d",
+    "MetaBINAct2d",
+    "STATS_MODES",
+    "set_stats_mode",
+    "stats_mode",
+]
+
+#: Statistics modes of a MetaBIN layer (the authors' ``type_running_stats``):
+#: ``"update"`` normalises with batch statistics and updates the running ones (normal training),
+#: ``"hold"`` normalises with batch statistics and leaves the running ones untouched (meta steps),
+#: ``"eval"`` normalises the BN branch with the running statistics.
+STATS_MODES = ("update", "hold", "eval")
+
+
+class _MetaBINBase(nn.Module):
+    """Shared implementation of :class:`MetaBIN1d`, :class:`MetaBIN2d` and :class:`MetaBIN3d`.
+
+    Tensors: ``weight``, ``bias`` (BN-branch affine), ``running_mean``, ``running_var``,
+    ``num_batches_tracked`` (same names and semantics as ``nn.BatchNorm``), ``in_weight``,
+    ``in_bias`` (IN-branch affine) and ``rho`` (per-channel mixing weight in [0, 1]).
+    """
+
+    _input_dims: tuple[int, ...] = ()
+    _version = 2  # same as nn.BatchNorm: num_batches_tracked exists
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        rho_init: float = 1.0,
+        stats_mode: str = "update",
+        backend: str = "auto",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        _check_rho_init(rho_init)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.rho_init = float(rho_init)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.in_weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.in_bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            for name in ("weight", "bias", "in_weight", "in_bias"):
+                self.register_parameter(name, None)
+        self.rho = nn.Parameter(torch.empty(num_features, **factory))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.stats_mode = stats_mode
+        self.backend = backend
+        # rho' of a meta step: a tensor with autograd history that replaces rho in forward.
+        self._rho_override: Optional[Tensor] = None
+        self.reset_parameters()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def stats_mode(self) -> str:
+        """``"update"``, ``"hold"`` or ``"eval"``; see :data:`STATS_MODES`."""
+        return self._stats_mode
+
+    @stats_mode.setter
+    def stats_mode(self, mode: str) -> None:
+        if mode not in STATS_MODES:
+            raise ValueError(f"stats_mode must be one of {STATS_MODES}, got {mode!r}")
+        self._stats_mode = mode
+
+    @property
+    def backend(self) -> str:
+        """``"auto"``, ``"fused"`` or ``"composite"``: which implementation of the math runs."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value != "auto" and value not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.affine:
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+                self.in_weight.fill_(1.0)
+                self.in_bias.zero_()
+            self.rho.fill_(self.rho_init)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, rho_init={self.rho_init}"
+        )
+
+    @contextlib.contextmanager
+    def rho_override(self, rho: Tensor) -> Iterator[None]:
+        """Use ``rho`` (which may carry autograd history) in place of ``self.rho`` inside the block.
+
+        Example:
+            >>> m = MetaBIN2d(3)
+            >>> with m.rho_override(m.rho * 0.5):
+            ...     y = m(torch.randn(2, 3, 4, 4))
+        """
+        if rho.shape != self.rho.shape:
+            raise ValueError(f"rho override must have shape {tuple(self.rho.shape)}, got {tuple(rho.shape)}")
+        previous, self._rho_override = self._rho_override, rho
+        try:
+            yield
+        finally:
+            self._rho_override = previous
+
+    # -- forward -----------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self._input_dims:
+            dims = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(f"{type(self).__name__} expected {dims} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}); expected {self.num_features}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(-1)
+        spatial = x[0, 0].numel()
+        if self.training and x.shape[0] * spatial <= 1:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when training, got input of "
+                f"shape {tuple(x.shape)} (batch 1 with a single spatial value)"
+            )
+        if self.training and spatial == 1:
+            raise ValueError(
+                f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
+                f"channel when training, got input of shape {tuple(x.shape)}; exclude this layer from "
+                "conversion or feed (N, C, L) with L > 1"
+            )
+        has_running = self.running_mean is not None and self.running_var is not None
+        mode = self._stats_mode if self.training else "eval"
+        use_batch = mode != "eval" or not has_running
+        update = self.training and mode == "update" and self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if update:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        rho = self._rho_override if self._rho_override is not None else self.rho
+        backend = "fused" if self._backend == "auto" else self._backend
+        y = batch_instance_norm(
+            x,
+            rho,
+            self.weight,
+            self.bias,
+            self.in_weight,
+            self.in_bias,
+            self.running_mean if has_running else None,
+            self.running_var if has_running else None,
+            use_batch_stats=use_batch,
+            update_running_stats=update,
+            momentum=momentum,
+            eps=self.eps,
+            backend=backend,
+        )
+        return y.squeeze(-1) if squeeze else y
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The authors' checkpoints keep the branches in sub-modules: bat_n.*, ins_n.* and gate.
+        for old, new in (
+            ("bat_n.weight", "weight"),
+            ("bat_n.bias", "bias"),
+            ("bat_n.running_mean", "running_mean"),
+            ("bat_n.running_var", "running_var"),
+            ("bat_n.num_batches_tracked", "num_batches_tracked"),
+            ("ins_n.weight", "in_weight"),
+            ("ins_n.bias", "in_bias"),
+            ("gate", "rho"),
+        ):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # nn.BatchNorm checkpoints before version 2 have no num_batches_tracked.
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        rho = state_dict.get(prefix + "rho")
+        if rho is not None and rho.numel() and (rho.min() < 0 or rho.max() > 1 or rho.isnan().any()):
+            error_msgs.append(
+                f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]"
+            )
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "rho"}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _check_rho_init(rho_init: float) -> None:
+    if not isinstance(rho_init, (int, float)) or not 0.0 <= float(rho_init) <= 1.0:
+        raise ValueError(f"rho_init must be a number in [0, 1], got {rho_init!r}")
+
+
+class MetaBIN1d(_MetaBINBase):
+    """MetaBIN over ``(N, C)`` or ``(N, C, L)`` inputs (the counterpart of ``nn.BatchNorm1d``).
+
+    The instance-norm branch needs ``L > 1`` in training; ``(N, C)`` inputs only work in eval mode.
+
+    Example:
+        >>> m = MetaBIN1d(8, rho_init=0.5)
+        >>> m(torch.randn(4, 8, 16)).shape
+        torch.Size([4, 8, 16])
+    """
+
+    _input_dims = (2, 3)
+
+
+class MetaBIN2d(_MetaBINBase):
+    """MetaBIN over ``(N, C, H, W)`` inputs: ``rho * BN(x) + (1 - rho) * IN(x)``.
+
+    Drop-in for ``nn.BatchNorm2d``: with ``rho_init=1`` it computes exactly BatchNorm.
+
+    Example:
+        >>> m = MetaBIN2d(16)
+        >>> m(torch.randn(4, 16, 8, 8)).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    _input_dims = (4,)
+
+
+class MetaBIN3d(_MetaBINBase):
+    """MetaBIN over ``(N, C, D, H, W)`` inputs (the counterpart of ``nn.BatchNorm3d``).
+
+    Example:
+        >>> m = MetaBIN3d(4)
+        >>> m(torch.randn(2, 4, 3, 5, 5)).shape
+        torch.Size([2, 4, 3, 5, 5])
+    """
+
+    _input_dims = (5,)
+
+
+class MetaBINAct2d(MetaBIN2d):
+    """MetaBIN2d followed by ``drop`` and ``act``, the counterpart of timm's ``BatchNormAct2d``.
+
+    State-dict keys are those of :class:`MetaBIN2d` (plus whatever ``act``/``drop`` hold), so a
+    ``BatchNormAct2d`` checkpoint loads into it.
+
+    Example:
+        >>> m = MetaBINAct2d(8, act_layer=nn.ReLU)
+        >>> bool((m(torch.randn(2, 8, 4, 4)) >= 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        apply_act: bool = True,
+        act_layer: Union[type[nn.Module], nn.Module, None] = nn.ReLU,
+        inplace: bool = True,
+        drop_layer: Union[type[nn.Module], nn.Module, None] = None,
+        rho_init: float = 1.0,
+        stats_mode: str = "update",
+        backend: str = "auto",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype
+        )
+        self.drop = _build(drop_layer) if drop_layer is not None else nn.Identity()
+        if apply_act and act_layer is not None:
+            self.act = _build(act_layer, inplace=inplace)
+        else:
+            self.act = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _build(layer: Union[type[nn.Module], nn.Module], **kwargs) -> nn.Module:
+    if isinstance(layer, nn.Module):
+        return layer
+    try:
+        return layer(**kwargs)
+    except TypeError:  # activations without an inplace argument (GELU, Sigmoid, ...)
+        return layer()
+
+
+def _metabin_layers(model: nn.Module) -> list[_MetaBINBase]:
+    return [m for m in model.modules() if isinstance(m, _MetaBINBase)]
+
+
+def set_stats_mode(model: nn.Module, mode: str) -> None:
+    """Set the statistics mode of every MetaBIN layer in ``model``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
+        >>> set_stats_mode(model, "hold")
+        >>> model[1].stats_mode
+        'hold'
+    """
+    if mode not in STATS_MODES:
+        raise ValueError(f"mode must be one of {STATS_MODES}, got {mode!r}")
+    for m in _metabin_layers(model):
+        m.stats_mode = mode
+
+
+@contextlib.contextmanager
+def stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Context manager: every MetaBIN layer of ``model`` uses ``mode`` inside the block.
+
+    Each layer's previous mode is restored on exit, also when the block raises.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
+        >>> with stats_mode(model, "hold"):   # batch statistics, running stats untouched
+        ...     _ = model(torch.randn(2, 3, 8, 8))
+        >>> int(model[1].num_batches_tracked)
+        0
+    """
+    if mode not in STATS_MODES:
+        raise ValueError(f"mode must be one of {STATS_MODES}, got {mode!r}")
+    layers = _metabin_layers(model)
+    previous = [m.stats_mode for m in layers]
+    try:
+        for m in layers:
+            m.stats_mode = mode
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.stats_mode = p

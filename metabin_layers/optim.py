@@ -1,0 +1,284 @@
+"""MetaBINOptimizer: the base update of the weights and the meta-learned update of rho."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .convert import metabin_modules, rho_parameters
+from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
+from .layers import _MetaBINBase
+
+__all__ = ["MetaBINOptimizer"]
+
+LossClosure = Callable[[], Tensor]
+
+
+def _straight_through_clamp(t: Tensor) -> Tensor:
+    # Values clamped to [0, 1], gradient passed through unchanged (the authors' `.data.clamp_`).
+    return t + (t.clamp(0.0, 1.0) - t).detach()
+
+
+def _check_loss(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise TypeError(f"{name} must return a scalar loss tensor, got {type(value).__name__}")
+    if not value.requires_grad:
+        raise ValueError(f"{name} returned a loss that does not depend on rho (requires_grad=False)")
+    return value.reshape(())
+
+
+class MetaBINOptimizer(torch.optim.Optimizer):
+    """The whole MetaBIN iteration in one object: base update of the weights, meta update of rho.
+
+    * :meth:`step` is the base update (Algorithm 1, line 8): it steps ``base_optimizer``, which
+      must not hold any rho. rho is frozen (``requires_grad=False``) outside :meth:`meta_step`, so
+      the base backward spends nothing on it.
+    * :meth:`meta_step` is the episode (lines 9-15): every MetaBIN layer in ``hold`` mode (batch
+      statistics, running statistics untouched); ``L_mtr = meta_train_loss()``; the inner gradient
+      with respect to rho only (no weight gradients are computed); ``rho' = clamp(rho - beta * g)``
+      (first order: ``g`` detached and the clamp straight-through, as the authors; second order:
+      through the graph, with the layers on their differentiable composite path);
+      ``L_mte = meta_test_loss()`` through rho'; rho updated by ``rho_optimizer`` and clamped to
+      [0, 1]. Layers are restored even if a closure raises.
+
+    LR schedulers attached to this object (or to ``base_optimizer``) scale the base parameter
+    groups only: ``param_groups`` is the base optimizer's list. A scheduler on
+    :attr:`rho_optimizer` scales the rho learning rate and, with the default cyclic schedule, the
+    inner step size too (``beta = lr_rho * ratio``); the authors keep it constant.
+
+    Args:
+        model: the converted model (anything containing MetaBIN layers).
+        base_optimizer: optimizer over :func:`~metabin_layers.base_parameters` (never rho).
+        rho_lr: learning rate of the default rho optimizer (plain SGD, no momentum, no weight
+            decay). The authors use 10x the base lr (0.1 for base lr 0.01).
+        inner_lr: inner step size ``beta``: an :class:`~metabin_layers.episode.InnerLR` schedule,
+            a float (constant ``beta``), or None for the authors' :class:`CyclicInnerLR` (pass
+            ``CyclicInnerLR(iters_per_epoch=...)`` for your epoch length).
+        second_order: differentiate through the inner step (double backward); default first order.
+        rho_optimizer: replaces the default rho optimizer (must hold exactly the rho parameters).
+        grad_scaler: a ``torch.amp.GradScaler``; losses are scaled, non-finite steps skipped in
+            both phases. Use :meth:`backward` for the base loss then.
+        seed: seed of the generator used by :meth:`split` for the meta-train / meta-test domains.
+
+    Example:
+        >>> import torchvision
+        >>> from metabin_layers import convert_bn_to_metabin, base_parameters
+        >>> model = convert_bn_to_metabin(torchvision.models.resnet18(num_classes=8))
+        >>> base = torch.optim.SGD(base_parameters(model), lr=0.01, momentum=0.9)
+        >>> opt = MetaBINOptimizer(model, base, rho_lr=0.1, inner_lr=0.01)
+        >>> x, y = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
+        >>> opt.zero_grad(); opt.backward(nn.functional.cross_entropy(model(x), y)); opt.step()
+        >>> out = opt.meta_step(
+        ...     meta_train_loss=lambda: model(x[:4]).logsumexp(1).mean(),
+        ...     meta_test_loss=lambda: nn.functional.cross_entropy(model(x[4:]), y[4:]))
+        >>> sorted(out)
+        ['inner_lr', 'meta_test_loss', 'meta_train_loss', 'skipped']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        rho_lr: float = 0.1,
+        inner_lr: Union[InnerLR, float, None] = None,
+        second_order: bool = False,
+        rho_optimizer: Optional[torch.optim.Optimizer] = None,
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        self.model = model
+        self.layers: list[_MetaBINBase] = metabin_modules(model)
+        self.rhos = rho_parameters(model)
+        self._index = {id(p): i for i, p in enumerate(self.rhos)}
+        if not self.layers:
+            raise ValueError("model has no MetaBIN layer: convert it first with convert_bn_to_metabin(model)")
+        rho_ids = {id(p) for p in self.rhos}
+        for group in base_optimizer.param_groups:
+            if any(id(p) in rho_ids for p in group["params"]):
+                raise ValueError(
+                    "base_optimizer must not hold rho (it is meta-learned); build it with base_parameters(model)"
+                )
+        if rho_optimizer is None:
+            if not isinstance(rho_lr, (int, float)) or not rho_lr >= 0:
+                raise ValueError(f"rho_lr must be a number >= 0, got {rho_lr!r}")
+            rho_optimizer = torch.optim.SGD(self.rhos, lr=rho_lr, momentum=0.0, weight_decay=0.0)
+        else:
+            held = {id(p) for g in rho_optimizer.param_groups for p in g["params"]}
+            if held != rho_ids:
+                raise ValueError("rho_optimizer must hold exactly the rho parameters of the model (rho_parameters(model))")
+        if inner_lr is None:
+            inner_lr = CyclicInnerLR()
+        elif not isinstance(inner_lr, InnerLR):
+            inner_lr = ConstantInnerLR(inner_lr)  # validates the number
+        self.base_optimizer = base_optimizer
+        self.rho_optimizer = rho_optimizer
+        self.inner_lr = inner_lr
+        self.second_order = bool(second_order)
+        self.grad_scaler = grad_scaler
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_meta_steps = 0
+        # Share the base optimizer's groups so that LR schedulers attached here scale them
+        # (the pattern of timm's Lookahead wrapper).
+        super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.state = base_optimizer.state
+        self._freeze_rho(True)
+
+    def _freeze_rho(self, frozen: bool) -> None:
+        for p in self.rhos:
+            p.requires_grad_(not frozen)
+
+    # -- base update ---------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients of the base parameters and of rho."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.rhos:
+            p.grad = None
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled by the grad scaler when there is one."""
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Base update: step the base optimizer (through the grad scaler if any). rho is not touched."""
+        if self.grad_scaler is not None:
+            if closure is not None:
+                raise ValueError("closure is not supported together with a grad_scaler")
+            self.grad_scaler.step(self.base_optimizer)
+            self.grad_scaler.update()
+            return None
+        return self.base_optimizer.step(closure)
+
+    def split(self, domains: Tensor, num_meta_train: Optional[int] = None) -> DomainSplit:
+        """Draw this episode's meta-train / meta-test domains from a batch's domain labels.
+
+        Uses the optimizer's own seeded generator (saved in :meth:`state_dict`).
+        """
+        return split_domains(domains, num_meta_train, generator=self.generator)
+
+    # -- meta update ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _episode(self) -> Iterator[None]:
+        modes = [m.stats_mode for m in self.layers]
+        backends = [m.backend for m in self.layers]
+        try:
+            for m in self.layers:
+                m.stats_mode = "hold"
+                if self.second_order:
+                    m.backend = "composite"
+            self._freeze_rho(False)
+            with torch.enable_grad():
+                yield
+        finally:
+            for m, mode, backend in zip(self.layers, modes, backends):
+                m.stats_mode = mode
+                m.backend = backend
+                m._rho_override = None
+            self._freeze_rho(True)
+
+    def _grad(self, loss: Tensor, scaler: Optional[torch.amp.GradScaler], create_graph: bool) -> list[Tensor]:
+        scaled = scaler.scale(loss) if scaler is not None else loss
+        grads = torch.autograd.grad(scaled, self.rhos, create_graph=create_graph, allow_unused=True)
+        # A layer the closure never reached gets a zero gradient.
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.rhos)]
+
+    def _rho_lrs(self) -> dict[int, float]:
+        return {id(p): g["lr"] for g in self.rho_optimizer.param_groups for p in g["params"]}
+
+    def meta_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
+        """One MetaBIN episode on rho; returns the losses and the inner step size used.
+
+        Args:
+            meta_train_loss: computes ``L_mtr`` on the meta-train domains by calling the model.
+            meta_test_loss: computes ``L_mte`` on the meta-test domains by calling the model;
+                it runs with rho' installed in every layer.
+
+        Returns:
+            ``{"meta_train_loss": Tensor, "meta_test_loss": Tensor, "inner_lr": float,
+            "skipped": bool}``; ``skipped`` is True when the grad scaler found inf/NaN.
+        """
+        scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+        ratio = self.inner_lr.step()
+        lrs = self._rho_lrs()
+        betas = [ratio * lrs[id(p)] if self.inner_lr.relative else ratio for p in self.rhos]
+        self.num_meta_steps += 1
+        with self._episode():
+            l_mtr = _check_loss(meta_train_loss(), "meta_train_loss")
+            inner = self._grad(l_mtr, scaler, create_graph=self.second_order)
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            finite = bool(torch.stack([g.isfinite().all() for g in inner]).all())
+            if not finite:
+                if scaler is None:
+                    raise FloatingPointError("the meta-train gradient of rho is not finite (loss diverged?)")
+                self._skip_with_scaler(scaler, inner)
+                return {"meta_train_loss": l_mtr.detach(), "meta_test_loss": None, "inner_lr": betas[0], "skipped": True}
+            for m in self.layers:
+                g = inner[self._index[id(m.rho)]] / scale
+                if not self.second_order:
+                    g = g.detach()
+                m._rho_override = _straight_through_clamp(m.rho - betas[self._index[id(m.rho)]] * g)
+            l_mte = _check_loss(meta_test_loss(), "meta_test_loss")
+            outer = self._grad(l_mte, scaler, create_graph=False)
+        for p, g in zip(self.rhos, outer):
+            p.grad = g
+        skipped = False
+        if scaler is not None:
+            skipped = not self._all_finite(outer)  # the scaler then skips the step itself
+            scaler.step(self.rho_optimizer)
+            scaler.update()
+        else:
+            if not self._all_finite(outer):
+                raise FloatingPointError("the meta-test gradient of rho is not finite (loss diverged?)")
+            self.rho_optimizer.step()
+        self.clamp_rho()
+        return {"meta_train_loss": l_mtr.detach(), "meta_test_loss": l_mte.detach(), "inner_lr": betas[0], "skipped": skipped}
+
+    @staticmethod
+    def _all_finite(grads: Sequence[Tensor]) -> bool:
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+    def _skip_with_scaler(self, scaler: torch.amp.GradScaler, scaled_grads: list[Tensor]) -> None:
+        # Let the scaler see the overflow: it skips the step and lowers its scale, as for any
+        # optimizer step with inf/NaN gradients.
+        for p, g in zip(self.rhos, scaled_grads):
+            p.grad = g.detach()
+        scaler.step(self.rho_optimizer)
+        scaler.update()
+        for p in self.rhos:
+            p.grad = None
+
+    @torch.no_grad()
+    def clamp_rho(self) -> None:
+        """Clamp every rho to [0, 1] in place."""
+        for p in self.rhos:
+            p.clamp_(0.0, 1.0)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Base and rho optimizer states, the inner-lr schedule position and the split generator."""
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "rho": self.rho_optimizer.state_dict(),
+            "inner_lr": self.inner_lr.state_dict(),
+            "generator": self.generator.get_state(),
+            "num_meta_steps": self.num_meta_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        missing = {"base", "rho", "inner_lr", "generator", "num_meta_steps"} - set(state_dict)
+        if missing:
+            raise KeyError(f"MetaBINOptimizer state_dict misses {sorted(missing)}")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.rho_optimizer.load_state_dict(state_dict["rho"])
+        self.inner_lr.load_state_dict(state_dict["inner_lr"])
+        self.generator.set_state(state_dict["generator"])
+        self.num_meta_steps = int(state_dict["num_meta_steps"])
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state

@@ -1,0 +1,183 @@
+"""convert_bn_to_metabin on real timm and torchvision models, and its options."""
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from metabin_layers import (
+    MetaBIN1d,
+    MetaBIN2d,
+    MetaBIN3d,
+    MetaBINAct2d,
+    base_parameters,
+    convert_bn_to_metabin,
+    metabin_modules,
+    rho_parameters,
+)
+
+TV_MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),
+    "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+}
+TIMM_MODELS = [
+    "resnet18",
+    "efficientnet_b0",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "regnetx_002",
+    "densenet121",
+    "cspresnet50",
+]
+
+
+def _norm_types(model):
+    return {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _check_equivalence(original: nn.Module, size=(2, 3, 64, 64)):
+    # float64 so that the comparison is tight (deep float32 nets amplify rounding differences)
+    original = original.double()
+    converted = convert_bn_to_metabin(copy.deepcopy(original))
+    assert not _norm_types(converted), "every BatchNorm must be converted"
+    assert len(metabin_modules(converted)) > 0
+    x = torch.randn(size, dtype=torch.float64)
+    for train in (True, False):
+        original.train(train)
+        converted.train(train)
+        torch.manual_seed(1)  # same dropout / drop-path masks in both
+        want = original(x)
+        torch.manual_seed(1)
+        got = converted(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # Running statistics were updated identically by the train-mode forward.
+    sd_o, sd_c = original.state_dict(), converted.state_dict()
+    for k, v in sd_o.items():
+        torch.testing.assert_close(sd_c[k], v, rtol=1e-9, atol=1e-9, msg=k)
+    result = copy.deepcopy(converted).load_state_dict(sd_o, strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.endswith(("rho", "in_weight", "in_bias")) for k in result.missing_keys)
+
+
+@pytest.mark.parametrize("name", sorted(TV_MODELS))
+def test_torchvision_models_compute_the_same_after_conversion(name):
+    _check_equivalence(TV_MODELS[name]())
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models_compute_the_same_after_conversion(name):
+    model = timm.create_model(name, num_classes=10, pretrained=False)
+    had_norm_act = "BatchNormAct2d" in _norm_types(model)
+    _check_equivalence(model)
+    if had_norm_act:
+        converted = convert_bn_to_metabin(copy.deepcopy(model))
+        assert any(isinstance(m, MetaBINAct2d) for m in converted.modules())
+
+
+def test_parameters_and_buffers_are_shared_and_state_copied():
+    bn = nn.BatchNorm2d(4, eps=1e-3, momentum=None).double()
+    bn.weight.requires_grad_(False)
+    bn.eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).double(), bn)
+    convert_bn_to_metabin(model)
+    m = model[1]
+    assert isinstance(m, MetaBIN2d)
+    assert m.weight is bn.weight and m.bias is bn.bias
+    assert m.running_mean is bn.running_mean and m.num_batches_tracked is bn.num_batches_tracked
+    assert m.eps == 1e-3 and m.momentum is None and not m.training
+    assert m.rho.dtype == torch.float64 and m.in_weight.dtype == torch.float64
+    assert not m.in_weight.requires_grad and m.bias.requires_grad
+
+
+def test_in_affine_initialisation_choices():
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1, 1)
+    copied = convert_bn_to_metabin(copy.deepcopy(bn))
+    assert torch.equal(copied.in_weight, bn.weight) and torch.equal(copied.in_bias, bn.bias)
+    assert copied.in_weight is not copied.weight  # a copy, trained separately
+    identity = convert_bn_to_metabin(copy.deepcopy(bn), in_affine_init="identity")
+    assert torch.equal(identity.in_weight, torch.ones(3)) and torch.equal(identity.in_bias, torch.zeros(3))
+    with pytest.raises(ValueError, match="in_affine_init"):
+        convert_bn_to_metabin(copy.deepcopy(bn), in_affine_init="random")
+
+
+def test_root_batchnorm_and_all_dims():
+    assert isinstance(convert_bn_to_metabin(nn.BatchNorm1d(3)), MetaBIN1d)
+    assert isinstance(convert_bn_to_metabin(nn.BatchNorm3d(3)), MetaBIN3d)
+    assert isinstance(convert_bn_to_metabin(nn.SyncBatchNorm(3)), MetaBIN2d)
+    m = convert_bn_to_metabin(nn.BatchNorm2d(3), rho_init=0.5)
+    assert torch.equal(m.rho, torch.full((3,), 0.5))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+        self.neck = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 4)
+
+
+def test_include_and_exclude_by_pattern_and_predicate():
+    net = convert_bn_to_metabin(Net(), exclude="neck")
+    assert isinstance(net.neck, nn.BatchNorm1d) and len(metabin_modules(net)) == 2
+    net = convert_bn_to_metabin(Net(), include="backbone.*")
+    assert isinstance(net.neck, nn.BatchNorm1d) and len(metabin_modules(net)) == 2
+    net = convert_bn_to_metabin(Net(), include=["backbone.3", "neck"])
+    assert isinstance(net.backbone[1], nn.BatchNorm2d) and isinstance(net.backbone[3], MetaBIN2d)
+    assert isinstance(net.neck, MetaBIN1d)
+    net = convert_bn_to_metabin(Net(), exclude=lambda name, m: isinstance(m, nn.BatchNorm1d))
+    assert isinstance(net.neck, nn.BatchNorm1d)
+    with pytest.raises(TypeError, match="name patterns or callables"):
+        convert_bn_to_metabin(Net(), exclude=[3])
+
+
+def test_frozen_and_unknown_batchnorms_are_skipped():
+    frozen = torchvision.ops.FrozenBatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_bn_to_metabin(model)
+    assert model[1] is frozen and isinstance(model[2], MetaBIN2d)
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    with pytest.warns(UserWarning, match=r"0 \(MyBN\)"):
+        model = convert_bn_to_metabin(nn.Sequential(MyBN(3), nn.BatchNorm2d(3)))
+    assert type(model[0]) is MyBN
+
+
+def test_model_without_batchnorm_warns_or_raises():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.InstanceNorm2d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="no BatchNorm layer"):
+        out = convert_bn_to_metabin(model)
+    assert out is model and all(torch.equal(before[k], v) for k, v in out.state_dict().items())
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        convert_bn_to_metabin(model, strict=True)
+
+
+def test_bad_rho_init_in_converter():
+    with pytest.raises(ValueError, match="rho_init"):
+        convert_bn_to_metabin(Net(), rho_init=2.0)
+
+
+def test_parameter_helpers_partition_the_parameters():
+    net = convert_bn_to_metabin(Net(), exclude="neck")
+    rhos = rho_parameters(net)
+    base = base_parameters(net)
+    assert len(rhos) == 2 and all(p.shape == (8,) for p in rhos)
+    assert {id(p) for p in rhos}.isdisjoint(id(p) for p in base)
+    assert len(rhos) + len(base) == len(list(net.parameters()))
+    assert [type(m) for m in metabin_modules(net)] == [MetaBIN2d, MetaBIN2d]

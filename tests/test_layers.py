@@ -1,0 +1,153 @@
+"""MetaBIN layer state, modes, checkpoints and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, set_stats_mode, stats_mode
+from reference import reference_bin
+
+
+def test_tensor_names_and_initial_values():
+    m = MetaBIN2d(4, rho_init=0.25)
+    assert set(m.state_dict()) == {
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "in_weight", "in_bias", "rho",
+    }
+    assert torch.equal(m.rho, torch.full((4,), 0.25))
+    assert torch.equal(m.weight, torch.ones(4)) and torch.equal(m.in_bias, torch.zeros(4))
+    assert [n for n, _ in m.named_parameters()] == ["weight", "bias", "in_weight", "in_bias", "rho"]
+
+
+def test_batchnorm_checkpoint_loads_without_unexpected_keys():
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(); bn.running_mean.uniform_()
+    m = MetaBIN2d(3)
+    result = m.load_state_dict(bn.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == ["in_bias", "in_weight", "rho"]
+    assert torch.equal(m.weight, bn.weight) and torch.equal(m.running_mean, bn.running_mean)
+
+
+def test_authors_checkpoint_layout_is_remapped():
+    # bismex/MetaBIN stores the branches as bat_n.* / ins_n.* and rho as "gate".
+    sd = {
+        "bat_n.weight": torch.full((2,), 2.0), "bat_n.bias": torch.full((2,), 3.0),
+        "bat_n.running_mean": torch.full((2,), 0.5), "bat_n.running_var": torch.full((2,), 4.0),
+        "bat_n.num_batches_tracked": torch.tensor(7),
+        "ins_n.weight": torch.full((2,), 5.0), "ins_n.bias": torch.full((2,), 6.0), "gate": torch.full((2,), 0.3),
+    }
+    m = MetaBIN2d(2)
+    m.load_state_dict(sd)
+    assert m.weight.tolist() == [2, 2] and m.in_bias.tolist() == [6, 6] and int(m.num_batches_tracked) == 7
+    torch.testing.assert_close(m.rho, torch.full((2,), 0.3))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_loading_rho_outside_unit_interval_is_refused(bad):
+    m = MetaBIN2d(3)
+    sd = m.state_dict()
+    sd["rho"] = torch.tensor([0.5, bad, 0.5])
+    with pytest.raises(RuntimeError, match=r"rho must lie in \[0, 1\]"):
+        m.load_state_dict(sd)
+    assert torch.equal(m.rho, torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, "one", None])
+def test_rho_init_outside_unit_interval(bad):
+    with pytest.raises(ValueError, match="rho_init"):
+        MetaBIN2d(3, rho_init=bad)
+
+
+@pytest.mark.parametrize(
+    "cls,shape",
+    [(MetaBIN2d, (2, 3, 4)), (MetaBIN2d, (2, 3, 4, 4, 4)), (MetaBIN1d, (2, 3, 4, 4)), (MetaBIN3d, (2, 3, 4, 4))],
+)
+def test_wrong_number_of_dimensions(cls, shape):
+    with pytest.raises(ValueError, match=r"expected .*D input, got \dD input"):
+        cls(3)(torch.randn(shape))
+
+
+def test_channel_count_mismatch():
+    with pytest.raises(ValueError, match=r"MetaBIN2d\(3\) got input with 5 channels"):
+        MetaBIN2d(3)(torch.randn(2, 5, 4, 4))
+
+
+def test_training_with_one_value_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        MetaBIN2d(3)(torch.randn(1, 3, 1, 1))
+
+
+def test_training_with_spatial_size_one_for_instance_branch():
+    with pytest.raises(ValueError, match="instance-norm branch needs more than one spatial value"):
+        MetaBIN2d(3)(torch.randn(8, 3, 1, 1))
+    with pytest.raises(ValueError, match="instance-norm branch"):
+        MetaBIN1d(3)(torch.randn(8, 3))
+    m = MetaBIN1d(3, rho_init=0.5).eval()  # in eval the IN branch degenerates to its bias
+    y = m(torch.randn(8, 3))
+    assert y.shape == (8, 3)
+
+
+def test_1d_layer_accepts_two_and_three_dims():
+    m = MetaBIN1d(4, rho_init=0.5)
+    x = torch.randn(6, 4, 5)
+    torch.testing.assert_close(m(x).double(), reference_bin(x, m.rho, m.weight, m.bias, m.in_weight, m.in_bias))
+
+
+def test_stats_mode_validation_and_context_manager_restores_on_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MetaBIN2d(4), nn.ReLU(), MetaBIN2d(4, stats_mode="eval"))
+    with pytest.raises(ValueError, match="stats_mode must be one of"):
+        model[1].stats_mode = "frozen"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_stats_mode(model, "bogus")
+    with pytest.raises(RuntimeError, match="boom"):
+        with stats_mode(model, "hold"):
+            assert model[1].stats_mode == "hold" and model[3].stats_mode == "hold"
+            raise RuntimeError("boom")
+    assert model[1].stats_mode == "update" and model[3].stats_mode == "eval"
+    set_stats_mode(model, "hold")
+    assert model[1].stats_mode == model[3].stats_mode == "hold"
+
+
+def test_stats_mode_eval_in_training_uses_running_stats():
+    m = MetaBIN2d(3, rho_init=0.5, stats_mode="eval")
+    with torch.no_grad():
+        m.running_mean.fill_(0.3); m.running_var.fill_(2.0)
+    x = torch.randn(4, 3, 5, 5)
+    ref = reference_bin(x, m.rho, m.weight, m.bias, m.in_weight, m.in_bias, m.running_mean, m.running_var)
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rho_override_replaces_rho_and_carries_gradient():
+    m = MetaBIN2d(3, rho_init=0.5)
+    x = torch.randn(4, 3, 5, 5)
+    fast = torch.full((3,), 0.2, requires_grad=True)
+    with m.rho_override(fast):
+        y = m(x)
+    ref = reference_bin(x, fast.detach(), m.weight, m.bias, m.in_weight, m.in_bias)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert fast.grad is not None and m.rho.grad is None
+    assert m._rho_override is None
+    with pytest.raises(ValueError, match="shape"):
+        with m.rho_override(torch.ones(4)):
+            pass
+
+
+def test_metabin_act_keeps_activation_and_drop():
+    m = MetaBINAct2d(3, act_layer=nn.ReLU, drop_layer=nn.Dropout(0.0), rho_init=0.5)
+    x = torch.randn(4, 3, 5, 5)
+    ref = reference_bin(x, m.rho, m.weight, m.bias, m.in_weight, m.in_bias).clamp_min(0)
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(m.act, nn.ReLU) and isinstance(m.drop, nn.Dropout)
+    assert isinstance(MetaBINAct2d(3, apply_act=False).act, nn.Identity)
+
+
+def test_num_features_validation():
+    with pytest.raises(ValueError, match="num_features"):
+        MetaBIN2d(0)
+
+
+def test_backend_validation():
+    with pytest.raises(ValueError, match="backend"):
+        MetaBIN2d(3, backend="magic")
