@@ -41,6 +41,7 @@ def test_split_explicit_count_and_errors():
         split_domains(torch.rand(4))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step")
 @pytest.mark.parametrize("ipe,period_per_epoch,up_ratio", [(10, 0.2, 0.5), (7, 0.5, 0.3), (3, 1.0, 0.5)])
 def test_cyclic_schedule_matches_torch_cyclic_lr(ipe, period_per_epoch, up_ratio):
     sched = CyclicInnerLR(iters_per_epoch=ipe, period_per_epoch=period_per_epoch, up_ratio=up_ratio)

@@ -1,0 +1,133 @@
+"""Re-ID dataset parsers (torchreid / fast-reid / MetaBIN folder layouts), a torch ``Dataset``
+wrapper and the multi-source helper.
+
+Example:
+    >>> from metabin_layers.reid.datasets import build_dataset, combine_sources, ImageDataset
+    >>> names = ["market1501", "dukemtmcreid", "cuhk02", "cuhk03", "cuhksysu"]
+    >>> sources = [build_dataset(n, "datasets", combine_all=True) for n in names]  # doctest: +SKIP
+    >>> train = combine_sources(sources)                                         # doctest: +SKIP
+    >>> test = build_dataset("prid", "datasets", split_id=3)                      # doctest: +SKIP
+    >>> loader_ds = ImageDataset(test.query, transform)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import IMG_EXTENSIONS, Layout, PathLike, ReIDDataset, ReIDItem, SplitReIDDataset, list_images
+from .cuhk02 import CUHK02
+from .cuhk03 import CUHK03, extract_cuhk03_images
+from .cuhksysu import CUHKSYSU
+from .dukemtmcreid import DukeMTMCreID
+from .grid import GRID
+from .ilids import iLIDS
+from .image_dataset import ImageDataset, UnreadableImageError, read_image
+from .market1501 import Market1501
+from .msmt17 import MSMT17
+from .multi_source import MultiSourceDataset, cameras_as_domains, combine_sources
+from .prid import PRID
+from .viper import VIPeR
+
+__all__ = [
+    "CUHK02",
+    "CUHK03",
+    "CUHKSYSU",
+    "DATASETS",
+    "GRID",
+    "IMG_EXTENSIONS",
+    "ImageDataset",
+    "Layout",
+    "MSMT17",
+    "Market1501",
+    "MultiSourceDataset",
+    "DukeMTMCreID",
+    "PRID",
+    "ReIDDataset",
+    "ReIDItem",
+    "SplitReIDDataset",
+    "UnreadableImageError",
+    "VIPeR",
+    "build_dataset",
+    "cameras_as_domains",
+    "combine_sources",
+    "dataset_names",
+    "extract_cuhk03_images",
+    "iLIDS",
+    "list_images",
+    "read_image",
+    "register_dataset",
+]
+
+#: Registry ``{name: class}`` (torchreid keys).
+DATASETS: dict[str, type[ReIDDataset]] = {
+    "market1501": Market1501,
+    "dukemtmcreid": DukeMTMCreID,
+    "cuhk03": CUHK03,
+    "cuhk02": CUHK02,
+    "cuhksysu": CUHKSYSU,
+    "msmt17": MSMT17,
+    "grid": GRID,
+    "viper": VIPeR,
+    "prid": PRID,
+    "ilids": iLIDS,
+}
+
+#: Other spellings -> (registry key, default keyword arguments).
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "market": ("market1501", {}),
+    "market-1501": ("market1501", {}),
+    "duke": ("dukemtmcreid", {}),
+    "dukemtmc": ("dukemtmcreid", {}),
+    "dukemtmc-reid": ("dukemtmcreid", {}),
+    "cuhk03_detected": ("cuhk03", {"labeled": False}),
+    "cuhk03_labeled": ("cuhk03", {"labeled": True}),
+    "cuhk_sysu": ("cuhksysu", {}),
+    "cuhk-sysu": ("cuhksysu", {}),
+    "prid2011": ("prid", {}),
+    "prid_2011": ("prid", {}),
+    "qmul-ilids": ("ilids", {}),
+    "qmul_ilids": ("ilids", {}),
+}
+
+#: MetaBIN's ``DG_<name>`` training sources use every image (train + query + gallery).
+_DG_SOURCES = frozenset({"market1501", "dukemtmcreid", "cuhk02", "cuhk03", "cuhksysu", "msmt17"})
+
+
+def register_dataset(name: str, cls: type[ReIDDataset], *, overwrite: bool = False) -> None:
+    """Add ``cls`` to :data:`DATASETS` under ``name`` (lower-cased)."""
+    key = name.lower()
+    if key in DATASETS and not overwrite:
+        raise ValueError(f"dataset {name!r} is already registered ({DATASETS[key].__name__}); pass overwrite=True")
+    DATASETS[key] = cls
+
+
+def dataset_names() -> list[str]:
+    """Registered names and accepted aliases."""
+    return sorted({*DATASETS, *_ALIASES})
+
+
+def build_dataset(name: str, root: PathLike, **kwargs: Any) -> ReIDDataset:
+    """Build a registered dataset: ``DATASETS[name](root, **kwargs)``.
+
+    Names are case-insensitive; aliases such as ``"cuhk03_labeled"``, ``"duke"``,
+    ``"cuhk_sysu"`` or ``"prid2011"`` are accepted, and MetaBIN's names too: ``"DG_Market1501"``,
+    ``"DG_DukeMTMC"``, ``"DG_CUHK02"``, ``"DG_CUHK03_detected"``, ``"DG_CUHK_SYSU"`` default to
+    ``combine_all=True`` (all images are training data, as in the authors' code);
+    ``"DG_GRID"``, ``"DG_VIPeR"``, ``"DG_PRID"``, ``"DG_iLIDS"`` are the split test sets.
+    Keyword arguments override alias defaults.
+
+    Raises:
+        ValueError: unknown name (the message lists the accepted names).
+    """
+    key = name.strip().lower()
+    dg = key.startswith("dg_")
+    if dg:
+        key = key[3:]
+    defaults: dict[str, Any] = {}
+    if key not in DATASETS and key in _ALIASES:
+        key, defaults = _ALIASES[key][0], dict(_ALIASES[key][1])
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
+    if dg and key in _DG_SOURCES:
+        defaults.setdefault("combine_all", True)
+    return DATASETS[key](root, **{**defaults, **kwargs})

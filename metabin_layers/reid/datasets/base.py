@@ -1,0 +1,428 @@
+"""Shared pieces of the Re-ID dataset parsers.
+
+* :class:`ReIDItem`: one image, ``(img_path, pid, camid, domain)`` (torchreid's 4-tuple order).
+* :class:`ReIDDataset`: base class. A subclass only parses its folder into *raw* lists
+  ``(path, identity_key, camid)``; the base class relabels training identities to ``0..P-1``
+  (sorted keys, so the labels do not depend on the file system), implements ``combine_all``
+  and stamps every item with the dataset's ``domain``.
+* :class:`SplitReIDDataset`: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
+  come with 10 random train/test splits, cached in a JSON file next to the data.
+* :class:`Layout` / :func:`find_layout`: folder-layout search with error messages that name
+  the dataset, the root searched and the expected layout.
+* :func:`list_images`: sorted (deterministic) listing of the image files of a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Union
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "Layout",
+    "PathLike",
+    "RawItem",
+    "ReIDDataset",
+    "ReIDItem",
+    "SplitReIDDataset",
+    "find_layout",
+    "item_name",
+    "search_layout",
+    "list_images",
+    "parse_market_style",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File extensions (lower case) treated as images by :func:`list_images`.
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ReIDItem(NamedTuple):
+    """One Re-ID image.
+
+    Attributes:
+        img_path: path of the image file.
+        pid: identity label (``0..P-1`` in a training set; the dataset's own id in query/gallery).
+        camid: 0-based camera id.
+        domain: domain (source dataset) index; 0 for a single dataset.
+    """
+
+    img_path: str
+    pid: int
+    camid: int
+    domain: int = 0
+
+
+#: What a parser produces before relabelling: ``(path, identity key, camid)``. Training keys
+#: may be any sortable hashable (``int``, ``str``, tuples); query/gallery keys must be ``int``.
+RawItem = tuple[str, Hashable, int]
+
+
+def list_images(directory: PathLike) -> list[str]:
+    """Image files directly inside ``directory``, sorted by file name (deterministic)."""
+    directory = os.fspath(directory)
+    with os.scandir(directory) as entries:
+        names = sorted(
+            e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()
+        )
+    return [os.path.join(directory, name) for name in names]
+
+
+_MARKET_RE = re.compile(r"^([-\d]+)_c(\d)")
+
+
+def parse_market_style(directory: PathLike, dataset: str) -> list[RawItem]:
+    """Parse a Market-1501-style folder (file names ``<pid>_c<cam>...``, torchreid regex
+    ``([-\\d]+)_c(\\d)``). Junk images (pid -1) are dropped; camids become 0-based."""
+    items: list[RawItem] = []
+    for path in list_images(directory):
+        name = os.path.basename(path)
+        match = _MARKET_RE.match(name)
+        try:
+            if match is None:
+                raise ValueError
+            pid, cam = int(match.group(1)), int(match.group(2))
+        except ValueError:
+            raise ValueError(
+                f"{dataset}: cannot parse identity and camera from file name {path!r}; "
+                "expected names like '0002_c1s1_000451_03.jpg' (<pid>_c<camera>...)"
+            ) from None
+        if pid == -1:
+            continue  # junk images
+        if cam < 1:
+            raise ValueError(f"{dataset}: camera ids start at 1, got c{cam} in {path!r}")
+        items.append((path, pid, cam - 1))
+    return items
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One accepted folder layout: ``<root>/<subdir>`` holding ``dirs`` and ``files``.
+
+    Attributes:
+        subdir: folder relative to the root, ``""`` for the root itself (``/`` separated).
+        dirs: required sub-folders (relative to ``subdir``).
+        files: required files (relative to ``subdir``).
+        desc: human-readable description used in error messages (default: derived).
+    """
+
+    subdir: str
+    dirs: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    desc: str | None = None
+
+    def path(self, root: str) -> str:
+        """Absolute data folder of this layout under ``root``."""
+        return os.path.join(root, *self.subdir.split("/")) if self.subdir else root
+
+    def split_dir(self, root: str) -> str:
+        """Folder that holds split files: the top-level dataset folder (``<root>/grid`` for
+        ``grid/underground_reid``), as torchreid and the MetaBIN code place them."""
+        return os.path.join(root, self.subdir.split("/")[0]) if self.subdir else root
+
+    def missing(self, root: str) -> list[str]:
+        """Required entries that are absent under ``root``."""
+        base = self.path(root)
+        out = [d for d in self.dirs if not os.path.isdir(os.path.join(base, d))]
+        out += [f for f in self.files if not os.path.isfile(os.path.join(base, f))]
+        return out
+
+    def describe(self) -> str:
+        """E.g. ``<root>/Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}``."""
+        if self.desc is not None:
+            return self.desc
+        base = "<root>" + (f"/{self.subdir}" if self.subdir else "")
+        entries = [*self.dirs, *self.files]
+        if not entries:
+            return base + "/"
+        if len(entries) == 1:
+            return f"{base}/{entries[0]}"
+        return base + "/{" + ",".join(entries) + "}"
+
+
+def search_layout(
+    root: str, layouts: Sequence[Layout]
+) -> tuple[Layout | None, str, list[tuple[str, list[str]]]]:
+    """Return ``(layout, folder, malformed)``: the first complete layout under ``root`` and its
+    folder (``None, ""`` if none), and the ``(folder, missing entries)`` of candidate folders
+    that exist but are incomplete."""
+    malformed: list[tuple[str, list[str]]] = []
+    for layout in layouts:
+        folder = layout.path(root)
+        if not os.path.isdir(folder):
+            continue
+        missing = layout.missing(root)
+        if not missing:
+            return layout, folder, malformed
+        n_required = len(layout.dirs) + len(layout.files)
+        if layout.subdir or len(missing) < n_required:
+            malformed.append((folder, missing))
+    return None, "", malformed
+
+
+def find_layout(
+    dataset: str, root: str, layouts: Sequence[Layout], expected: str | None = None
+) -> tuple[Layout, str]:
+    """Return the first layout in ``layouts`` that is complete under ``root`` and its folder.
+
+    Raises:
+        ValueError: a candidate folder exists but lacks required entries (malformed layout).
+        FileNotFoundError: no candidate folder exists.
+        Both messages name the dataset, the root searched and the expected layout(s).
+    """
+    layout, folder, malformed = search_layout(root, layouts)
+    if layout is not None:
+        return layout, folder
+    if expected is None:
+        expected = " or ".join(dict.fromkeys(layout.describe() for layout in layouts))
+    if malformed:
+        raise ValueError(
+            f"{dataset}: malformed layout under root {root!r}: {_describe_malformed(malformed)}; "
+            f"expected {expected}"
+        )
+    raise FileNotFoundError(f"{dataset}: no dataset found under root {root!r}; expected {expected}")
+
+
+def _describe_malformed(malformed: Sequence[tuple[str, list[str]]]) -> str:
+    folder, missing = malformed[0]
+    return f"{folder!r} lacks {', '.join(missing)}"
+
+
+def _stats(items: Sequence[ReIDItem]) -> tuple[int, int, int]:
+    return len({it.pid for it in items}), len(items), len({it.camid for it in items})
+
+
+class ReIDDataset:
+    """Base class of the image Re-ID datasets (torchreid / fast-reid conventions).
+
+    Args:
+        root: folder that holds the dataset folder (or the dataset folder itself).
+        combine_all: use every image (train + query + gallery) as training data, as in
+            multi-source domain generalisation (MetaBIN's ``DG_*`` sources). Query and gallery
+            identities get labels after the training ones (``P..``); junk/distractor ids are
+            dropped. ``query`` and ``gallery`` keep their content (torchreid's ``combineall``).
+        domain: domain id stamped on every item (see :func:`combine_sources` for several).
+        verbose: print :meth:`summary` after loading.
+
+    Attributes:
+        train, query, gallery: lists of :class:`ReIDItem`.
+        root: absolute root; dataset_dir: the data folder found under it.
+    """
+
+    #: Display name, used in messages.
+    name: ClassVar[str] = "ReIDDataset"
+    #: Identities dropped by ``combine_all`` (Market's 0 = distractors, -1 = junk).
+    junk_pids: ClassVar[frozenset[int]] = frozenset()
+
+    def __init__(
+        self,
+        root: PathLike,
+        *,
+        combine_all: bool = False,
+        domain: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+        self.combine_all = bool(combine_all)
+        self.domain = int(domain)
+        self.dataset_dir = self.root
+        train, query, gallery = self._load()
+        self.train, self.query, self.gallery = self._finalize(train, query, gallery)
+        if verbose:
+            print(self.summary())
+
+    # -- to implement -------------------------------------------------------------------------
+    def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
+        """Parse the folder; return raw ``(train, query, gallery)``. Set ``self.dataset_dir``."""
+        raise NotImplementedError
+
+    def is_junk(self, pid: int) -> bool:
+        """Whether a query/gallery identity is dropped by ``combine_all``."""
+        return pid in self.junk_pids
+
+    # -- relabelling ------------------------------------------------------------------------------
+    def _finalize(
+        self, train: list[RawItem], query: list[RawItem], gallery: list[RawItem]
+    ) -> tuple[list[ReIDItem], list[ReIDItem], list[ReIDItem]]:
+        dom = self.domain
+        train_keys = sorted({key for _, key, _ in train})
+        label = {key: i for i, key in enumerate(train_keys)}
+        out_train = [ReIDItem(p, label[k], int(c), dom) for p, k, c in train]
+        if self.combine_all:
+            extra = [(p, k, c) for p, k, c in (*query, *gallery) if not self.is_junk(int(k))]
+            test_keys = sorted({int(k) for _, k, _ in extra})
+            test_label = {key: len(train_keys) + i for i, key in enumerate(test_keys)}
+            out_train += [ReIDItem(p, test_label[int(k)], int(c), dom) for p, k, c in extra]
+        out_query = [ReIDItem(p, int(k), int(c), dom) for p, k, c in query]
+        out_gallery = [ReIDItem(p, int(k), int(c), dom) for p, k, c in gallery]
+        return out_train, out_query, out_gallery
+
+    # -- statistics -------------------------------------------------------------------------------
+    @property
+    def num_train_pids(self) -> int:
+        """Number of training identities."""
+        return len({it.pid for it in self.train})
+
+    @property
+    def num_train_cams(self) -> int:
+        """Number of cameras in the training set."""
+        return len({it.camid for it in self.train})
+
+    @property
+    def num_query_pids(self) -> int:
+        """Number of query identities."""
+        return len({it.pid for it in self.query})
+
+    @property
+    def num_gallery_pids(self) -> int:
+        """Number of gallery identities (distractor ids included)."""
+        return len({it.pid for it in self.gallery})
+
+    def summary(self) -> str:
+        """Table of identities / images / cameras per subset."""
+        lines = [
+            f"=> {self.name} (domain {self.domain}) from {self.dataset_dir}",
+            "  subset   | # ids | # images | # cameras",
+            "  ---------------------------------------",
+        ]
+        for subset, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery)):
+            n_ids, n_imgs, n_cams = _stats(items)
+            lines.append(f"  {subset:<8} | {n_ids:5d} | {n_imgs:8d} | {n_cams:9d}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={self.root!r}, train={len(self.train)}, "
+            f"query={len(self.query)}, gallery={len(self.gallery)}, domain={self.domain})"
+        )
+
+
+def item_name(item: Any) -> str:
+    """File name of a split-file item: ``[path, pid, camid]`` (torchreid) or a bare path or name."""
+    path = str(item[0] if isinstance(item, (list, tuple)) else item)
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class SplitReIDDataset(ReIDDataset):
+    """Base class of the small test sets with 10 random train/test splits (GRID, VIPeR, PRID,
+    iLIDS).
+
+    The splits live in a JSON file next to the data (torchreid's file name and format). If the
+    file exists it is used as is (for example the one shipped with the MetaBIN test data, which
+    makes numbers comparable to the paper); image paths stored in it are matched by file name,
+    so a moved dataset still works. Otherwise the splits are generated from ``random.Random(seed)``
+    over *sorted* ids (deterministic) and written there, with the seed recorded in each entry.
+
+    Args:
+        root: see :class:`ReIDDataset`.
+        split_id: which of the 10 splits, ``0..9``.
+        seed: seed used to generate the splits (``None`` means 0). If an existing split file
+            records a different seed, a ``ValueError`` is raised; if it records none (made by
+            torchreid or the authors), it is used and a warning says the seed was ignored.
+        combine_all, domain, verbose: see :class:`ReIDDataset`.
+    """
+
+    num_splits: ClassVar[int] = 10
+    split_filename: ClassVar[str] = "splits.json"
+
+    def __init__(
+        self,
+        root: PathLike,
+        split_id: int = 0,
+        *,
+        seed: int | None = None,
+        combine_all: bool = False,
+        domain: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(split_id, int) or not 0 <= split_id < self.num_splits:
+            raise ValueError(
+                f"{self.name}: split_id must be an int in 0..{self.num_splits - 1}, got {split_id!r}"
+            )
+        self.split_id = split_id
+        self.seed = seed
+        self.split_path = ""
+        super().__init__(root, combine_all=combine_all, domain=domain, verbose=verbose)
+
+    def _load_splits(
+        self,
+        split_path: str,
+        generate: Callable[[random.Random], list[dict[str, Any]]],
+        *,
+        seeded: bool = True,
+        min_entries: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Read the split file at ``split_path``, or generate and write it.
+
+        ``generate(rng)`` returns the list of split entries. ``seeded=False`` means the
+        entries do not depend on the seed (e.g. GRID's official partition file).
+        """
+        self.split_path = split_path
+        min_entries = self.num_splits if min_entries is None else min_entries
+        if os.path.isfile(split_path):
+            try:
+                with open(split_path) as f:
+                    splits = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{self.name}: cannot read split file {split_path!r}: {exc}") from exc
+            if (
+                not isinstance(splits, list)
+                or len(splits) < min_entries
+                or not all(isinstance(s, dict) for s in splits)
+            ):
+                raise ValueError(
+                    f"{self.name}: split file {split_path!r} must be a JSON list of at least "
+                    f"{min_entries} objects; delete it to regenerate the splits"
+                )
+            if self.seed is not None:
+                recorded = {s.get("seed") for s in splits}
+                if recorded == {None}:
+                    warnings.warn(
+                        f"{self.name}: using the existing split file {split_path!r}, which records "
+                        f"no seed; seed={self.seed} is ignored",
+                        stacklevel=4,
+                    )
+                elif recorded != {self.seed}:
+                    raise ValueError(
+                        f"{self.name}: split file {split_path!r} was generated with seed "
+                        f"{sorted(recorded, key=str)}, not {self.seed}; delete it to regenerate, "
+                        "or pass seed=None to use it"
+                    )
+            return splits
+        rng = random.Random(0 if self.seed is None else self.seed)
+        splits = generate(rng)
+        if seeded:
+            for entry in splits:
+                entry["seed"] = 0 if self.seed is None else self.seed
+        try:
+            os.makedirs(os.path.dirname(split_path), exist_ok=True)
+            _write_json_atomic(split_path, splits)
+        except OSError as exc:
+            warnings.warn(
+                f"{self.name}: could not write split file {split_path!r} ({exc}); "
+                "using the generated splits without caching them",
+                stacklevel=4,
+            )
+        return splits
+
+    def _entry_list(self, entry: dict[str, Any], key: str) -> list[Any]:
+        value = entry.get(key)
+        if not isinstance(value, list):
+            raise ValueError(
+                f"{self.name}: split {self.split_id} in {self.split_path!r} has no list {key!r}"
+            )
+        return value

@@ -1,0 +1,88 @@
+"""PRID2011 single-shot (Hirzer et al., SCIA 2011)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Any, ClassVar
+
+from .base import Layout, RawItem, SplitReIDDataset, find_layout, list_images
+
+__all__ = ["PRID"]
+
+_ID_RE = re.compile(r"^person_(\d+)\.")
+
+
+class PRID(SplitReIDDataset):
+    """PRID2011, single-shot: cam_a holds ids 1-385, cam_b ids 1-749; only ids 1-200 are the
+    same people in both cameras. Each of the 10 splits trains on 100 of ids 1-200; the other
+    100 give query = their cam_a image (camid 0, 100 images) and gallery = their cam_b image
+    (camid 1) plus the cam_b images of ids 201-749 as distractors (649 images). cam_a ids
+    201-385 are unused (torchreid / MetaBIN protocol).
+
+    Accepted layouts (first match wins)::
+
+        <root>/prid2011/prid_2011/single_shot/{cam_a,cam_b}   (torchreid; splits in <root>/prid2011/)
+        <root>/prid_2011/single_shot/{cam_a,cam_b}            (MetaBIN; splits in <root>/prid_2011/)
+        <root>/prid2011/single_shot/{cam_a,cam_b}, <root>/single_shot/{cam_a,cam_b}
+
+    Splits are cached in ``splits_single_shot.json`` (torchreid's and MetaBIN's name and format:
+    ``{"train": [ids], "test": [ids]}`` per split); file names are ``person_<id:04d>.png``.
+    ``combine_all`` drops the distractors.
+    """
+
+    name: ClassVar[str] = "PRID"
+    split_filename: ClassVar[str] = "splits_single_shot.json"
+    #: ids 1..num_paired are seen by both cameras; larger cam_b ids are distractors.
+    num_paired: ClassVar[int] = 200
+    layouts: ClassVar[tuple[Layout, ...]] = tuple(
+        Layout(sub, ("cam_a", "cam_b"))
+        for sub in (
+            "prid2011/prid_2011/single_shot",
+            "prid_2011/single_shot",
+            "prid2011/single_shot",
+            "single_shot",
+        )
+    )
+
+    def is_junk(self, pid: int) -> bool:
+        """Distractor ids (> ``num_paired``) are dropped by ``combine_all``."""
+        return pid > self.num_paired
+
+    def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
+        layout, self.dataset_dir = find_layout(self.name, self.root, self.layouts)
+        cam_a, cam_b = (
+            [self._parse(p, camid) for p in list_images(os.path.join(self.dataset_dir, cam))]
+            for camid, cam in enumerate(("cam_a", "cam_b"))
+        )
+        paired = sorted(
+            i for i in {i for _, i, _ in cam_a} & {i for _, i, _ in cam_b} if 1 <= i <= self.num_paired
+        )
+        if not paired:
+            raise ValueError(f"{self.name}: no ids 1..{self.num_paired} in both cam_a and cam_b of {self.dataset_dir!r}")
+
+        def generate(rng: random.Random) -> list[dict[str, Any]]:
+            splits = []
+            for _ in range(self.num_splits):
+                train_ids = sorted(rng.sample(paired, len(paired) // 2))
+                splits.append({"train": train_ids, "test": sorted(set(paired) - set(train_ids))})
+            return splits
+
+        splits = self._load_splits(os.path.join(layout.split_dir(self.root), self.split_filename), generate)
+        entry = splits[self.split_id]
+        try:
+            train_ids = {int(i) for i in self._entry_list(entry, "train")}
+            test_ids = {int(i) for i in self._entry_list(entry, "test")}
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name}: split {self.split_id} of {self.split_path!r} must list integer ids") from None
+        train = [(p, i, c) for p, i, c in (*cam_a, *cam_b) if i in train_ids]
+        query = [(p, i, c) for p, i, c in cam_a if i in test_ids]
+        gallery = [(p, i, c) for p, i, c in cam_b if i in test_ids or i > self.num_paired]
+        return train, query, gallery
+
+    def _parse(self, path: str, camid: int) -> tuple[str, int, int]:
+        match = _ID_RE.match(os.path.basename(path))
+        if match is None:
+            raise ValueError(f"{self.name}: cannot parse identity from {path!r}; expected 'person_<id>.png'")
+        return path, int(match.group(1)), camid

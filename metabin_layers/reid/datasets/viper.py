@@ -1,0 +1,132 @@
+"""VIPeR (Gray et al., PETS 2007): 632 ids, one image per camera."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, ClassVar
+
+from .base import Layout, PathLike, RawItem, SplitReIDDataset, find_layout, item_name, list_images
+
+__all__ = ["VIPeR"]
+
+_CAMS = ("cam_a", "cam_b")
+
+
+def _parse(path: str, camid: int, dataset: str) -> tuple[str, int, int]:
+    """``<id>_<angle>.bmp`` -> ``(path, id, camid)``."""
+    try:
+        return path, int(os.path.basename(path).split("_")[0]), camid
+    except ValueError:
+        raise ValueError(
+            f"{dataset}: cannot parse identity from {path!r}; expected '<id>_<angle>.bmp' (e.g. 000_45.bmp)"
+        ) from None
+
+
+def _parse_metabin(path: str, dataset: str) -> tuple[str, int, int]:
+    """MetaBIN split folders: ``p<id>_c<cam>_d<angle>.png`` -> ``(path, id, cam - 1)``."""
+    fields = os.path.basename(path).split("_")
+    try:
+        if not (fields[0].startswith("p") and fields[1].startswith("c")):
+            raise ValueError
+        return path, int(fields[0][1:]), int(fields[1][1:]) - 1
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"{dataset}: cannot parse {path!r}; expected 'p<id>_c<cam>_d<angle>.png' (e.g. p000_c1_d045.png)"
+        ) from None
+
+
+class VIPeR(SplitReIDDataset):
+    """VIPeR: 632 ids, one image in cam_a and one in cam_b. Each of the 10 splits halves the ids
+    316/316; the test half gives query = cam_a images (316), gallery = cam_b images (316);
+    camid 0 = cam_a, 1 = cam_b (MetaBIN's ``ALL_VIPER_only_10`` protocol).
+
+    Accepted layouts (first match wins)::
+
+        <root>/viper/VIPeR/{cam_a,cam_b}   (torchreid; splits in <root>/viper/splits.json)
+        <root>/viper/{cam_a,cam_b}         (MetaBIN; splits in <root>/viper/splits.json)
+        <root>/VIPeR/{cam_a,cam_b}, <root>/{cam_a,cam_b}
+
+    Splits, in order of precedence:
+
+    1. MetaBIN's pre-made folders ``<root>/viper/split_<k+1>a/{train,query,gallery}`` (file
+       names ``p000_c1_d045.png``, made by the authors' ``make_split.m``), if present and
+       ``use_split_folders`` is true; this reproduces the paper's splits.
+    2. ``splits.json`` in torchreid's format: 20 entries alternating cam_a->cam_b and
+       cam_b->cam_a query/gallery over 10 random halves (entry ``2 * split_id`` is used; a
+       10-entry file uses entry ``split_id``). Only the training ids are read, by file name.
+    3. Otherwise 10 seeded random halves are generated and written in that format.
+
+    Identities are paired by the ``<id>`` prefix of the file names.
+    """
+
+    name: ClassVar[str] = "VIPeR"
+    layouts: ClassVar[tuple[Layout, ...]] = tuple(
+        Layout(sub, _CAMS) for sub in ("viper/VIPeR", "viper", "VIPeR", "")
+    )
+
+    def __init__(
+        self,
+        root: PathLike,
+        split_id: int = 0,
+        *,
+        seed: int | None = None,
+        use_split_folders: bool = True,
+        combine_all: bool = False,
+        domain: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.use_split_folders = use_split_folders
+        super().__init__(root, split_id, seed=seed, combine_all=combine_all, domain=domain, verbose=verbose)
+
+    def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
+        layout, self.dataset_dir = find_layout(self.name, self.root, self.layouts)
+        split_dir = layout.split_dir(self.root)
+        folder = os.path.join(split_dir, f"split_{self.split_id + 1}a")
+        subsets = [os.path.join(folder, s) for s in ("train", "query", "gallery")]
+        if self.use_split_folders and all(os.path.isdir(d) for d in subsets):
+            self.split_path = folder
+            train, query, gallery = ([_parse_metabin(p, self.name) for p in list_images(d)] for d in subsets)
+            return train, query, gallery
+
+        cam_a, cam_b = (
+            [_parse(p, camid, self.name) for p in list_images(os.path.join(self.dataset_dir, cam))]
+            for camid, cam in enumerate(_CAMS)
+        )
+        paired = sorted({i for _, i, _ in cam_a} & {i for _, i, _ in cam_b})
+        if not paired:
+            raise ValueError(f"{self.name}: no identity appears in both cam_a and cam_b of {self.dataset_dir!r}")
+
+        def generate(rng: random.Random) -> list[dict[str, Any]]:
+            splits: list[dict[str, Any]] = []
+            for _ in range(self.num_splits):
+                train_ids = set(rng.sample(paired, len(paired) // 2))
+                splits += self._entries(train_ids, paired, cam_a, cam_b)
+            return splits
+
+        splits = self._load_splits(os.path.join(split_dir, self.split_filename), generate)
+        entry = splits[2 * self.split_id] if len(splits) >= 2 * self.num_splits else splits[self.split_id]
+        train_ids = {
+            _parse(item_name(item), 0, self.name)[1] for item in self._entry_list(entry, "train")
+        }
+        test_ids = set(paired) - train_ids
+        train = [(p, i, c) for p, i, c in (*cam_a, *cam_b) if i in train_ids]
+        query = [(p, i, c) for p, i, c in cam_a if i in test_ids]
+        gallery = [(p, i, c) for p, i, c in cam_b if i in test_ids]
+        return train, query, gallery
+
+    @staticmethod
+    def _entries(
+        train_ids: set[int], paired: list[int], cam_a: list[RawItem], cam_b: list[RawItem]
+    ) -> list[dict[str, Any]]:
+        """torchreid's two entries per random half: cam_a->cam_b, then cam_b->cam_a."""
+        label = {pid: i for i, pid in enumerate(sorted(train_ids))}
+        test_ids = set(paired) - train_ids
+        train = [[p, label[i], c] for p, i, c in (*cam_a, *cam_b) if i in train_ids]
+        test_a = [[p, i, c] for p, i, c in cam_a if i in test_ids]
+        test_b = [[p, i, c] for p, i, c in cam_b if i in test_ids]
+        counts = {"num_train_pids": len(train_ids), "num_query_pids": len(test_ids), "num_gallery_pids": len(test_ids)}
+        return [
+            {"train": train, "query": test_a, "gallery": test_b, **counts},
+            {"train": train, "query": test_b, "gallery": test_a, **counts},
+        ]

@@ -1,0 +1,292 @@
+"""Re-ID evaluation: features, distances, CMC / mAP / mINP (torchreid / fast-reid conventions).
+
+Protocol (authors' ``evaluation/reid_evaluation.py`` and ``rank.py``):
+
+* distances between query and gallery features (default ``1 - cos`` of L2-normalised features);
+* for every query the gallery is sorted by distance (stable sort: ties keep gallery order) and
+  gallery items with the query's identity **and** camera are removed;
+* a query with no remaining true match is *invalid* and skipped;
+* CMC: cumulative first-match indicator, averaged over valid queries;
+* AP: mean of the precision at each true-match position; INP: ``#matches / (1-based position of
+  the last match)``; mAP / mINP average over valid queries (the authors' pure-Python path).
+  Their compiled Cython path averages AP / INP over *all* queries (invalid ones counting 0);
+  ``invalid_as_zero=True`` reproduces that.
+
+Example:
+    >>> import numpy as np
+    >>> d = np.array([[0.1, 0.5, 0.3]])
+    >>> cmc, mAP, mINP = evaluate_rank(d, np.array([1]), np.array([1, 1, 2]),
+    ...                                np.array([0]), np.array([1, 1, 1]), max_rank=3)
+    >>> cmc.tolist(), mAP, mINP
+    ([1.0, 1.0, 1.0], 0.8333333333333333, 0.6666666666666666)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["evaluate_rank", "extract_features", "compute_distance", "evaluate"]
+
+# Queries per chunk are chosen so that a chunk's (queries x gallery) working arrays stay small.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _as_1d(x: Any, name: str, length: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
+    if arr.shape[0] != length:
+        raise ValueError(f"{name}: expected length {length} (from distmat), got {arr.shape[0]}")
+    return arr
+
+
+def evaluate_rank(
+    distmat: np.ndarray | torch.Tensor,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+    *,
+    invalid_as_zero: bool = False,
+) -> tuple[np.ndarray, float, float]:
+    """CMC, mAP and mINP of a query x gallery distance matrix (market1501 protocol).
+
+    Vectorised over the gallery (per-row ``argsort``, boolean masks, cumulative sums); queries
+    are processed in chunks to bound memory.
+
+    Args:
+        distmat: ``(num_query, num_gallery)`` distances, smaller = more similar (no NaN).
+        q_pids, g_pids: identities of queries / gallery items (1-D, any comparable dtype).
+        q_camids, g_camids: camera ids of queries / gallery items.
+        max_rank: length of the returned CMC curve. If larger than the gallery, a warning is
+            issued and the gallery size is used (as torchreid does).
+        invalid_as_zero: average AP / INP over *all* queries with invalid ones counting 0
+            (the authors' Cython behaviour) instead of over valid queries. CMC always averages
+            over valid queries.
+
+    Returns:
+        ``(cmc, mAP, mINP)``: ``cmc`` is a float64 array of length ``max_rank`` (values in
+        [0, 1], ``cmc[k]`` = fraction of valid queries with a true match within the top k+1),
+        ``mAP`` and ``mINP`` are floats in [0, 1].
+
+    Raises:
+        ValueError: bad shapes (the message names the argument), NaN distances, ``max_rank < 1``
+            or no valid query at all.
+
+    Example:
+        >>> d = np.array([[0.2, 0.1], [0.3, 0.2]])
+        >>> cmc, mAP, mINP = evaluate_rank(d, [0, 1], [1, 0], [0, 0], [1, 1], max_rank=2)
+        >>> cmc.tolist(), mAP
+        ([0.5, 1.0], 0.75)
+    """
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach().cpu().numpy()
+    distmat = np.asarray(distmat)
+    if distmat.ndim != 2:
+        raise ValueError(f"distmat: expected a 2-D (num_query, num_gallery) array, got shape {distmat.shape}")
+    if not np.issubdtype(distmat.dtype, np.number) or np.issubdtype(distmat.dtype, np.complexfloating):
+        raise ValueError(f"distmat: expected a real numeric array, got dtype {distmat.dtype}")
+    num_q, num_g = distmat.shape
+    if num_q == 0:
+        raise ValueError("distmat: no queries (0 rows)")
+    if num_g == 0:
+        raise ValueError("distmat: empty gallery (0 columns)")
+    if np.isnan(distmat).any():
+        raise ValueError("distmat: contains NaN")
+    q_pids = _as_1d(q_pids, "q_pids", num_q)
+    g_pids = _as_1d(g_pids, "g_pids", num_g)
+    q_camids = _as_1d(q_camids, "q_camids", num_q)
+    g_camids = _as_1d(g_camids, "g_camids", num_g)
+    max_rank = int(max_rank)
+    if max_rank < 1:
+        raise ValueError(f"max_rank: must be >= 1, got {max_rank}")
+    if max_rank > num_g:
+        warnings.warn(
+            f"max_rank={max_rank} exceeds the gallery size {num_g}; using {num_g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        max_rank = num_g
+
+    ranks = np.arange(1, max_rank + 1)
+    cmc_sum = np.zeros(max_rank, dtype=np.float64)
+    ap_sum = 0.0
+    inp_sum = 0.0
+    num_valid = 0
+    chunk = max(1, _CHUNK_ELEMENTS // num_g)
+    for start in range(0, num_q, chunk):
+        stop = min(start + chunk, num_q)
+        order = np.argsort(distmat[start:stop], axis=1, kind="stable")
+        same_pid = g_pids[order] == q_pids[start:stop, None]
+        same_cam = g_camids[order] == q_camids[start:stop, None]
+        keep = ~(same_pid & same_cam)
+        matches = same_pid & keep  # true matches, in sorted order
+        num_rel = matches.sum(axis=1)
+        valid = num_rel > 0
+        if not valid.any():
+            continue
+        matches, keep, num_rel = matches[valid], keep[valid], num_rel[valid]
+        rows = np.arange(matches.shape[0])
+        # 1-based rank of every kept gallery item after the same-id/same-camera removal
+        kept_rank = np.cumsum(keep, axis=1)
+        first = matches.argmax(axis=1)
+        last = num_g - 1 - matches[:, ::-1].argmax(axis=1)
+        first_rank = kept_rank[rows, first]
+        cmc_sum += (ranks[None, :] >= first_rank[:, None]).sum(axis=0)
+        hits = np.cumsum(matches, axis=1)
+        precision = np.where(matches, hits / np.maximum(kept_rank, 1), 0.0)
+        ap_sum += float((precision.sum(axis=1) / num_rel).sum())
+        inp_sum += float((num_rel / kept_rank[rows, last]).sum())
+        num_valid += int(valid.sum())
+
+    if num_valid == 0:
+        raise ValueError("no valid query: no query has a true match in the gallery from another camera")
+    denom = num_q if invalid_as_zero else num_valid
+    return cmc_sum / num_valid, ap_sum / denom, inp_sum / denom
+
+
+def _model_output_to_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        for key in ("features", "feat", "bn_features", "embeddings"):
+            if key in out:
+                return out[key]
+    raise TypeError(
+        "model output must be a tensor, a tuple/list whose first element is the feature tensor, "
+        f"or a dict with a 'features' key; got {type(out).__name__}"
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    device: torch.device | str | None = None,
+    flip: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Run ``model`` in eval mode over ``loader`` and collect features, identities and cameras.
+
+    Args:
+        model: maps an image batch ``(N, C, H, W)`` to features ``(N, D)`` (or ``(N, D, 1, 1)``;
+            a tuple's first element or a dict's ``"features"`` entry is also accepted).
+        loader: yields dicts with keys ``img`` (float tensor batch), ``pid`` and ``camid``.
+        device: where to run; default: the device of the model's first parameter (else CPU).
+        flip: average the features of each image and its horizontal mirror.
+
+    Returns:
+        ``(features, pids, camids)``: a float32 CPU tensor ``(N, D)`` and two int64 numpy arrays.
+        The model's train/eval mode is restored afterwards.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+        >>> batch = {"img": torch.randn(2, 3, 2, 2), "pid": torch.tensor([0, 1]),
+        ...          "camid": torch.tensor([0, 0])}
+        >>> f, p, c = extract_features(net, [batch], "cpu", flip=True)
+        >>> tuple(f.shape), p.tolist()
+        ((2, 4), [0, 1])
+    """
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    feats: list[torch.Tensor] = []
+    pids: list[np.ndarray] = []
+    camids: list[np.ndarray] = []
+    try:
+        for batch in loader:
+            img = batch["img"].to(device, non_blocking=True)
+            f = _model_output_to_tensor(model(img)).float()
+            if flip:
+                f = (f + _model_output_to_tensor(model(torch.flip(img, dims=[3]))).float()) / 2
+            feats.append(f.reshape(f.shape[0], -1).cpu())
+            pids.append(np.asarray(torch.as_tensor(batch["pid"]).cpu(), dtype=np.int64).reshape(-1))
+            camids.append(np.asarray(torch.as_tensor(batch["camid"]).cpu(), dtype=np.int64).reshape(-1))
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("loader: yielded no batch")
+    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
+
+
+def compute_distance(
+    query: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray,
+    metric: str = "cosine",
+) -> np.ndarray:
+    """Query x gallery distance matrix as a float32 numpy array.
+
+    ``metric="cosine"``: ``1 - cos`` between L2-normalised features (range [0, 2]);
+    ``metric="euclidean"``: plain (not squared) euclidean distance.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]]); g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> compute_distance(q, g).tolist(), [round(float(v), 3) for v in compute_distance(q, g, "euclidean")[0]]
+        ([[0.0, 1.0]], [1.0, 1.414])
+    """
+    q = torch.as_tensor(query).float()
+    g = torch.as_tensor(gallery).float()
+    if q.ndim != 2:
+        raise ValueError(f"query: expected a 2-D (N, D) array, got shape {tuple(q.shape)}")
+    if g.ndim != 2:
+        raise ValueError(f"gallery: expected a 2-D (M, D) array, got shape {tuple(g.shape)}")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"gallery: feature dimension {g.shape[1]} differs from the query's {q.shape[1]}")
+    if metric == "cosine":
+        dist = 1.0 - F.normalize(q, dim=1) @ F.normalize(g, dim=1).t()
+    elif metric == "euclidean":
+        dist = torch.cdist(q.double(), g.double()).float()
+    else:
+        raise ValueError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+    return dist.cpu().numpy()
+
+
+def evaluate(
+    model: torch.nn.Module,
+    query_loader: Iterable[Mapping[str, Any]],
+    gallery_loader: Iterable[Mapping[str, Any]],
+    device: torch.device | str | None = None,
+    metric: str = "cosine",
+    flip: bool = False,
+    max_rank: int = 50,
+    invalid_as_zero: bool = False,
+) -> dict[str, Any]:
+    """Extract features, compute distances and return the Re-ID metrics.
+
+    Returns:
+        ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` as floats in [0, 1] (multiply by 100 for
+        the usual percentages) and ``"cmc"``, the CMC curve as a numpy array of length
+        ``min(max_rank, gallery size)``. When the gallery is smaller than k, rank-k is the last
+        CMC value.
+
+    Example:
+        >>> net = torch.nn.Flatten()
+        >>> q = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [0, 0]}]
+        >>> g = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [1, 1]}]
+        >>> evaluate(net, q, g)["rank1"]
+        1.0
+    """
+    qf, q_pids, q_camids = extract_features(model, query_loader, device, flip=flip)
+    gf, g_pids, g_camids = extract_features(model, gallery_loader, device, flip=flip)
+    distmat = compute_distance(qf, gf, metric=metric)
+    cmc, mAP, mINP = evaluate_rank(
+        distmat, q_pids, g_pids, q_camids, g_camids,
+        max_rank=min(max_rank, distmat.shape[1]), invalid_as_zero=invalid_as_zero,
+    )
+    result: dict[str, Any] = {
+        f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)
+    }
+    result.update(mAP=float(mAP), mINP=float(mINP), cmc=cmc)
+    return result

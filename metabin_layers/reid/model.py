@@ -1,0 +1,199 @@
+"""Re-ID model: a timm/torchvision backbone, global average pooling, a BN neck and a classifier.
+
+The backbone's BatchNorms become MetaBIN layers (the neck and classifier stay plain, as in the
+paper); :data:`NORM_VARIANTS` selects the normalization of the comparison table of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import convert_bn_to_metabin, metabin_modules
+
+__all__ = ["NORM_VARIANTS", "ReIDModel", "build_backbone", "apply_norm_variant", "load_pretrained"]
+
+#: ``bn``: plain BatchNorm; ``in``: affine InstanceNorm everywhere; ``bin-half``: first half of
+#: the channels BN, the rest IN; ``bin``: rho trained end to end with the weights (Nam & Kim);
+#: ``metabin``: rho meta-learned (the paper).
+NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "metabin")
+
+
+def _set_last_stride_one(backbone: nn.Module) -> None:
+    """Turn the last stride-2 stage into stride 1 (the usual Re-ID trick: finer last map)."""
+    layer4 = getattr(backbone, "layer4", None)
+    if isinstance(layer4, nn.Sequential):  # ResNet family (timm and torchvision)
+        block = layer4[0]
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                m.stride = (1, 1)
+            if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and name.startswith("downsample"):
+                m.stride, m.kernel_size = 1, 1  # timm's avg-down shortcut
+        return
+    strided = [m for m in backbone.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    if not strided:
+        raise ValueError("last_stride=1: the backbone has no stride-2 convolution")
+    strided[-1].stride = (1, 1)  # MobileNet/EfficientNet: a stride block has no shortcut
+
+
+class _TorchvisionTrunk(nn.Module):
+    """The feature-map part of a torchvision classifier (everything before pooling)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if hasattr(model, "features"):  # mobilenet, efficientnet, densenet, vgg
+            self.features = model.features
+        else:  # resnet / regnet / shufflenet: all children before the pooling
+            names = [n for n, _ in model.named_children()]
+            stop = next(i for i, n in enumerate(names) if n in ("avgpool", "fc", "classifier"))
+            self.features = nn.Sequential(*[getattr(model, n) for n in names[:stop]])
+        # resnets expose layer4 for last-stride handling
+        if hasattr(model, "layer4"):
+            self.layer4 = model.layer4
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
+    """Build a feature-map backbone by name: ``"resnet50"`` (timm) or ``"tv:resnet50"`` (torchvision).
+
+    Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
+    No weights are downloaded; load them with :func:`load_pretrained`.
+
+    Example:
+        >>> net, channels = build_backbone("resnet18")
+        >>> channels, tuple(net(torch.randn(2, 3, 64, 32)).shape)
+        (512, (2, 512, 4, 2))
+    """
+    if last_stride not in (1, 2):
+        raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+    if name.startswith("tv:"):
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(name[3:], weights=None)
+        except ValueError as e:
+            raise ValueError(f"unknown torchvision model {name[3:]!r}") from e
+        backbone: nn.Module = _TorchvisionTrunk(model)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r} (use 'tv:<name>' for torchvision models)")
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    if last_stride == 1:
+        _set_last_stride_one(backbone)
+    with torch.no_grad():
+        was_training = backbone.training
+        backbone.eval()
+        channels = backbone(torch.zeros(1, 3, 64, 32)).shape[1]
+        backbone.train(was_training)
+    return backbone, int(channels)
+
+
+def load_pretrained(module: nn.Module, path: str) -> list[str]:
+    """Load a local checkpoint (a state dict, or a dict holding one under ``model``/``state_dict``).
+
+    Keys that do not fit (e.g. an ImageNet classifier) are ignored; returns the missing keys.
+    Nothing is downloaded.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (or a dict with 'model'/'state_dict'), got {type(state).__name__}")
+    own = module.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ValueError(f"{path}: no tensor of the checkpoint matches the backbone (wrong architecture?)")
+    return module.load_state_dict(fitting, strict=False).missing_keys
+
+
+def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0) -> nn.Module:
+    """Convert ``backbone``'s BatchNorms for one of :data:`NORM_VARIANTS`.
+
+    ``in`` and ``bin-half`` are MetaBIN layers with a fixed rho (0, or 1 on the first
+    ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the
+    authors' IN / BIN_half layers with one implementation.
+
+    Example:
+        >>> net, _ = build_backbone("resnet18")
+        >>> net = apply_norm_variant(net, "bin-half")
+        >>> metabin_modules(net)[0].rho[:3].tolist(), metabin_modules(net)[0].rho[-1].item()
+        ([1.0, 1.0, 1.0], 0.0)
+    """
+    if variant not in NORM_VARIANTS:
+        raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {variant!r}")
+    if variant == "bn":
+        return backbone
+    backbone = convert_bn_to_metabin(backbone, rho_init=rho_init)
+    if variant in ("in", "bin-half"):
+        for m in metabin_modules(backbone):
+            with torch.no_grad():
+                m.rho.zero_()
+                if variant == "bin-half":
+                    m.rho[: math.ceil(m.num_features / 2)] = 1.0
+            m.rho.requires_grad_(False)
+            if variant == "in" and m.affine:
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+    return backbone
+
+
+class ReIDModel(nn.Module):
+    """Backbone -> global average pooling -> BN neck (bias frozen at 0) -> linear classifier.
+
+    ``forward`` returns ``(features, logits)`` in training, where ``features`` are the pooled
+    features *before* the neck (used by the triplet and meta losses), and the neck output (the
+    test embedding) in eval mode.
+
+    Example:
+        >>> model = ReIDModel("resnet18", num_classes=10)
+        >>> feats, logits = model(torch.randn(4, 3, 64, 32))
+        >>> feats.shape, logits.shape
+        (torch.Size([4, 512]), torch.Size([4, 10]))
+        >>> model.eval()(torch.randn(2, 3, 64, 32)).shape
+        torch.Size([2, 512])
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "resnet50",
+        num_classes: int = 1000,
+        norm: str = "metabin",
+        last_stride: int = 1,
+        pretrained_path: Optional[str] = None,
+        rho_init: float = 1.0,
+        feat_dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(backbone, str):
+            net, channels = build_backbone(backbone, last_stride)
+        else:
+            if feat_dim is None:
+                raise ValueError("feat_dim is required when backbone is a module")
+            net, channels = backbone, feat_dim
+        if pretrained_path:
+            load_pretrained(net, pretrained_path)  # before conversion: BN keys load as they are
+        self.backbone = apply_norm_variant(net, norm, rho_init)
+        self.norm = norm
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.neck = nn.BatchNorm1d(channels)
+        self.neck.bias.requires_grad_(False)  # BNNeck: no shift
+        self.classifier = nn.Linear(channels, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        self.feat_dim = channels
+
+    def forward(self, x: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        features = self.pool(self.backbone(x)).flatten(1)
+        embedding = self.neck(features)
+        if not self.training:
+            return embedding
+        return features, self.classifier(embedding)

@@ -1,0 +1,128 @@
+"""Results of a run as JSON, a Markdown table and plots (matplotlib optional)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["write_results", "results_table", "comparison_table", "plot_rho", "plot_cmc"]
+
+METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def _pct(entry: Mapping[str, Any], key: str) -> str:
+    value = 100 * entry[key]
+    std = entry.get(f"{key}_std")
+    return f"{value:.1f} ± {100 * std:.1f}" if std else f"{value:.1f}"
+
+
+def results_table(targets: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table: one row per target (percentages; ± is the std over splits).
+
+    Example:
+        >>> print(results_table({"style4": {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2}}))
+        | target | rank1 | rank5 | rank10 | mAP | mINP |
+        |---|---|---|---|---|---|
+        | style4 | 50.0 | 70.0 | 80.0 | 40.0 | 20.0 |
+    """
+    lines = ["| target | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, entry in targets.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(entry, k) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str] = ("rank1", "mAP")) -> str:
+    """The paper's Table 5 shape: one row per normalization, mean ± std over seeds per target.
+
+    ``runs`` maps a variant name to the ``results`` dicts of its seeds.
+
+    Example:
+        >>> r = {"targets": {"t": {"rank1": 0.5, "mAP": 0.25}}}
+        >>> print(comparison_table({"bn": [r, r]}))
+        | norm | t R-1 | t mAP | seeds |
+        |---|---|---|---|
+        | bn | 50.0 ± 0.0 | 25.0 ± 0.0 | 2 |
+    """
+    import numpy as np
+
+    first = next(iter(runs.values()))[0]
+    targets = list(first["targets"])
+    names = {"rank1": "R-1", "rank5": "R-5", "rank10": "R-10", "mAP": "mAP", "mINP": "mINP"}
+    header = ["norm"] + [f"{t} {names[m]}" for t in targets for m in metrics]
+    if len(targets) > 1:
+        header += [f"avg {names[m]}" for m in metrics]
+    lines = ["| " + " | ".join(header + ["seeds"]) + " |", "|---" * (len(header) + 1) + "|"]
+    for variant, results in runs.items():
+        cells = []
+        per_metric_avg = {m: [] for m in metrics}
+        for t in targets:
+            for m in metrics:
+                values = np.array([100 * r["targets"][t][m] for r in results])
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+        if len(targets) > 1:
+            for m in metrics:
+                values = np.array([np.mean([100 * r["targets"][t][m] for t in targets]) for r in results])
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {len(results)} |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[plots]')")
+        return None
+    return plt
+
+
+def plot_rho(rho_per_layer: Sequence[Mapping[str, float]], path: Path) -> bool:
+    """rho per layer (mean with min-max band). Returns False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None or not rho_per_layer:
+        return False
+    x = [r["layer"] for r in rho_per_layer]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(x, [r["mean"] for r in rho_per_layer], marker="o", ms=3, label="mean rho")
+    ax.fill_between(x, [r["min"] for r in rho_per_layer], [r["max"] for r in rho_per_layer], alpha=0.25, label="min-max")
+    ax.set(xlabel="MetaBIN layer (forward order)", ylabel="rho (1 = BN, 0 = IN)", ylim=(-0.05, 1.05))
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int = 20) -> bool:
+    """CMC curves of every target. Returns False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, entry in targets.items():
+        cmc = entry["cmc"][:max_rank]
+        ax.plot(range(1, len(cmc) + 1), [100 * v for v in cmc], marker=".", label=name)
+    ax.set(xlabel="rank", ylabel="matching rate (%)", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_results(results: Mapping[str, Any], output: Path) -> None:
+    """``results.json``, ``results.md`` and the plots of one run, printed table included."""
+    output = Path(output)
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    table = results_table(results["targets"])
+    header = f"# {results['norm']} (seed {results['seed']}, {results['iterations']} iterations)\n\n"
+    (output / "results.md").write_text(header + table + "\n")
+    print(table, flush=True)
+    if results.get("rho_per_layer"):
+        plot_rho(results["rho_per_layer"], output / "rho.png")
+    plot_cmc(results["targets"], output / "cmc.png")
