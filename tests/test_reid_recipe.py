@@ -136,3 +136,22 @@ def test_cli_train_eval_resume_end_to_end(tmp_path, capsys):
 def test_meta_batch_too_small_for_shuffle_loss(tmp_path):
     with pytest.raises(ValueError, match="meta_batch_size=16 gives 1 identities per domain"):
         Trainer(tiny_config(tmp_path, meta_batch_size=16))
+
+
+@pytest.mark.parametrize("norm", NORM_VARIANTS)
+def test_every_variant_trains_and_treats_rho_as_the_paper_says(tmp_path, norm):
+    cfg = tiny_config(tmp_path, norm=norm, max_iters=2, first_inner_loop=1, rho_lr_factor=1000.0)
+    t = Trainer(cfg)
+    (tmp_path / "run").mkdir()
+    before = [m.rho.detach().clone() for m in metabin_modules(t.model)]
+    weights = t.model.backbone.conv1.weight.detach().clone()
+    t.run(tmp_path / "run", progress=False)
+    after = [m.rho.detach() for m in metabin_modules(t.model)]
+    assert not torch.equal(weights, t.model.backbone.conv1.weight), "weights must train"
+    moved = any(not torch.equal(a, b) for a, b in zip(before, after))
+    if norm == "bn":
+        assert not after and "rho" not in t.history[-1]
+    elif norm in ("in", "bin-half"):
+        assert not moved  # fixed mixtures
+    else:  # bin: end to end; metabin: meta-learned
+        assert moved and all(0 <= float(r.min()) and float(r.max()) <= 1 for r in after)

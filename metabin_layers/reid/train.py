@@ -231,9 +231,9 @@ class Trainer:
             logs["mte"] = float(out["meta_test_loss"])
         return logs
 
-    def mean_rho(self) -> float:
+    def mean_rho(self) -> Optional[float]:
         rhos = rho_parameters(self.model)
-        return float(torch.cat([r.detach().flatten() for r in rhos]).mean()) if rhos else float("nan")
+        return float(torch.cat([r.detach().flatten() for r in rhos]).mean()) if rhos else None
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -298,7 +298,10 @@ class Trainer:
                     logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
-                logs.update(lr=self.scheduler.get_last_lr()[0], rho=self.mean_rho(), it=self.iteration)
+                logs.update(lr=self.scheduler.get_last_lr()[0], it=self.iteration)
+                rho = self.mean_rho()
+                if rho is not None:
+                    logs["rho"] = rho
                 if not all(math.isfinite(v) for v in logs.values()):
                     raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {logs}")
                 bar.update(1)
