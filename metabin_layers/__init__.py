@@ -10,6 +10,15 @@ Example:
 
 from . import losses
 from .convert import base_parameters, convert_bn_to_metabin, metabin_modules, rho_parameters
+from .distributed import (
+    DistributedStepError,
+    SyncMetaBIN,
+    SyncMetaBIN1d,
+    SyncMetaBIN2d,
+    SyncMetaBIN3d,
+    SyncMetaBINAct2d,
+    convert_sync_metabin,
+)
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
 from .functional import batch_instance_norm
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, STATS_MODES, set_stats_mode, stats_mode
@@ -37,6 +46,13 @@ __all__ = [
     "rho_parameters",
     "base_parameters",
     "MetaBINOptimizer",
+    "SyncMetaBIN",
+    "SyncMetaBIN1d",
+    "SyncMetaBIN2d",
+    "SyncMetaBIN3d",
+    "SyncMetaBINAct2d",
+    "convert_sync_metabin",
+    "DistributedStepError",
     "InnerLR",
     "CyclicInnerLR",
     "ConstantInnerLR",

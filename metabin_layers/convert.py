@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import convert_sync_metabin
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase
 
 __all__ = [
@@ -117,6 +118,8 @@ def convert_bn_to_metabin(
     exclude: Optional[LayerFilter] = None,
     in_affine_init: str = "copy",
     strict: bool = False,
+    sync: bool = False,
+    process_group: Optional[object] = None,
 ) -> nn.Module:
     """Replace the BatchNorm layers of ``module`` by MetaBIN layers, recursively.
 
@@ -147,17 +150,23 @@ def convert_bn_to_metabin(
             of rho changes the function smoothly; ``"identity"`` starts it at weight 1 / bias 0, the
             authors' default (``LOAD_IN_AFFINE=False``).
         strict: raise instead of warning when nothing was converted.
+        sync: then make every MetaBIN layer of the model a synchronised one
+            (:func:`~metabin_layers.distributed.convert_sync_metabin`: BN-branch statistics over
+            the whole process group, for multi-GPU training; see ``docs/distributed.md``).
+        process_group: the group ``sync`` synchronises over; None is the default group.
 
     Returns:
         ``module`` (or the new root layer when ``module`` itself is a BatchNorm).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> model = convert_bn_to_metabin(torchvision.models.resnet18(), exclude="fc")
         >>> len(metabin_modules(model))
         20
     """
     _check_rho_init(rho_init)
+    if process_group is not None and not sync:
+        raise ValueError("process_group is only used with sync=True")
     if in_affine_init not in IN_AFFINE_INITS:
         raise ValueError(f"in_affine_init must be one of {IN_AFFINE_INITS}, got {in_affine_init!r}")
     norm_act = _timm_norm_act_types()
@@ -192,13 +201,15 @@ def convert_bn_to_metabin(
         if strict:
             raise ValueError(msg)
         warnings.warn(msg + "; the model is returned unchanged", stacklevel=2)
+    if sync:
+        result = convert_sync_metabin(result, process_group)
     return result
 
 
 def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
     """All MetaBIN layers of ``model``, in ``model.modules()`` order.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8), nn.ReLU())
         >>> [type(m).__name__ for m in metabin_modules(model)]
         ['MetaBIN2d']
@@ -209,7 +220,7 @@ def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
 def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The ``rho`` Parameters of every MetaBIN layer (each once, in module order).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> [p.shape for p in rho_parameters(model)]
         [torch.Size([8])]
@@ -226,7 +237,7 @@ def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
 def base_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` except the MetaBIN ``rho`` (what the base optimizer steps).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> opt = torch.optim.SGD(base_parameters(model), lr=0.01)
         >>> len(base_parameters(model))  # conv weight and bias, BN and IN affines

@@ -50,7 +50,7 @@ def split_domains(
         generator: a seeded ``torch.Generator`` for reproducible splits.
         is_labels: force the interpretation of ``domains``.
 
-    Example:
+    Examples:
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
         >>> split = split_domains(labels, generator=torch.Generator().manual_seed(0))
         >>> len(split.train_domains), len(split.test_domains)
@@ -103,7 +103,7 @@ class InnerLR:
 class ConstantInnerLR(InnerLR):
     """A fixed inner step size ``beta``.
 
-    Example:
+    Examples:
         >>> ConstantInnerLR(0.01).step()
         0.01
     """
@@ -133,7 +133,7 @@ class CyclicInnerLR(InnerLR):
         period_per_epoch: cycles per epoch (0.2: one cycle every 5 epochs).
         up_ratio: share of the cycle spent increasing.
 
-    Example:
+    Examples:
         >>> sched = CyclicInnerLR(iters_per_epoch=10)     # period 50 meta steps
         >>> round(sched.step(), 6)                        # 0.001 + (0.1 - 0.001) / 25
         0.00496

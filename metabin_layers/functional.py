@@ -18,6 +18,23 @@ Two implementations share these formulas:
   fast path; its backward is ``once_differentiable`` (double backward raises).
 * ``"composite"``: the same formulas as ordinary differentiable torch ops. Autograd derives its
   backward, so double backward works (second-order meta steps use it).
+
+How the fused path runs in eager PyTorch (no compiled extension), for a contiguous input viewed
+as ``(1, N*C, M)`` rows, ``M`` the spatial size:
+
+* forward: ``S = sum(x)`` per row gives the row mean ``m``; ``y <- x - m`` (written into the
+  output buffer); one fused reduction of ``y`` gives ``sum(y)`` and ``sum(y * y)``, i.e. the
+  exact two-pass variance (no ``E[x^2] - E[x]^2`` cancellation, no scalar Welford loop); then
+  ``y <- A * y + B'`` in place. Four vectorised passes, no full-size temporary.
+* backward: one fused reduction gives ``sum(dy)`` and ``sum((x - mu_nc) * dy)`` per row (no
+  ``dy * x`` temporary); ``dx = scale * dy + c0`` in one pass, then ``dx += cx * x`` in place.
+
+The per-row reductions and per-row affine maps use ATen's BatchNorm CPU kernels on the
+``(1, N*C, M)`` view (eval-mode forward with mean 0, variance 1, eps 0 is ``w * x + b``;
+eval-mode backward returns ``sum(dy)`` and ``sum((x - mean) * dy)``), because they are
+vectorised, take one coefficient per row, and (unlike ``addcmul`` with two broadcast operands)
+never fall back to a scalar loop. Channels-last inputs are viewed as ``(N, M, C)``, where the
+broadcast operands are contiguous along ``C`` and plain elementwise ops vectorise.
 """
 
 from __future__ import annotations
@@ -34,6 +51,8 @@ __all__ = ["batch_instance_norm", "BACKENDS"]
 #: Names accepted by ``batch_instance_norm(..., backend=...)``.
 BACKENDS = ("fused", "composite")
 
+_aten = torch.ops.aten
+
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     # Statistics are kept in float32 at least, also for fp16/bf16 activations.
@@ -41,7 +60,9 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _affine_or(value: Optional[Tensor], fill: float, like: Tensor) -> Tensor:
-    return value.to(like.dtype) if value is not None else torch.full_like(like, fill)
+    if value is None:
+        return torch.full_like(like, fill)
+    return value if value.dtype == like.dtype else value.to(like.dtype)
 
 
 def _bcast(v: Tensor, ndim: int) -> Tensor:
@@ -101,11 +122,150 @@ def _update_running(
 ) -> None:
     # nn.BatchNorm semantics: the running variance stores the unbiased estimate.
     with torch.no_grad():
-        running_mean.lerp_(mu_b.to(running_mean.dtype), factor)
-        running_var.lerp_((var_b * (count / (count - 1))).to(running_var.dtype), factor)
+        dt = running_mean.dtype
+        running_mean.lerp_(mu_b if mu_b.dtype == dt else mu_b.to(dt), factor)
+        unbiased = var_b * (count / (count - 1))
+        dt = running_var.dtype
+        running_var.lerp_(unbiased if unbiased.dtype == dt else unbiased.to(dt), factor)
+
+
+# -- the fused path ------------------------------------------------------------------------------
+#
+# Three ways to run the same math, chosen per call:
+#
+# * "rows" (CPU, contiguous input): x is viewed as (1, N*C, M) rows. Per-row reductions and per-row
+#   affine maps use ATen's BatchNorm CPU kernels on that view: the eval-mode forward with mean 0,
+#   variance 1 and eps 0 is ``w * x + b`` per row, and the eval-mode backward returns
+#   ``sum(dy)`` and ``sum((x - mean) * dy)`` per row. Both are vectorised, take one coefficient
+#   per row and write no temporary; elementwise ops with two per-row broadcast operands (e.g.
+#   ``addcmul(shift, x, scale)``) would run a scalar loop instead.
+# * "cl" (CPU, channels-last input): x is viewed as (N, M, C); per-(n, c) broadcasts are then
+#   contiguous along C and plain elementwise ops vectorise. For large samples the per-(n, c)
+#   reductions call the channels-last BatchNorm backward kernel once per sample.
+# * "generic" (other devices, empty inputs): plain tensor ops (var_mean, sum, addcmul).
+
+_CONSTS: dict = {}
+
+
+def _const(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached, read-only vector ``full(n, value)`` (mean 0 / variance 1 of the BN kernels)."""
+    key = (n, value, dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        if len(_CONSTS) > 256:
+            _CONSTS.clear()
+        t = torch.full((n,), value, dtype=dtype, device=device)
+        _CONSTS[key] = t
+    return t
+
+
+def _layout(x: Tensor) -> tuple[Tensor, str]:
+    """``(x, path)``: ``x`` or a contiguous copy of it, and the path that handles it."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return x, "generic"
+    if x.is_contiguous():
+        return x, "rows"
+    if x.movedim(1, -1).is_contiguous():
+        return x, "cl"
+    return x.contiguous(), "rows"
+
+
+def _nmc(t: Tensor, n: int, m: int, c: int) -> Tensor:
+    """Channels-last ``(N, C, *spatial)`` as its ``(N, M, C)`` view (a copy if ``t`` is not
+    channels-last)."""
+    return t.movedim(1, -1).reshape(n, m, c)
+
+
+def _row_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum((x - mean) * dy), sum(dy))`` per row of ``(1, R, M)`` views, in one pass.
+
+    ATen's eval-mode BatchNorm backward with variance 1 and eps 0 (invstd exactly 1) returns
+    these as grad_weight and grad_bias, in float32 for fp16/bf16 inputs."""
+    _, dot, s = _aten.native_batch_norm_backward(dy, x, None, mean, ones, None, None, False, 0.0, [False, True, True])
+    return dot, s
+
+
+def _row_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, ones: Tensor, out: Tensor) -> Tensor:
+    """``out = scale * (x - mean) + shift`` per row of ``(1, R, M)`` views, one vectorised pass.
+
+    ATen's eval-mode BatchNorm with variance 1 and eps 0; ``out`` may be ``x`` itself (each
+    element is read before it is written). fp16/bf16 ``x`` (and ``out``) with float32
+    coefficients is computed in float32."""
+    e = x.new_empty(0, dtype=scale.dtype)
+    _aten.native_batch_norm.out(x, scale, shift, mean, ones, False, 0.0, 0.0, out=out, save_mean=e, save_invstd=e)
+    return out
+
+
+# Channels-last inputs with large samples: per-sample calls of the (vectorised, channels-last)
+# BatchNorm backward kernel give sum(dy) and sum((x - mean) dy) per (n, c) without a temporary;
+# below this many elements per sample the per-call overhead outweighs the saved pass.
+_CL_SAMPLE_LOOP_MIN = 32768
+
+
+def _use_sample_loop(x: Tensor, m: int, c: int) -> bool:
+    if m * c < _CL_SAMPLE_LOOP_MIN or x.dim() not in (4, 5):
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _cl_sample_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum((x - mean) * dy), sum(dy))`` per (n, c) of channels-last 4-D/5-D tensors, (N, C) each;
+    ``mean`` is (N, C), or (C,) for every sample."""
+    dots, sums = [], []
+    per_sample = mean.dim() == 2
+    for i in range(x.shape[0]):
+        _, dot, s = _aten.native_batch_norm_backward(
+            dy[i : i + 1], x[i : i + 1], None, mean[i] if per_sample else mean, ones, None, None, False, 0.0,
+            [False, True, True],
+        )
+        dots.append(dot)
+        sums.append(s)
+    return torch.stack(dots), torch.stack(sums)
+
+
+def _centred_stats(x: Tensor, path: str, sd: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Instance statistics by the exact two-pass method, without a full-size temporary.
+
+    ``mean0 = sum(x) / M``; ``yc = x - mean0`` is written into a new buffer ``y`` (the output
+    buffer of the layer for float32/float64 inputs); one fused reduction of ``yc`` gives
+    ``d = mean(yc)`` (rounding level) and ``mean(yc^2)``, so ``mu_nc = mean0 + d`` and
+    ``var_nc = mean(yc^2) - d^2`` carry no ``E[x^2] - E[x]^2`` cancellation.
+
+    Returns ``(y, mean0, d, var_nc, yc)``; ``yc`` is the row / (N, M, C) view of ``y``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    nc = n * c
+    m = x.numel() // nc
+    inv_m = 1.0 / m
+    if path == "cl":
+        xv = _nmc(x, n, m, c)
+        mean0 = (xv.sum(1) if x.dtype == sd else xv.sum(1, dtype=sd)).mul_(inv_m)  # (N, C)
+        y = torch.empty_like(x, dtype=sd)  # keeps the channels-last strides
+        yc = torch.sub(xv, mean0.unsqueeze(1), out=_nmc(y, n, m, c))
+        if _use_sample_loop(y, m, c):
+            ss, s = _cl_sample_sums(y, y, _const(c, 0.0, sd, x.device), _const(c, 1.0, sd, x.device))
+        else:
+            s = yc.sum(1)
+            ss = torch.linalg.vecdot(yc, yc, dim=1)
+    else:
+        xv = x.view(1, nc, m)
+        mean0 = (xv.sum(-1) if x.dtype == sd else xv.sum(-1, dtype=sd)).view(n, c).mul_(inv_m)
+        y = torch.empty(x.shape, dtype=sd, device=x.device)
+        yc = torch.sub(xv, mean0.view(1, nc, 1), out=y.view(1, nc, m))
+        ss, s = _row_sums(yc, yc, _const(nc, 0.0, sd, x.device), _const(nc, 1.0, sd, x.device))
+        ss, s = ss.view(n, c), s.view(n, c)
+    d = s.mul_(inv_m)
+    var_nc = torch.addcmul(ss.mul_(inv_m), d, d, value=-1).clamp_min_(0.0)
+    return y, mean0, d, var_nc, yc
 
 
 class _FusedBIN(torch.autograd.Function):
+    """``apply(x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps) -> (y, mu_b, var_b)``.
+
+    ``mu_b, var_b`` are the batch statistics (non-differentiable) when ``mu_b_fixed`` is None and
+    empty tensors otherwise. The backward is hand-written and once-differentiable.
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
@@ -119,21 +279,60 @@ class _FusedBIN(torch.autograd.Function):
         var_b_fixed: Optional[Tensor],
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        var_nc, mu_nc = _instance_stats(x)
+        ctx.set_materialize_grads(False)
+        sd = _stat_dtype(x)
+        rho_, w_b_, b_b_, w_i_, b_i_ = [t if t.dtype == sd else t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
         use_batch = mu_b_fixed is None
-        if use_batch:
-            var_b, mu_b = _batch_from_instance(var_nc, mu_nc)
+        x, path = _layout(x)
+        n, c = x.shape[0], x.shape[1]
+        nc = n * c
+        # -- instance statistics ---------------------------------------------------------------
+        if path == "generic":
+            var_nc, mu_nc = _instance_stats(x)
+            y = yc = d = None
         else:
-            mu_b, var_b = mu_b_fixed, var_b_fixed  # type: ignore[assignment]
-        sd = mu_nc.dtype
-        inv_nc = torch.rsqrt(var_nc + eps)
-        inv_b = torch.rsqrt(var_b.to(sd) + eps)
-        mu_b = mu_b.to(sd)
-        p = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
-        scale, shift = _coefficients(p[0], p[1], p[2], p[3], p[4], mu_b, inv_b, mu_nc, inv_nc)
-        y = _apply(x, scale, shift)
-        ctx.save_for_backward(x, *p, mu_b, inv_b, mu_nc, inv_nc, scale)
+            y, mean0, d, var_nc, yc = _centred_stats(x, path, sd)
+            mu_nc = mean0 + d
+        # -- batch statistics (law of total variance) or the running ones ----------------------
+        if use_batch:
+            mu_b = mu_nc.mean(0)
+            dev = mu_nc - mu_b
+            var_b = torch.addcmul(var_nc, dev, dev).mean(0)
+        else:
+            mu_b = mu_b_fixed if mu_b_fixed.dtype == sd else mu_b_fixed.to(sd)  # type: ignore[union-attr]
+            var_b = var_b_fixed if var_b_fixed.dtype == sd else var_b_fixed.to(sd)  # type: ignore[union-attr]
+            dev = mu_nc - mu_b
+        inv_nc = var_nc.add(eps).rsqrt_()
+        inv_b = var_b.add(eps).rsqrt_()
+        # -- y = scale * (x - mu_nc) + shift -----------------------------------------------------
+        a_b = torch.mul(rho_, w_b_).mul_(inv_b)  # rho w_B / s_B, (C,)
+        a_i = torch.addcmul(w_i_, rho_, w_i_, value=-1) * inv_nc  # (1 - rho) w_I / s_nc, (N, C)
+        scale = a_i + a_b
+        shift = torch.addcmul(torch.lerp(b_i_, b_b_, rho_), a_b, dev)  # rho b_B + (1 - rho) b_I + a_B (mu_nc - mu_B)
+        if path == "generic":
+            nd = x.dim()
+            shift.addcmul_(scale, mu_nc, value=-1)  # y = scale * x + shift
+            if x.dtype == sd:
+                y = torch.addcmul(_bcast(shift, nd), x, _bcast(scale, nd))
+            else:
+                y = torch.addcmul(_bcast(shift, nd), x, _bcast(scale, nd)).to(x.dtype)
+        elif x.dtype == sd:  # y holds yc = x - mean0 = x - mu_nc + d: rescale it in place
+            shift.addcmul_(scale, d, value=-1)
+            if path == "cl":
+                torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
+            else:
+                _row_affine(yc, scale.view(nc), shift.view(nc), _const(nc, 0.0, sd, x.device), _const(nc, 1.0, sd, x.device), out=yc)
+        elif path == "cl":  # fp16 / bf16
+            shift.addcmul_(scale, d, value=-1)
+            torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
+            y = y.to(x.dtype)
+        else:  # fp16 / bf16 rows: one mixed-precision pass from x (computed in float32)
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            m = x.numel() // nc
+            _row_affine(x.view(1, nc, m), scale.view(nc), shift.view(nc), mu_nc.view(nc), _const(nc, 1.0, sd, x.device), out=y.view(1, nc, m))
+        ctx.save_for_backward(x, rho_, w_b_, b_b_, w_i_, b_i_, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
         ctx.use_batch = use_batch
+        ctx.path = path
         ctx.param_dtypes = (rho.dtype, w_b.dtype, b_b.dtype, w_i.dtype, b_i.dtype)
         # The batch statistics are returned so that the caller can update running buffers
         # without recomputing them (empty when running statistics were used).
@@ -146,50 +345,99 @@ class _FusedBIN(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor, _dmu: Tensor, _dvar: Tensor):  # type: ignore[override]
-        x, rho, w_b, b_b, w_i, b_i, mu_b, inv_b, mu_nc, inv_nc, scale = ctx.saved_tensors
-        nd = x.dim()
+    def backward(ctx, dy: Optional[Tensor], _dmu: Optional[Tensor], _dvar: Optional[Tensor]):  # type: ignore[override]
+        if dy is None:  # y did not reach the loss
+            return (None,) * 9
+        x, rho, w_b, b_b, w_i, b_i, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale = ctx.saved_tensors
         sd = mu_nc.dtype
-        dims = tuple(range(2, nd))
-        m = x[0, 0].numel()  # spatial size
-        n = x.shape[0]
-        # One reduction over (x, dy): S1 = sum dy, S2 = sum dy * x per (n, c).
-        dyf = dy if dy.dtype == sd else dy.to(sd)
-        xf = x if x.dtype == sd else x.to(sd)
-        s1 = dyf.sum(dims)
-        s2 = (dyf * xf).sum(dims)
-        # sum over the slice of dy * x_hat for each branch
-        t_i = inv_nc * (s2 - mu_nc * s1)  # (N, C)
-        t_b_nc = inv_b * (s2 - mu_b * s1)  # (N, C)
-        t_b = t_b_nc.sum(0)
-        s1_c = s1.sum(0)
-
-        grads = [None] * 9
+        n, c = x.shape[0], x.shape[1]
+        nc = n * c
+        m = x.numel() // nc if nc else 0
+        path = ctx.path
         need = ctx.needs_input_grad
-        if need[1]:
-            grads[1] = (w_b * t_b + b_b * s1_c - w_i * t_i.sum(0) - b_i * s1_c).to(ctx.param_dtypes[0])
+        # -- one reduction over (x, dy): s1 = sum dy, dot = sum (x - mu_nc) dy per (n, c) -------
+        if path == "rows":
+            xv = x.view(1, nc, m)
+            dyv = dy.contiguous().view(1, nc, m)
+            ones = _const(nc, 1.0, sd, x.device)
+            dot, s1 = _row_sums(dyv, xv, mu_nc.view(nc), ones)
+            dot, s1 = dot.view(n, c), s1.view(n, c)
+        elif path == "cl":
+            xv = _nmc(x, n, m, c)
+            if _use_sample_loop(x, m, c) and dy.dtype == x.dtype:
+                dy = dy.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+                dot, s1 = _cl_sample_sums(dy, x, mu_nc, _const(c, 1.0, sd, x.device))
+                dyv = _nmc(dy, n, m, c)
+            else:
+                dyv = _nmc(dy, n, m, c)
+                s1 = dyv.sum(1) if dyv.dtype == sd else dyv.sum(1, dtype=sd)
+                dot = torch.linalg.vecdot(torch.sub(xv, mu_nc.unsqueeze(1)), dyv if dyv.dtype == sd else dyv.to(sd), dim=1)
+        else:
+            dims = tuple(range(2, x.dim()))
+            nd = x.dim()
+            xf = x if x.dtype == sd else x.to(sd)
+            dyf = dy if dy.dtype == sd else dy.to(sd)
+            s1 = dyf.sum(dims)
+            dot = ((xf - _bcast(mu_nc, nd)) * dyf).sum(dims)
+        t_i = inv_nc * dot  # sum over the slice of dy * x_hat_I, (N, C)
+        t_b = torch.addcmul(dot, dev, s1).sum(0).mul_(inv_b)  # sum of dy * x_hat_B, (C,)
+        s1_c = s1.sum(0)
+        ti_c = t_i.sum(0)
+        pd = ctx.param_dtypes
+        grads: list[Optional[Tensor]] = [None] * 9
+        if need[1]:  # rho: w_B t_B + b_B S1 - w_I t_I - b_I S1
+            g = torch.addcmul(w_b * t_b, b_b - b_i, s1_c).addcmul_(w_i, ti_c, value=-1)
+            grads[1] = g if g.dtype == pd[0] else g.to(pd[0])
         if need[2]:
-            grads[2] = (rho * t_b).to(ctx.param_dtypes[1])
+            g = rho * t_b
+            grads[2] = g if g.dtype == pd[1] else g.to(pd[1])
         if need[3]:
-            grads[3] = (rho * s1_c).to(ctx.param_dtypes[2])
+            g = rho * s1_c
+            grads[3] = g if g.dtype == pd[2] else g.to(pd[2])
         if need[4]:
-            grads[4] = ((1 - rho) * t_i.sum(0)).to(ctx.param_dtypes[3])
+            g = torch.addcmul(ti_c, rho, ti_c, value=-1)  # (1 - rho) t_I
+            grads[4] = g if g.dtype == pd[3] else g.to(pd[3])
         if need[5]:
-            grads[5] = ((1 - rho) * s1_c).to(ctx.param_dtypes[4])
-        if need[0]:
-            # dx = scale * dy + cx * x + c0, one elementwise pass.
-            k_i = (1 - rho) * w_i * inv_nc  # (N, C)
-            cx = -(k_i * inv_nc * t_i) / m
-            c0 = -k_i * s1 / m - cx * mu_nc
-            if ctx.use_batch:
-                k_b = rho * w_b * inv_b
-                count = n * m
-                cx_b = -(k_b * inv_b * t_b) / count
-                cx = cx + cx_b
-                c0 = c0 + (-k_b * s1_c / count - cx_b * mu_b)
-            dx = torch.addcmul(_bcast(c0, nd), xf, _bcast(cx, nd))
-            dx.addcmul_(dyf, _bcast(scale, nd))
-            grads[0] = dx.to(x.dtype)
+            g = torch.addcmul(s1_c, rho, s1_c, value=-1)
+            grads[5] = g if g.dtype == pd[4] else g.to(pd[4])
+        if not need[0]:
+            return tuple(grads)
+        if m == 0:
+            grads[0] = torch.zeros_like(x)
+            return tuple(grads)
+        # dx = scale * dy + cx * (x - mu_nc) + c0 per (n, c), with
+        #   IN branch: cx = -a_I t_I / (M s_nc), c0 = -a_I S1 / M
+        #   BN branch: cx += -a_B t_B / (NM s_B), c0 += -a_B S1_c / (NM) + cx_B (mu_nc - mu_B)
+        if ctx.use_batch:
+            k = -1.0 / (n * m)
+            cx_b = (a_b * inv_b).mul_(t_b).mul_(k)  # (C,)
+            cx = torch.addcmul(cx_b, a_i * inv_nc, t_i, value=-1.0 / m)
+            c0 = torch.addcmul(cx_b * dev, a_b, s1_c, value=k).addcmul_(a_i, s1, value=-1.0 / m)
+        else:
+            cx = (a_i * inv_nc).mul_(t_i).mul_(-1.0 / m)
+            c0 = (a_i * s1).mul_(-1.0 / m)
+        if path == "rows" and x.dtype == sd:
+            dx = torch.empty(x.shape, dtype=sd, device=x.device)
+            dxv = _row_affine(xv, cx.view(nc), c0.view(nc), mu_nc.view(nc), ones, out=dx.view(1, nc, m))
+            dxv.addcmul_(dyv, scale.view(1, nc, 1))
+        elif path == "rows":  # fp16 / bf16: accumulate in float32, round once
+            c0.addcmul_(cx, mu_nc, value=-1)
+            dxv = torch.mul(xv, cx.view(1, nc, 1))
+            dxv.addcmul_(dyv, scale.view(1, nc, 1)).add_(c0.view(1, nc, 1))
+            dx = dxv.view(x.shape).to(x.dtype)
+        elif path == "cl":
+            c0.addcmul_(cx, mu_nc, value=-1)
+            dx = torch.empty_like(x, dtype=sd)
+            dxv = torch.addcmul(c0.unsqueeze(1), xv, cx.unsqueeze(1), out=_nmc(dx, n, m, c))
+            dxv.addcmul_(dyv, scale.unsqueeze(1))
+            if dx.dtype != x.dtype:
+                dx = dx.to(x.dtype)
+        else:
+            c0.addcmul_(cx, mu_nc, value=-1)
+            dx = torch.addcmul(_bcast(c0, nd), xf, _bcast(cx, nd)).addcmul_(dyf, _bcast(scale, nd))
+            if dx.dtype != x.dtype:
+                dx = dx.to(x.dtype)
+        grads[0] = dx
         return tuple(grads)
 
 
@@ -252,7 +500,7 @@ def batch_instance_norm(
     Returns:
         A tensor like ``x``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 3, 5, 5)
         >>> y = batch_instance_norm(x, rho=torch.full((3,), 0.5))
         >>> y.shape

@@ -137,7 +137,7 @@ class _MetaBINBase(nn.Module):
     def rho_override(self, rho: Tensor) -> Iterator[None]:
         """Use ``rho`` (which may carry autograd history) in place of ``self.rho`` inside the block.
 
-        Example:
+        Examples:
             >>> m = MetaBIN2d(3)
             >>> with m.rho_override(m.rho * 0.5):
             ...     y = m(torch.randn(2, 3, 4, 4))
@@ -188,7 +188,12 @@ class _MetaBINBase(nn.Module):
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
         rho = self._rho_override if self._rho_override is not None else self.rho
-        backend = "fused" if self._backend == "auto" else self._backend
+        backend = self._backend
+        if backend == "auto":
+            # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
+            # composite ops: compilers fuse them themselves, and exporters cannot see into the
+            # fused path's custom autograd.Function. Eager runs the fused path.
+            backend = "composite" if _capturing_graph() else "fused"
         y = batch_instance_norm(
             x,
             rho,
@@ -240,6 +245,14 @@ class _MetaBINBase(nn.Module):
         )
 
 
+def _capturing_graph() -> bool:
+    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward.
+
+    The legacy ONNX exporter traces with torch.jit.trace; the default one uses torch.export.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _check_rho_init(rho_init: float) -> None:
     if not isinstance(rho_init, (int, float)) or not 0.0 <= float(rho_init) <= 1.0:
         raise ValueError(f"rho_init must be a number in [0, 1], got {rho_init!r}")
@@ -250,7 +263,7 @@ class MetaBIN1d(_MetaBINBase):
 
     The instance-norm branch needs ``L > 1`` in training; ``(N, C)`` inputs only work in eval mode.
 
-    Example:
+    Examples:
         >>> m = MetaBIN1d(8, rho_init=0.5)
         >>> m(torch.randn(4, 8, 16)).shape
         torch.Size([4, 8, 16])
@@ -264,7 +277,7 @@ class MetaBIN2d(_MetaBINBase):
 
     Drop-in for ``nn.BatchNorm2d``: with ``rho_init=1`` it computes exactly BatchNorm.
 
-    Example:
+    Examples:
         >>> m = MetaBIN2d(16)
         >>> m(torch.randn(4, 16, 8, 8)).shape
         torch.Size([4, 16, 8, 8])
@@ -276,7 +289,7 @@ class MetaBIN2d(_MetaBINBase):
 class MetaBIN3d(_MetaBINBase):
     """MetaBIN over ``(N, C, D, H, W)`` inputs (the counterpart of ``nn.BatchNorm3d``).
 
-    Example:
+    Examples:
         >>> m = MetaBIN3d(4)
         >>> m(torch.randn(2, 4, 3, 5, 5)).shape
         torch.Size([2, 4, 3, 5, 5])
@@ -291,7 +304,7 @@ class MetaBINAct2d(MetaBIN2d):
     State-dict keys are those of :class:`MetaBIN2d` (plus whatever ``act``/``drop`` hold), so a
     ``BatchNormAct2d`` checkpoint loads into it.
 
-    Example:
+    Examples:
         >>> m = MetaBINAct2d(8, act_layer=nn.ReLU)
         >>> bool((m(torch.randn(2, 8, 4, 4)) >= 0).all())
         True
@@ -343,7 +356,7 @@ def _metabin_layers(model: nn.Module) -> list[_MetaBINBase]:
 def set_stats_mode(model: nn.Module, mode: str) -> None:
     """Set the statistics mode of every MetaBIN layer in ``model``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> set_stats_mode(model, "hold")
         >>> model[1].stats_mode
@@ -361,7 +374,7 @@ def stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
     Each layer's previous mode is restored on exit, also when the block raises.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> with stats_mode(model, "hold"):   # batch statistics, running stats untouched
         ...     _ = model(torch.randn(2, 3, 8, 8))

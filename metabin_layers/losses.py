@@ -140,7 +140,7 @@ def pairwise_euclidean(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
     Returns:
         ``(N, M)`` distances in float32 (float64 if an input is float64).
 
-    Example:
+    Examples:
         >>> import torch
         >>> pairwise_euclidean(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))[0, 1].item()
         5.0
@@ -180,7 +180,7 @@ def triplet_loss(
     Raises:
         ValueError: on malformed inputs, or if the batch has a single identity.
 
-    Example:
+    Examples:
         >>> import torch
         >>> f = torch.tensor([[0.0], [2.0], [3.0], [4.0]])
         >>> round(triplet_loss(f, torch.tensor([0, 0, 1, 1]), margin=0.3).item(), 4)
@@ -216,7 +216,7 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         targets: ``(N,)`` integer class indices in ``[0, K)``.
         epsilon: smoothing in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[2.0, 0.0, 0.0]])
         >>> loss = cross_entropy_label_smooth(logits, torch.tensor([0]), epsilon=0.1)
@@ -262,7 +262,7 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
         domains: ``(N,)`` domain labels (any values; only equality matters).
         normalize: L2-normalise the features first (the authors' setting).
 
-    Example:
+    Examples:
         >>> import torch
         >>> f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0]])
         >>> loss = intra_domain_scatter_loss(f, torch.tensor([0, 0, 1, 1]))
@@ -307,7 +307,7 @@ def inter_domain_shuffle_loss(
     Raises:
         ValueError: on malformed inputs, or if no domain holds two identities.
 
-    Example:
+    Examples:
         >>> import torch
         >>> f = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
         >>> labels, domains = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])
@@ -343,7 +343,7 @@ def inter_domain_shuffle_loss(
 class TripletLoss(nn.Module):
     """Module form of :func:`triplet_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = TripletLoss(margin=0.3)
         >>> loss = loss_fn(torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
@@ -366,7 +366,7 @@ class TripletLoss(nn.Module):
 class CrossEntropyLabelSmooth(nn.Module):
     """Module form of :func:`cross_entropy_label_smooth`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = CrossEntropyLabelSmooth(epsilon=0.1)
         >>> loss = loss_fn(torch.randn(4, 10), torch.tensor([0, 3, 9, 1]))
@@ -388,7 +388,7 @@ class CrossEntropyLabelSmooth(nn.Module):
 class IntraDomainScatterLoss(nn.Module):
     """Module form of :func:`intra_domain_scatter_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = IntraDomainScatterLoss()
         >>> loss = loss_fn(torch.randn(6, 16), torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -410,7 +410,7 @@ class IntraDomainScatterLoss(nn.Module):
 class InterDomainShuffleLoss(nn.Module):
     """Module form of :func:`inter_domain_shuffle_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = InterDomainShuffleLoss()
         >>> labels = torch.tensor([0, 1, 2, 3])

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import metabin_modules, rho_parameters
+from .distributed import active_group, average_over_group, global_domains
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
 from .layers import _MetaBINBase
 
@@ -62,8 +63,25 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         grad_scaler: a ``torch.amp.GradScaler``; losses are scaled, non-finite steps skipped in
             both phases. Use :meth:`backward` for the base loss then.
         seed: seed of the generator used by :meth:`split` for the meta-train / meta-test domains.
+            Under ``torch.distributed`` every rank must use the same seed (checked by :meth:`split`).
+        process_group: the group over which rho's meta gradients are averaged and the domain split
+            is agreed; None: the DDP model's group if ``model`` is a DDP, else the default group.
+        distributed: average rho's inner and outer gradients over the group (one ``all_reduce``
+            each) so that every rank holds the same rho. None (default): when ``torch.distributed``
+            is initialised and the group has more than one rank, decided at each call.
 
-    Example:
+    Multi-GPU (``DistributedDataParallel``; see ``docs/distributed.md``): the base step goes
+    through DDP as usual. The meta steps use ``torch.autograd.grad`` on rho, which DDP's reducer
+    never sees, so this optimizer all-reduces those gradients itself. ``model`` may be the plain
+    module or the DDP wrapper (unwrapped to ``model.module``). Recommended order: build this
+    optimizer first (it freezes rho), then wrap the model in DDP, which then ignores rho; a DDP
+    passed here that was built while rho still required grad has registered rho with its reducer,
+    so rho then stays grad-enabled in the base step (DDP gets the gradient it waits for; the base
+    optimizer never steps it). Inside the meta-step closures call the unwrapped module; calling
+    the DDP wrapper also works when the DDP was passed here (the episode runs under
+    ``no_sync()``).
+
+    Examples:
         >>> import torchvision
         >>> from metabin_layers import convert_bn_to_metabin, base_parameters
         >>> model = convert_bn_to_metabin(torchvision.models.resnet18(num_classes=8))
@@ -88,9 +106,20 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         rho_optimizer: Optional[torch.optim.Optimizer] = None,
         grad_scaler: Optional[torch.amp.GradScaler] = None,
         seed: int = 0,
+        process_group: Any = None,
+        distributed: Optional[bool] = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.ddp, model = model, model.module
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs an initialised process group (torch.distributed.init_process_group)")
+        self.distributed = distributed
+        self.process_group = process_group
         self.model = model
         self.layers: list[_MetaBINBase] = metabin_modules(model)
         self.rhos = rho_parameters(model)
@@ -122,6 +151,11 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.generator = torch.Generator().manual_seed(seed)
         self.num_meta_steps = 0
+        # A DDP built while rho required grad has registered rho with its reducer, which then waits
+        # for rho's gradient after every backward: keep rho grad-enabled in the base step for it.
+        self._rho_in_ddp = self.ddp is not None and any(
+            p.requires_grad and not getattr(p, "_ddp_ignored", False) for p in self.rhos
+        )
         # Share the base optimizer's groups so that LR schedulers attached here scale them
         # (the pattern of timm's Lookahead wrapper).
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
@@ -131,8 +165,18 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self._freeze_rho(True)
 
     def _freeze_rho(self, frozen: bool) -> None:
+        frozen = frozen and not self._rho_in_ddp
         for p in self.rhos:
             p.requires_grad_(not frozen)
+
+    def _group(self) -> Any:
+        """The group rho's meta gradients are averaged over, or None (nothing to synchronise)."""
+        if self.distributed is False:
+            return None
+        group = self.process_group
+        if group is None and self.ddp is not None:
+            group = self.ddp.process_group
+        return active_group(group)
 
     # -- base update ---------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -159,13 +203,32 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     def split(self, domains: Tensor, num_meta_train: Optional[int] = None) -> DomainSplit:
         """Draw this episode's meta-train / meta-test domains from a batch's domain labels.
 
-        Uses the optimizer's own seeded generator (saved in :meth:`state_dict`).
+        Uses the optimizer's own seeded generator (saved in :meth:`state_dict`). Under
+        ``torch.distributed`` (see ``distributed``) ``domains`` are this rank's labels: the
+        domains of the whole group are gathered first, so every rank draws the same split that a
+        single process would draw from the global batch (the masks select this rank's samples),
+        and a generator that differs between ranks (another seed) raises on every rank.
         """
-        return split_domains(domains, num_meta_train, generator=self.generator)
+        group = self._group()
+        if group is None or not isinstance(domains, Tensor):
+            return split_domains(domains, num_meta_train, generator=self.generator)
+        if domains.dim() != 1 or domains.dtype.is_floating_point or domains.dtype == torch.bool:
+            raise ValueError(
+                f"domains must be a 1-D sequence of integer domain ids, got {domains.dtype} of shape {tuple(domains.shape)}"
+            )
+        state = self.generator.get_state().to(torch.int64)
+        fingerprint = int((state * torch.arange(1, state.numel() + 1)).sum())
+        union = global_domains(domains, group, self.rhos[0].device, fingerprint)
+        drawn = split_domains(union.tolist(), num_meta_train, generator=self.generator, is_labels=False)
+        train_mask = torch.isin(domains, drawn.train_domains.to(domains.device))
+        return DomainSplit(drawn.train_domains, drawn.test_domains, train_mask, ~train_mask)
 
     # -- meta update ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _episode(self) -> Iterator[None]:
+        # Found again each time: layers converted after construction (convert_sync_metabin) share
+        # rho by identity and are picked up.
+        self.layers = metabin_modules(self.model)
         modes = [m.stats_mode for m in self.layers]
         backends = [m.backend for m in self.layers]
         try:
@@ -174,7 +237,9 @@ class MetaBINOptimizer(torch.optim.Optimizer):
                 if self.second_order:
                     m.backend = "composite"
             self._freeze_rho(False)
-            with torch.enable_grad():
+            # A DDP forward in a closure must not arm the reducer: nothing here calls backward().
+            no_sync = self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+            with torch.enable_grad(), no_sync:
                 yield
         finally:
             for m, mode, backend in zip(self.layers, modes, backends):
@@ -183,11 +248,20 @@ class MetaBINOptimizer(torch.optim.Optimizer):
                 m._rho_override = None
             self._freeze_rho(True)
 
-    def _grad(self, loss: Tensor, scaler: Optional[torch.amp.GradScaler], create_graph: bool) -> list[Tensor]:
+    def _grad(
+        self, loss: Tensor, scaler: Optional[torch.amp.GradScaler], create_graph: bool, phase: str = "inner"
+    ) -> list[Tensor]:
         scaled = scaler.scale(loss) if scaler is not None else loss
         grads = torch.autograd.grad(scaled, self.rhos, create_graph=create_graph, allow_unused=True)
         # A layer the closure never reached gets a zero gradient.
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.rhos)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.rhos)]
+        group = self._group()
+        if group is not None:
+            # autograd.grad bypasses DDP's reducer: average over the ranks ourselves, before any
+            # finiteness decision, so that every rank decides (and steps) the same way.
+            what = f"MetaBINOptimizer.meta_step: all_reduce of rho's {phase} gradient"
+            grads = average_over_group(grads, group, differentiable=create_graph, what=what)
+        return grads
 
     def _rho_lrs(self) -> dict[int, float]:
         return {id(p): g["lr"] for g in self.rho_optimizer.param_groups for p in g["params"]}
@@ -225,7 +299,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
                     g = g.detach()
                 m._rho_override = _straight_through_clamp(m.rho - betas[self._index[id(m.rho)]] * g)
             l_mte = _check_loss(meta_test_loss(), "meta_test_loss")
-            outer = self._grad(l_mte, scaler, create_graph=False)
+            outer = self._grad(l_mte, scaler, create_graph=False, phase="outer")
         for p, g in zip(self.rhos, outer):
             p.grad = g
         skipped = False

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from metabin_layers.reid.datasets import (
     Market1501,
     MultiSourceDataset,
     ReIDItem,
+    SplitReIDDataset,
     UnreadableImageError,
     VIPeR,
     build_dataset,
@@ -253,6 +256,23 @@ def test_cuhk03_np_folder_layout_labeled_vs_detected(tmp_path: Path) -> None:
     assert [(it.pid, it.camid) for it in det.gallery] == [(10, 1), (11, 1)]
 
 
+def test_cuhk03_without_scipy_falls_back_to_folders_or_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # import scipy.io -> ImportError
+    touch(tmp_path / "cuhk03" / "images_detected", _cuhk03_names())
+    (tmp_path / "cuhk03" / "cuhk03_new_protocol_config_detected.mat").write_bytes(b"placeholder")
+    with pytest.raises(ImportError, match=r"CUHK03: .*needs scipy.*cuhk03-np/detected"):
+        CUHK03(tmp_path)
+    with pytest.raises(ImportError, match="needs scipy"):
+        CUHK03(tmp_path, layout="mat")
+    base = tmp_path / "cuhk03-np" / "detected"
+    touch(base / "bounding_box_train", ["0001_c1_1.png"])
+    touch(base / "query", ["0010_c1_1.png"])
+    touch(base / "bounding_box_test", ["0010_c2_1.png"])
+    assert CUHK03(tmp_path).used_layout == "folder"
+
+
 def test_cuhk03_all_images_for_dg(tmp_path: Path) -> None:
     names = _cuhk03_names()
     touch(tmp_path / "cuhk03" / "images_detected", names)
@@ -442,27 +462,30 @@ def test_msmt17_missing_error(tmp_path: Path) -> None:
 # split test sets: GRID, VIPeR, PRID, iLIDS (full-size fakes, so the protocol sizes are checked)
 
 
-def make_grid(base: Path) -> None:
-    touch(base / "probe", [f"{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg" for i in range(1, 251)])
-    paired = [f"{i:04d}_{(i + 3) % 8 + 1}_{20000 + i}_1_1_1.jpeg" for i in range(1, 251)]
-    distractors = [f"0000_{k % 8 + 1}_{30000 + k}_1_1_1.jpeg" for k in range(775)]
+def make_grid(base: Path, small: bool = False) -> None:
+    n, n_distractors = (20, 5) if small else (250, 775)
+    touch(base / "probe", [f"{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg" for i in range(1, n + 1)])
+    paired = [f"{i:04d}_{(i + 3) % 8 + 1}_{20000 + i}_1_1_1.jpeg" for i in range(1, n + 1)]
+    distractors = [f"0000_{k % 8 + 1}_{30000 + k}_1_1_1.jpeg" for k in range(n_distractors)]
     touch(base / "gallery", paired + distractors)
 
 
-def make_viper(base: Path) -> list[int]:
-    ids = sorted(random.Random(5).sample(range(874), 632))
+def make_viper(base: Path, small: bool = False) -> list[int]:
+    ids = sorted(random.Random(5).sample(range(874), 20 if small else 632))
     touch(base / "cam_a", [f"{i:03d}_{(i * 45) % 180}.bmp" for i in ids])
     touch(base / "cam_b", [f"{i:03d}_{(i * 90) % 180}.bmp" for i in ids])
     return ids
 
 
-def make_prid(base: Path) -> None:
-    touch(base / "cam_a", [f"person_{i:04d}.png" for i in range(1, 386)])
-    touch(base / "cam_b", [f"person_{i:04d}.png" for i in range(1, 750)])
+def make_prid(base: Path, small: bool = False) -> None:
+    n_a, n_b = (25, 30) if small else (385, 749)
+    touch(base / "cam_a", [f"person_{i:04d}.png" for i in range(1, n_a + 1)])
+    touch(base / "cam_b", [f"person_{i:04d}.png" for i in range(1, n_b + 1)])
 
 
-def make_ilids(base: Path) -> None:
-    touch(base, [f"{pid:04d}{seq:03d}.jpg" for pid in range(1, 120) for seq in range(1, 5)])
+def make_ilids(base: Path, small: bool = False) -> None:
+    n_ids, n_imgs = (20, 3) if small else (119, 4)
+    touch(base, [f"{pid:04d}{seq:03d}.jpg" for pid in range(1, n_ids + 1) for seq in range(1, n_imgs + 1)])
 
 
 def _pid_of(dataset: str, name: str) -> int:
@@ -491,7 +514,7 @@ def test_split_sets_seeded_determinism(tmp_path: Path, dataset: str) -> None:
     cls, sub, make, split_file = SPLIT_SETS[dataset]
     roots = [tmp_path / r for r in ("a", "b", "c")]
     for root in roots:
-        make(root / sub)
+        make(root / sub, small=True)  # the protocol sizes are checked on full-size fakes below
     a0 = cls(roots[0], split_id=0)
     assert (roots[0] / split_file).is_file()
     splits = json.loads((roots[0] / split_file).read_text())
@@ -532,29 +555,29 @@ def test_grid_protocol_sizes(tmp_path: Path) -> None:
 
 def test_grid_uses_features_and_partitions_mat(tmp_path: Path) -> None:
     savemat = pytest.importorskip("scipy.io").savemat
-    make_grid(tmp_path / "grid" / "underground_reid")
+    make_grid(tmp_path / "grid" / "underground_reid", small=True)  # paired ids 1..20
     rng = np.random.default_rng(0)
-    partitions = [np.arange(1, 126), np.arange(126, 251)] + [np.sort(rng.choice(np.arange(1, 251), 125, replace=False)) for _ in range(8)]
+    partitions = [np.arange(1, 11), np.arange(11, 21)] + [np.sort(rng.choice(np.arange(1, 21), 10, replace=False)) for _ in range(8)]
     cell = np.empty((1, 10), dtype=object)
     for k, ids in enumerate(partitions):
         cell[0, k] = {"testIdx": np.zeros((1, 1)), "probeIdx": np.zeros((1, 1)), "trainIdx": ids.reshape(1, -1).astype(np.float64)}
     savemat(str(tmp_path / "grid" / "underground_reid" / "features_and_partitions.mat"), {"trainIdxAll": cell})
     ds0 = GRID(tmp_path, split_id=0)
     ds1 = GRID(tmp_path, split_id=1)
-    assert {_pid_of("grid", n) for n in names(ds0.train)} == set(range(1, 126))
-    assert {it.pid for it in ds0.query} == set(range(126, 251))
-    assert {it.pid for it in ds1.query} == set(range(1, 126))
+    assert {_pid_of("grid", n) for n in names(ds0.train)} == set(range(1, 11))
+    assert {it.pid for it in ds0.query} == set(range(11, 21))
+    assert {it.pid for it in ds1.query} == set(range(1, 11))
     assert {_pid_of("grid", n) for n in names(GRID(tmp_path, split_id=7).train)} == set(partitions[7].tolist())
     assert "seed" not in json.loads((tmp_path / "grid" / "splits.json").read_text())[0]
 
 
 def test_grid_reads_foreign_torchreid_split_file(tmp_path: Path) -> None:
-    make_grid(tmp_path / "GRID")
-    train_items = [[f"/home/someone/datasets/GRID/probe/{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg", i - 1, 0] for i in range(101, 226)]
+    make_grid(tmp_path / "GRID", small=True)  # paired ids 1..20
+    train_items = [[f"/home/someone/datasets/GRID/probe/{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg", i - 1, 0] for i in range(6, 16)]
     (tmp_path / "GRID" / "splits.json").write_text(json.dumps([{"train": train_items, "query": [], "gallery": []}] * 10))
     ds = GRID(tmp_path, split_id=2)
-    assert {_pid_of("grid", n) for n in names(ds.train)} == set(range(101, 226))
-    assert {it.pid for it in ds.query} == set(range(1, 101)) | set(range(226, 251))
+    assert {_pid_of("grid", n) for n in names(ds.train)} == set(range(6, 16))
+    assert {it.pid for it in ds.query} == set(range(1, 6)) | set(range(16, 21))
     with pytest.warns(UserWarning, match="records no seed"):
         GRID(tmp_path, split_id=2, seed=3)
 
@@ -615,14 +638,14 @@ def test_ilids_protocol(tmp_path: Path) -> None:
 
 
 def test_split_file_referring_to_missing_image(tmp_path: Path) -> None:
-    make_ilids(tmp_path / "QMUL-iLIDS" / "images")
+    make_ilids(tmp_path / "QMUL-iLIDS" / "images", small=True)
     (tmp_path / "QMUL-iLIDS" / "splits.json").write_text(json.dumps([{"train": ["0200001.jpg"], "query": [], "gallery": []}] * 10))
     with pytest.raises(ValueError, match=r"iLIDS: split file .* refers to missing image .*0200001\.jpg"):
         iLIDS(tmp_path)
 
 
 @pytest.mark.parametrize("cls,expected", [(GRID, "grid/underground_reid/{probe,gallery}"), (VIPeR, "viper/VIPeR/{cam_a,cam_b}"), (PRID, "prid_2011/single_shot/{cam_a,cam_b}"), (iLIDS, "QMUL-iLIDS/images")])
-def test_split_sets_missing_error(tmp_path: Path, cls: type, expected: str) -> None:
+def test_split_sets_missing_error(tmp_path: Path, cls: type[SplitReIDDataset], expected: str) -> None:
     with pytest.raises(FileNotFoundError) as exc:
         cls(tmp_path)
     msg = str(exc.value)
@@ -704,13 +727,13 @@ def test_image_dataset_unreadable_image_names_path(tmp_path: Path) -> None:
     broken.write_bytes(b"\xff\xd8 definitely not a jpeg")
     missing = tmp_path / "missing.jpg"
     data = ImageDataset([ReIDItem(str(broken), 0, 0, 0), ReIDItem(str(missing), 1, 0, 0)], _to_tensor)
-    with pytest.raises(UnreadableImageError, match="broken.jpg") as exc:
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {re.escape(repr(str(broken)))}") as exc:
         data[0]
-    assert exc.value.filename == str(broken)
-    with pytest.raises(UnreadableImageError, match="missing.jpg"):
+    assert exc.value.path == str(broken)
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {re.escape(repr(str(missing)))}"):
         data[1]
     # in a worker process the error reaches the main process with the path in its message
-    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {re.escape(repr(str(broken)))}"):
         next(iter(DataLoader(data, batch_size=1, num_workers=1)))
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         ImageDataset(data.items, check_files=True)

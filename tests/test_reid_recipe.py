@@ -155,3 +155,21 @@ def test_every_variant_trains_and_treats_rho_as_the_paper_says(tmp_path, norm):
         assert not moved  # fixed mixtures
     else:  # bin: end to end; metabin: meta-learned
         assert moved and all(0 <= float(r.min()) and float(r.max()) <= 1 for r in after)
+
+
+@pytest.mark.slow
+def test_cli_runs_under_torchrun_with_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "metabin_layers.reid.cli", "train", "--quick", "--no-progress", "--output", str(out),
+        "--set", "max_iters=2", "meta_batch_size=64", "syn_train_ids=24", "syn_test_ids=6", "workers=0",
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("| style4 |") == 1  # rank 0 alone evaluates and reports
+    assert json.loads((out / "results.json").read_text())["iterations"] == 2

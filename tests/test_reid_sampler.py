@@ -160,18 +160,34 @@ def test_load_state_dict_rejects_other_configuration():
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("cls", [RandomIdentitySampler, DomainBalancedSampler])
-def test_ranks_partition_the_global_batch(cls, world_size):
+def test_ranks_partition_the_global_batch(world_size):
     items = make_items()
-    full = take(cls(items, batch_size=24, num_instances=4, seed=7), 10)
+    full = take(RandomIdentitySampler(items, batch_size=24, num_instances=4, seed=7), 10)
     per_rank = [
-        take(cls(items, batch_size=24, num_instances=4, seed=7, rank=r, world_size=world_size), 10)
+        take(RandomIdentitySampler(items, batch_size=24, num_instances=4, seed=7, rank=r, world_size=world_size), 10)
         for r in range(world_size)
     ]
     for i, batch in enumerate(full):
         chunks = [per_rank[r][i] for r in range(world_size)]
         assert all(len(c) == 24 // world_size for c in chunks)
         assert sum(chunks, []) == batch  # r-th contiguous chunk, union = 1-process batch
+
+
+def test_domain_balanced_ranks_each_get_every_domain_and_whole_identities():
+    items = make_items()
+    sampler = DomainBalancedSampler(items, batch_size=24, num_instances=4, seed=7)
+    full = take(sampler, 10)
+    per_rank = [take(DomainBalancedSampler(items, 24, 4, seed=7, rank=r, world_size=2), 10) for r in range(2)]
+    for i, batch in enumerate(full):
+        chunks = [per_rank[r][i] for r in range(2)]
+        assert sorted(sum(chunks, [])) == sorted(batch)
+        for chunk in chunks:
+            assert len(chunk) == 12
+            assert {items[j][3] for j in chunk} == set(sampler.domains)
+        for pid in {items[j][1] for j in batch}:  # an identity's K images stay on one rank
+            assert sum(any(items[j][1] == pid for j in c) for c in chunks) == 1
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        DomainBalancedSampler(items, 24, 4, rank=0, world_size=4)
 
 
 def test_works_as_dataloader_batch_sampler():

@@ -168,7 +168,7 @@ def _coerce(name: str, value: Any) -> Any:
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["lr=0.02", "sources=market1501,dukemtmcreid"]`` -> typed dict.
 
-    Example:
+    Examples:
         >>> parse_overrides(["lr=0.02", "milestones=10,20", "amp=false"])
         {'lr': 0.02, 'milestones': [10, 20], 'amp': False}
     """
@@ -188,7 +188,7 @@ def load_config(
 ) -> TrainConfig:
     """Defaults, then the synthetic preset (if no data root), ``--quick``, the YAML file, overrides.
 
-    Example:
+    Examples:
         >>> cfg = load_config(overrides={"lr": 0.02})
         >>> cfg.backbone, cfg.lr, cfg.data_root
         ('resnet18', 0.02, None)

@@ -12,7 +12,7 @@ Protocol (authors' ``evaluation/reid_evaluation.py`` and ``rank.py``):
   Their compiled Cython path averages AP / INP over *all* queries (invalid ones counting 0);
   ``invalid_as_zero=True`` reproduces that.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> d = np.array([[0.1, 0.5, 0.3]])
     >>> cmc, mAP, mINP = evaluate_rank(d, np.array([1]), np.array([1, 1, 2]),
@@ -81,7 +81,7 @@ def evaluate_rank(
         ValueError: bad shapes (the message names the argument), NaN distances, ``max_rank < 1``
             or no valid query at all.
 
-    Example:
+    Examples:
         >>> d = np.array([[0.2, 0.1], [0.3, 0.2]])
         >>> cmc, mAP, mINP = evaluate_rank(d, [0, 1], [1, 0], [0, 0], [1, 1], max_rank=2)
         >>> cmc.tolist(), mAP
@@ -188,7 +188,7 @@ def extract_features(
         ``(features, pids, camids)``: a float32 CPU tensor ``(N, D)`` and two int64 numpy arrays.
         The model's train/eval mode is restored afterwards.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
         >>> batch = {"img": torch.randn(2, 3, 2, 2), "pid": torch.tensor([0, 1]),
         ...          "camid": torch.tensor([0, 0])}
@@ -231,7 +231,7 @@ def compute_distance(
     ``metric="cosine"``: ``1 - cos`` between L2-normalised features (range [0, 2]);
     ``metric="euclidean"``: plain (not squared) euclidean distance.
 
-    Example:
+    Examples:
         >>> q = torch.tensor([[1.0, 0.0]]); g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> compute_distance(q, g).tolist(), [round(float(v), 3) for v in compute_distance(q, g, "euclidean")[0]]
         ([[0.0, 1.0]], [1.0, 1.414])
@@ -271,7 +271,7 @@ def evaluate(
         ``min(max_rank, gallery size)``. When the gallery is smaller than k, rank-k is the last
         CMC value.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Flatten()
         >>> q = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [0, 0]}]
         >>> g = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [1, 1]}]

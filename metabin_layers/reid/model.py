@@ -64,7 +64,7 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
     Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
     No weights are downloaded; load them with :func:`load_pretrained`.
 
-    Example:
+    Examples:
         >>> net, channels = build_backbone("resnet18")
         >>> channels, tuple(net(torch.randn(2, 3, 64, 32)).shape)
         (512, (2, 512, 4, 2))
@@ -121,7 +121,7 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0)
     ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the
     authors' IN / BIN_half layers with one implementation.
 
-    Example:
+    Examples:
         >>> net, _ = build_backbone("resnet18")
         >>> net = apply_norm_variant(net, "bin-half")
         >>> metabin_modules(net)[0].rho[:3].tolist(), metabin_modules(net)[0].rho[-1].item()
@@ -152,7 +152,7 @@ class ReIDModel(nn.Module):
     features *before* the neck (used by the triplet and meta losses), and the neck output (the
     test embedding) in eval mode.
 
-    Example:
+    Examples:
         >>> model = ReIDModel("resnet18", num_classes=10)
         >>> feats, logits = model(torch.randn(4, 3, 64, 32))
         >>> feats.shape, logits.shape

@@ -20,7 +20,7 @@ def _pct(entry: Mapping[str, Any], key: str) -> str:
 def results_table(targets: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table: one row per target (percentages; ± is the std over splits).
 
-    Example:
+    Examples:
         >>> print(results_table({"style4": {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2}}))
         | target | rank1 | rank5 | rank10 | mAP | mINP |
         |---|---|---|---|---|---|
@@ -37,7 +37,7 @@ def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: S
 
     ``runs`` maps a variant name to the ``results`` dicts of its seeds.
 
-    Example:
+    Examples:
         >>> r = {"targets": {"t": {"rank1": 0.5, "mAP": 0.25}}}
         >>> print(comparison_table({"bn": [r, r]}))
         | norm | t R-1 | t mAP | seeds |

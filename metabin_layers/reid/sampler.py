@@ -38,7 +38,7 @@ DDP: with ``world_size > 1`` every rank builds the same global batch (same seed)
 the single-process batch. (For :class:`DomainBalancedSampler` a contiguous chunk covers whole
 domains when ``world_size`` divides the number of domains.)
 
-Example:
+Examples:
     >>> items = [(f"img{i}.jpg", i // 4, i % 2, (i // 4) % 2) for i in range(64)]
     >>> s = RandomIdentitySampler(items, batch_size=16, num_instances=4, seed=1, num_batches=3)
     >>> [len(b) for b in s]
@@ -156,14 +156,17 @@ class _IdentityBatchSampler(Sampler[list[int]]):
         stream = self._global_batches(rng)
         for _ in range(self.position):
             next(stream)
-        lo = self.rank * self.local_batch_size
-        hi = lo + self.local_batch_size
         while self.num_batches is None or self.position < self.num_batches:
             batch = next(stream)
             self.position += 1
-            yield batch[lo:hi]
+            yield self._local(batch)
         self.epoch = epoch + 1
         self.position = 0
+
+    def _local(self, batch: list[int]) -> list[int]:
+        """This rank's part of a global batch: the ``rank``-th contiguous chunk."""
+        lo = self.rank * self.local_batch_size
+        return batch[lo:lo + self.local_batch_size]
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -223,7 +226,7 @@ class RandomIdentitySampler(_IdentityBatchSampler):
         rank, world_size: yield the ``rank``-th contiguous chunk of every global batch.
         allow_replacement: if False, an identity with fewer than K images is a ValueError.
 
-    Example:
+    Examples:
         >>> items = [(None, pid, 0, 0) for pid in range(10) for _ in range(5)]
         >>> batch = next(iter(RandomIdentitySampler(items, batch_size=8, num_instances=4)))
         >>> sorted({items[i][1] for i in batch}).__len__()
@@ -307,7 +310,7 @@ class DomainBalancedSampler(_IdentityBatchSampler):
         allow_replacement: if False, an identity with fewer than K images is a ValueError
             (default True samples with replacement, like the authors).
 
-    Example:
+    Examples:
         >>> items = [(None, pid, 0, pid % 3) for pid in range(12) for _ in range(4)]
         >>> s = DomainBalancedSampler(items, batch_size=24, num_instances=4)
         >>> s.ids_per_domain, s.domains
@@ -370,9 +373,23 @@ class DomainBalancedSampler(_IdentityBatchSampler):
             self._pids.append(list(pid_groups))
             self._index.append([np.asarray(v, dtype=np.int64) for v in pid_groups.values()])
 
+        if self.world_size > 1 and self.ids_per_domain % self.world_size:
+            raise ValueError(
+                f"with world_size={self.world_size} every rank needs identities of every domain: "
+                f"ids per domain ({self.ids_per_domain}) must be a multiple of world_size"
+            )
+
     @property
     def num_domains(self) -> int:
         return len(self.domains)
+
+    def _local(self, batch: list[int]) -> list[int]:
+        """This rank's identities of *every* domain block, so each rank sees all domains (a
+        meta split then leaves every rank with meta-train and meta-test samples)."""
+        per_rank = self.ids_per_domain // self.world_size * self.num_instances
+        block = self.ids_per_domain * self.num_instances
+        lo = self.rank * per_rank
+        return [i for start in range(0, len(batch), block) for i in batch[start + lo:start + lo + per_rank]]
 
     def batch_domains(self) -> list[Any]:
         """Domain label of every position of a global batch (domains are contiguous blocks)."""

@@ -28,7 +28,7 @@ Items are :class:`SyntheticItem` ``(img_path, pid, camid, domain)`` (field-compa
 recipe's ``ReIDItem``); ``img_path`` is ``"synthetic://style{s}/id{identity}/{instance}"`` and
 ``camid`` is global: ``style * cameras_per_style + camera``.
 
-Example:
+Examples:
     >>> ds = SyntheticReID(num_train_ids=8, num_test_ids=4, num_styles=3, held_out_styles=(2,),
     ...                    images_per_id_per_style=4)
     >>> len(ds.train), len(ds.query[2]), len(ds.gallery[2])
@@ -453,7 +453,7 @@ class SyntheticReID:
         num_distractor_ids: extra gallery-only identities per held-out style.
         cache: keep rendered images in memory (about 6 KB each at 64 x 32).
 
-    Example:
+    Examples:
         >>> ds = SyntheticReID(num_train_ids=8, num_test_ids=4, num_styles=3, held_out_styles=(2,))
         >>> ds.source_styles, ds.num_domains, ds.num_train_pids
         ([0, 1], 2, 8)
@@ -678,7 +678,7 @@ class SyntheticReIDDataset(Dataset):
     :func:`metabin_layers.reid.transforms.build_train_transform`), else a uint8 tensor
     ``(3, H, W)``.
 
-    Example:
+    Examples:
         >>> ds = SyntheticReID(num_train_ids=4, num_test_ids=2, num_styles=2, held_out_styles=(1,))
         >>> SyntheticReIDDataset(ds, ds.query[1])[0]["img"].shape
         torch.Size([3, 64, 32])
@@ -704,7 +704,7 @@ class SyntheticReIDDataset(Dataset):
 def save_examples(path: str | Path, dataset: SyntheticReID | None = None, num_ids: int = 6, per_style: int = 2, scale: int = 3) -> np.ndarray:
     """Write a PNG grid of a few identities under every style (default dataset if none given).
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> with tempfile.TemporaryDirectory() as d:
         ...     grid = save_examples(os.path.join(d, "grid.png"), num_ids=2, scale=1)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import CyclicInnerLR, MetaBINOptimizer, base_parameters, metabin_modules, rho_parameters
+from .. import CyclicInnerLR, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .config import TrainConfig
 from .data import RecipeData, build_data
@@ -167,7 +167,12 @@ class Trainer:
             self.opt, lambda it: warmup_multistep(it, warm, cfg.warmup_factor, milestones, cfg.gamma)
         )
         self.net: nn.Module = self.model
-        if self.world_size > 1:  # built after MetaBINOptimizer: rho is frozen, DDP ignores it
+        if self.world_size > 1:
+            # Synchronized batch statistics; DDP built after MetaBINOptimizer (rho is frozen then,
+            # so DDP leaves it out: the optimizer averages rho's meta gradients itself).
+            convert_sync_metabin(self.model)
+            if self.device.type == "cuda":  # torch's SyncBatchNorm (BN variant, neck) is CUDA-only
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.net = nn.parallel.DistributedDataParallel(self.model)
         self.iteration = 0
         self.history: list[dict[str, float]] = []

@@ -14,7 +14,7 @@ Both builders accept PIL images, ``uint8`` numpy arrays of shape ``(H, W, 3)`` o
 (what :class:`metabin_layers.reid.synthetic.SyntheticReID` renders) and ``uint8`` torch tensors
 of shape ``(3, H, W)``.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> t = build_test_transform(64, 32)
     >>> t(np.zeros((128, 64, 3), dtype=np.uint8)).shape
@@ -48,7 +48,7 @@ class ToPILImage:
 
     Module-level class (not a lambda) so that transforms pickle into DataLoader workers.
 
-    Example:
+    Examples:
         >>> ToPILImage()(np.zeros((4, 2, 3), dtype=np.uint8)).size
         (2, 4)
     """
@@ -112,7 +112,7 @@ def build_train_transform(
     Returns:
         A ``torchvision.transforms.Compose`` mapping an image to a float tensor ``(3, H, W)``.
 
-    Example:
+    Examples:
         >>> t = build_train_transform(64, 32, pad=3)
         >>> t(np.full((64, 32, 3), 128, dtype=np.uint8)).shape
         torch.Size([3, 64, 32])
@@ -144,7 +144,7 @@ def build_test_transform(
 ) -> T.Compose:
     """Test transform: bicubic resize, tensor, normalise (deterministic).
 
-    Example:
+    Examples:
         >>> t = build_test_transform(64, 32, mean=None, std=None)
         >>> float(t(np.full((8, 4, 3), 255, dtype=np.uint8)).max())
         1.0

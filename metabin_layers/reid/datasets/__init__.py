@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import IMG_EXTENSIONS, Layout, PathLike, ReIDDataset, ReIDItem, SplitReIDDataset, list_images
+from .base import (
+    IMG_EXTENSIONS,
+    Layout,
+    PathLike,
+    ReIDDataset,
+    ReIDItem,
+    SplitReIDDataset,
+    list_images,
+)
 from .cuhk02 import CUHK02
 from .cuhk03 import CUHK03, extract_cuhk03_images
 from .cuhksysu import CUHKSYSU
@@ -35,13 +43,13 @@ __all__ = [
     "DATASETS",
     "GRID",
     "IMG_EXTENSIONS",
+    "MSMT17",
+    "PRID",
+    "DukeMTMCreID",
     "ImageDataset",
     "Layout",
-    "MSMT17",
     "Market1501",
     "MultiSourceDataset",
-    "DukeMTMCreID",
-    "PRID",
     "ReIDDataset",
     "ReIDItem",
     "SplitReIDDataset",

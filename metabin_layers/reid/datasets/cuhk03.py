@@ -45,7 +45,8 @@ class CUHK03(ReIDDataset):
         "folder" <root>/cuhk03-np/<mode>/{bounding_box_train,query,bounding_box_test}
                  the common pre-extracted CUHK03-NP image folders (Market-style names
                  ``0001_c1_1.png``); also under <root>/cuhk03/cuhk03-np, <root>/CUHK03-NP,
-                 <root>/cuhk03_np or <root>/<mode>.
+                 <root>/cuhk03_np or <root>/<mode>. Needs neither scipy nor h5py; in
+                 ``auto`` mode it is used when scipy (or h5py, for extraction) is missing.
         "images" <root>/cuhk03/images_<mode>/ without protocol file, only with
                  ``combine_all=True``: every image is training data with identity
                  ``(pair, person)`` (MetaBIN's ``DG_CUHK03_detected``).
@@ -82,20 +83,29 @@ class CUHK03(ReIDDataset):
         self.layout = layout
         self.extract = extract
         self.used_layout = ""
+        self._missing_module = False
         super().__init__(root, combine_all=combine_all, domain=domain, verbose=verbose)
 
     # -- layout search ------------------------------------------------------------------------
     def _base(self, sub: str) -> str:
         return os.path.join(self.root, sub) if sub else self.root
 
-    def _images_dir(self, base: str) -> str | None:
-        """``base/images_<mode>``, extracting it from ``cuhk03_release/cuhk-03.mat`` if needed."""
+    def _images_dir(self, base: str, problems: list[str]) -> str | None:
+        """``base/images_<mode>``, extracting it from ``cuhk03_release/cuhk-03.mat`` if needed.
+        In ``auto`` mode a missing h5py is recorded in ``problems`` instead of raised."""
         img_dir = os.path.join(base, f"images_{self.mode}")
         if os.path.isdir(img_dir):
             return img_dir
         raw = os.path.join(base, "cuhk03_release", "cuhk-03.mat")
         if self.extract and os.path.isfile(raw):
-            extract_cuhk03_images(raw, self.mode, img_dir)
+            try:
+                extract_cuhk03_images(raw, self.mode, img_dir)
+            except ImportError as exc:
+                if self.layout != "auto":
+                    raise
+                problems.append(str(exc))
+                self._missing_module = True
+                return None
             return img_dir
         return None
 
@@ -110,15 +120,21 @@ class CUHK03(ReIDDataset):
 
     def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
         problems: list[str] = []
+        self._missing_module = False
         if self.layout in ("auto", "mat"):
             for sub in _MAT_BASES:
                 base = self._base(sub)
                 cfg = os.path.join(base, f"cuhk03_new_protocol_config_{self.mode}.mat")
                 if not os.path.isfile(cfg):
                     continue
-                img_dir = self._images_dir(base)
+                if self.layout == "auto" and not _has_scipy():
+                    problems.append(f"reading {cfg!r} needs scipy (pip install scipy)")
+                    self._missing_module = True
+                    continue
+                img_dir = self._images_dir(base, problems)
                 if img_dir is None:
-                    problems.append(f"{cfg!r} found but {os.path.join(base, f'images_{self.mode}')!r} is missing")
+                    if not self._missing_module:
+                        problems.append(f"{cfg!r} found but {os.path.join(base, f'images_{self.mode}')!r} is missing")
                     continue
                 self.dataset_dir, self.used_layout = img_dir, "mat"
                 return self._load_new_protocol(cfg, img_dir)
@@ -134,12 +150,17 @@ class CUHK03(ReIDDataset):
                 return train, query, gallery
         if self.layout in ("auto", "images") and self.combine_all:
             for sub in _MAT_BASES:
-                img_dir = self._images_dir(self._base(sub))
+                img_dir = self._images_dir(self._base(sub), problems)
                 if img_dir is not None:
                     self.dataset_dir, self.used_layout = img_dir, "images"
                     return self._load_all_images(img_dir), [], []
         if os.path.isdir(os.path.join(self.root, "cuhk03")) and not problems:
             problems.append(f"{os.path.join(self.root, 'cuhk03')!r} holds no usable {self.mode} data")
+        if self._missing_module:
+            raise ImportError(
+                f"{self.name}: no usable layout under root {self.root!r}: {'; '.join(problems)}; "
+                f"expected {self._expected()}"
+            )
         if problems:
             raise ValueError(
                 f"{self.name}: malformed layout under root {self.root!r}: {'; '.join(problems)}; "
@@ -212,6 +233,14 @@ class CUHK03(ReIDDataset):
         return items
 
 
+def _has_scipy() -> bool:
+    try:
+        import scipy.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cell_to_str(cell: Any) -> str:
     """A MATLAB cell holding a string, as returned by ``loadmat``, to ``str``."""
     while not isinstance(cell, str):
@@ -244,8 +273,8 @@ def extract_cuhk03_images(raw_mat_path: PathLike, image_type: str, out_dir: Path
 def _extract_images(mat: Any, image_type: str, out_dir: str) -> int:
     """Extraction logic over an h5py-like mapping (``mat[name][0]`` -> camera-pair refs,
     ``mat[ref][:]`` -> transposed arrays); split out for testing without h5py."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     tmp_dir = out_dir + ".partial"
     if os.path.isdir(tmp_dir):

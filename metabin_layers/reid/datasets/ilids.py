@@ -12,7 +12,7 @@ from .base import Layout, RawItem, SplitReIDDataset, find_layout, item_name, lis
 __all__ = ["iLIDS"]
 
 
-class iLIDS(SplitReIDDataset):  # noqa: N801 (torchreid's name)
+class iLIDS(SplitReIDDataset):  # torchreid's class name
     """QMUL-iLIDS: 119 ids, 476 images. Each of the 10 splits trains on half the ids
     (``int(119 * 0.5) = 59``, all their images); each of the other 60 ids gives two random
     images, one query and one gallery (60 + 60).

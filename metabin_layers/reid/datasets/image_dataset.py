@@ -15,7 +15,11 @@ __all__ = ["ImageDataset", "UnreadableImageError", "read_image"]
 
 
 class UnreadableImageError(OSError):
-    """An image file is missing, truncated or not an image. ``filename`` holds its path."""
+    """An image file is missing, truncated or not an image; ``path`` holds its path."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def read_image(path: str) -> Image.Image:
@@ -28,9 +32,7 @@ def read_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for bad files
-        err = UnreadableImageError(f"cannot read image {path!r}: {type(exc).__name__}: {exc}")
-        err.filename = path
-        raise err from exc
+        raise UnreadableImageError(f"cannot read image {path!r}: {type(exc).__name__}: {exc}", path) from exc
 
 
 class ImageDataset(Dataset[dict[str, Any]]):

@@ -6,7 +6,15 @@ import os
 import random
 from typing import Any, ClassVar
 
-from .base import Layout, PathLike, RawItem, SplitReIDDataset, find_layout, item_name, list_images
+from .base import (
+    Layout,
+    PathLike,
+    RawItem,
+    SplitReIDDataset,
+    find_layout,
+    item_name,
+    list_images,
+)
 
 __all__ = ["VIPeR"]
 
