@@ -19,37 +19,74 @@ Two implementations share these formulas:
 * ``"composite"``: the same formulas as ordinary differentiable torch ops. Autograd derives its
   backward, so double backward works (second-order meta steps use it).
 
-How the fused path runs in eager PyTorch (no compiled extension), for a contiguous input viewed
-as ``(1, N*C, M)`` rows, ``M`` the spatial size:
+How the fused path runs on the CPU (plain ATen kernels, no compiled extension). A contiguous
+input is viewed as ``(1, N*C, M)``: one row per ``(n, c)``, ``M`` the spatial size.
 
-* forward: ``S = sum(x)`` per row gives the row mean ``m``; ``y <- x - m`` (written into the
-  output buffer); one fused reduction of ``y`` gives ``sum(y)`` and ``sum(y * y)``, i.e. the
-  exact two-pass variance (no ``E[x^2] - E[x]^2`` cancellation, no scalar Welford loop); then
-  ``y <- A * y + B'`` in place. Four vectorised passes, no full-size temporary.
-* backward: one fused reduction gives ``sum(dy)`` and ``sum((x - mu_nc) * dy)`` per row (no
-  ``dy * x`` temporary); ``dx = scale * dy + c0`` in one pass, then ``dx += cx * x`` in place.
+* forward, four vectorised passes and no full-size temporary: ``sum(x)`` per row gives the row
+  mean ``m``; ``y <- x - m`` is written into the output buffer; one fused reduction of ``y``
+  gives ``sum(y)`` and ``sum(y * y)``, the exact two-pass variance (no ``E[x^2] - E[x]^2``
+  cancellation, and much faster than ``var_mean``, whose CPU kernel is a scalar Welford loop);
+  then ``y <- scale * y + shift`` in place.
+* backward, three passes: one fused reduction gives ``sum(dy)`` and ``sum((x - mu_nc) * dy)``
+  per row (no ``dy * x`` temporary); ``dx = cx * (x - mu_nc) + c0`` is written in one pass and
+  ``dx += scale * dy`` in place.
 
-The per-row reductions and per-row affine maps use ATen's BatchNorm CPU kernels on the
-``(1, N*C, M)`` view (eval-mode forward with mean 0, variance 1, eps 0 is ``w * x + b``;
-eval-mode backward returns ``sum(dy)`` and ``sum((x - mean) * dy)``), because they are
-vectorised, take one coefficient per row, and (unlike ``addcmul`` with two broadcast operands)
-never fall back to a scalar loop. Channels-last inputs are viewed as ``(N, M, C)``, where the
-broadcast operands are contiguous along ``C`` and plain elementwise ops vectorise.
+The per-row reductions and per-row affine maps are ATen's BatchNorm CPU kernels applied to the
+``(1, N*C, M)`` view: eval-mode BatchNorm with mean ``mu``, variance 1 and eps 0 computes
+``w * (x - mu) + b``, and eval-mode BatchNorm backward returns ``sum(dy)`` and
+``sum((x - mu) * dy)``. They are vectorised, take one coefficient per row and allocate nothing
+(elementwise ops with two per-row broadcast operands, e.g. ``addcmul(shift, x, scale)``, run a
+scalar loop instead). Channels-last inputs are viewed as ``(N, M, C)``, where per-(n, c)
+operands are contiguous along ``C`` and plain elementwise ops vectorise. Other devices use the
+same formulas with generic tensor ops (see ``_layout``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_instance_norm", "BACKENDS"]
+__all__ = ["batch_instance_norm", "BACKENDS", "BACKEND_ENV", "resolve_backend"]
 
-#: Names accepted by ``batch_instance_norm(..., backend=...)``.
-BACKENDS = ("fused", "composite")
+#: Names accepted by ``batch_instance_norm(..., backend=...)``: ``"fused"`` (plain PyTorch with a
+#: hand-written backward; the CPU path), ``"composite"`` (differentiable twice; the reference) and
+#: ``"triton"`` (Triton kernels; CUDA, or CPU under ``TRITON_INTERPRET=1`` for testing).
+BACKENDS = ("fused", "composite", "triton")
+
+#: Environment variable that forces the backend chosen by ``"auto"`` (e.g. ``METABIN_BACKEND=fused``).
+BACKEND_ENV = "METABIN_BACKEND"
+
+
+def resolve_backend(x: Tensor, backend: str = "auto") -> str:
+    """The backend that ``backend`` means for input ``x``.
+
+    ``"auto"`` picks ``$METABIN_BACKEND`` when set, else ``"triton"`` for CUDA tensors when
+    Triton is installed, else ``"fused"``. Any other value is returned as it is (validated).
+
+    Examples:
+        >>> resolve_backend(torch.zeros(2, 3, 4))
+        'fused'
+    """
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"{BACKEND_ENV} must be 'auto' or one of {BACKENDS}, got {forced!r}")
+            return forced
+        if x.is_cuda:
+            from .kernels import is_available
+
+            if is_available(x):
+                return "triton"
+        return "fused"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
 
 _aten = torch.ops.aten
 
@@ -321,7 +358,8 @@ class _FusedBIN(torch.autograd.Function):
             if path == "cl":
                 torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
             else:
-                _row_affine(yc, scale.view(nc), shift.view(nc), _const(nc, 0.0, sd, x.device), _const(nc, 1.0, sd, x.device), out=yc)
+                zeros, ones = _const(nc, 0.0, sd, x.device), _const(nc, 1.0, sd, x.device)
+                _row_affine(yc, scale.view(nc), shift.view(nc), zeros, ones, out=yc)
         elif path == "cl":  # fp16 / bf16
             shift.addcmul_(scale, d, value=-1)
             torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
@@ -329,7 +367,8 @@ class _FusedBIN(torch.autograd.Function):
         else:  # fp16 / bf16 rows: one mixed-precision pass from x (computed in float32)
             y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             m = x.numel() // nc
-            _row_affine(x.view(1, nc, m), scale.view(nc), shift.view(nc), mu_nc.view(nc), _const(nc, 1.0, sd, x.device), out=y.view(1, nc, m))
+            ones = _const(nc, 1.0, sd, x.device)
+            _row_affine(x.view(1, nc, m), scale.view(nc), shift.view(nc), mu_nc.view(nc), ones, out=y.view(1, nc, m))
         ctx.save_for_backward(x, rho_, w_b_, b_b_, w_i_, b_i_, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
         ctx.use_batch = use_batch
         ctx.path = path
@@ -371,7 +410,9 @@ class _FusedBIN(torch.autograd.Function):
             else:
                 dyv = _nmc(dy, n, m, c)
                 s1 = dyv.sum(1) if dyv.dtype == sd else dyv.sum(1, dtype=sd)
-                dot = torch.linalg.vecdot(torch.sub(xv, mu_nc.unsqueeze(1)), dyv if dyv.dtype == sd else dyv.to(sd), dim=1)
+                xc = torch.sub(xv, mu_nc.unsqueeze(1))
+                dot = torch.linalg.vecdot(xc, dyv if dyv.dtype == sd else dyv.to(sd), dim=1)
+                del xc
         else:
             dims = tuple(range(2, x.dim()))
             nd = x.dim()
@@ -494,8 +535,8 @@ def batch_instance_norm(
             ``momentum`` (nn.BatchNorm semantics: unbiased variance is stored).
         momentum: weight of the new batch statistics in the running average.
         eps: added to the variances.
-        backend: ``"fused"`` (custom backward, fast) or ``"composite"`` (plain autograd ops,
-            supports double backward).
+        backend: ``"fused"`` (custom backward, fast), ``"composite"`` (plain autograd ops,
+            supports double backward) or ``"triton"`` (CUDA kernels); see :data:`BACKENDS`.
 
     Returns:
         A tensor like ``x``.
@@ -531,6 +572,15 @@ def batch_instance_norm(
     var_fixed = None if use_batch_stats else running_var
     if backend == "fused":
         y, mu_b, var_b = _FusedBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
+    elif backend == "triton":
+        from .kernels import TritonBIN, is_available
+
+        if not is_available(x):
+            raise RuntimeError(
+                "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for testing on CPU); "
+                f"got a {x.device.type} tensor"
+            )
+        y, mu_b, var_b = TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
     else:
         y, mu_b, var_b = _composite(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
     if update_running_stats and use_batch_stats:

@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import BACKENDS, batch_instance_norm
+from .functional import BACKENDS, batch_instance_norm, resolve_backend
 
 __all__ = [
     "MetaBIN1d",
@@ -193,7 +193,7 @@ class _MetaBINBase(nn.Module):
             # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
             # composite ops: compilers fuse them themselves, and exporters cannot see into the
             # fused path's custom autograd.Function. Eager runs the fused path.
-            backend = "composite" if _capturing_graph() else "fused"
+            backend = "composite" if _capturing_graph() else resolve_backend(x)
         y = batch_instance_norm(
             x,
             rho,

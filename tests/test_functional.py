@@ -212,3 +212,60 @@ def test_functional_bad_arguments():
         batch_instance_norm(x, rho, use_batch_stats=False)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         batch_instance_norm(torch.randn(1, 3, 1, 1), rho)
+
+
+def test_auto_backend_resolution_and_environment_override(monkeypatch):
+    from metabin_layers.functional import resolve_backend
+
+    x = torch.randn(3, 2, 4, 4)
+    monkeypatch.delenv("METABIN_BACKEND", raising=False)
+    assert resolve_backend(x) == "fused"  # CPU tensors never pick Triton automatically
+    assert resolve_backend(x, "composite") == "composite"
+    # Forcing the composite path is observable: only it is differentiable twice.
+    monkeypatch.setenv("METABIN_BACKEND", "composite")
+    m = MetaBIN2d(2, rho_init=0.5)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(m(xr).square().sum(), m.rho, create_graph=True)
+    g.sum().backward()
+    assert xr.grad is not None
+    monkeypatch.setenv("METABIN_BACKEND", "fused")
+    (g,) = torch.autograd.grad(m(xr).square().sum(), m.rho, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+    monkeypatch.setenv("METABIN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="METABIN_BACKEND"):
+        m(x)
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend(x, "magic")
+
+
+def test_triton_backend_matches_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    from metabin_layers.kernels import is_available
+
+    x = torch.randn(3, 4, 5, 3, requires_grad=True)
+    if not is_available(x):
+        pytest.skip("Triton's interpreter is not active (a GPU machine runs tests/test_triton_kernels.py)")
+    m = MetaBIN2d(4, backend="triton")
+    _randomize(m)
+    y = m(x)
+    xd = x.detach().double().requires_grad_()
+    ps = [p.detach().double().requires_grad_() for p in _params(m)]
+    ref = reference_bin(xd, *ps)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *_params(m)], dy)
+    want = torch.autograd.grad(ref, [xd, *ps], dy.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    ref_bn = torch.nn.BatchNorm2d(4)
+    ref_bn(x.detach())
+    torch.testing.assert_close(m.running_var, ref_bn.running_var)
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    import metabin_layers.kernels as kernels
+
+    monkeypatch.setattr(kernels, "is_available", lambda x=None: False)
+    with pytest.raises(RuntimeError, match="needs Triton and a CUDA tensor"):
+        batch_instance_norm(torch.randn(2, 3, 4, 4), torch.ones(3), backend="triton")

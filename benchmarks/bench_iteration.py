@@ -1,0 +1,580 @@
+"""Iteration benchmark: what one MetaBIN training iteration costs against a plain BN iteration and
+against the authors' iteration structure rebuilt with the naive layer.
+
+    python benchmarks/bench_iteration.py                     # CPU: ResNet-18, 64x32 images, batch 40
+    python benchmarks/bench_iteration.py --device cuda       # CUDA: ResNet-50, 256x128, batch 80
+    python benchmarks/bench_iteration.py --json benchmarks/results/iteration.json
+
+Configurations (same model architecture, same synthetic batches, interleaved, medians):
+
+(a) ``plain BN``: one ordinary iteration: forward of the base batch, label-smoothed CE + batch-hard
+    triplet, backward, SGD step.
+(b) ``naive (authors' structure)``: every BN replaced by a module that runs a BN and an IN and
+    mixes them with in-place multiplies (the authors' ``Meta_bin_gate_ver2``); the authors'
+    trainer: base step (backward into everything, main optimizer steps the weights), then one
+    domain-balanced meta batch split by domain, meta-train forward in ``hold`` mode,
+    ``torch.autograd.grad(L_mtr, every gate)``, fast gates ``clamp(rho - beta g)`` (straight-
+    through), meta-test forward with them, ``L_mte.backward()`` into *every* weight (as their
+    ``basic_backward`` does), the gate optimizer steps, gates clamped.
+(c) ``ours``: ``convert_bn_to_metabin`` + ``MetaBINOptimizer``: ``step()`` for the base update and
+    ``meta_step()`` for the episode, on the same batches.
+
+"split": one meta batch of B images (5 domains), split 3/2 by domain (the paper's 48/32 of 80);
+"full": separate meta-train and meta-test batches of B images each (B + B + B per iteration).
+
+Phases: ``base`` (forward, loss, backward, step), ``meta-train`` (meta-train forward, loss, inner
+gradient, fast rho), ``meta-test`` (meta-test forward, loss, outer backward, rho step). Peak
+memory is measured in a fresh subprocess per configuration (CUDA: ``max_memory_allocated``;
+CPU: peak RSS, see ``--help`` of ``--no-memory`` and benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import metabin_layers  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+
+#: which statistic of the repeats the tables use (``--stat``): "median" or "min"
+STAT = "median"
+
+from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin  # noqa: E402
+from metabin_layers.losses import (  # noqa: E402
+    cross_entropy_label_smooth,
+    inter_domain_shuffle_loss,
+    intra_domain_scatter_loss,
+    triplet_loss,
+)
+
+NUM_DOMAINS = 5
+MARGIN = 0.3
+LR, RHO_LR = 0.01, 0.1
+
+CONFIGS = ("a_plain", "b_naive_split", "c_ours_split", "b_naive_full", "c_ours_full")
+LABELS = {
+    "a_plain": "(a) plain BN iteration",
+    "b_naive_split": "(b) naive layer, authors' structure (split meta batch)",
+    "c_ours_split": "(c) ours: MetaBINOptimizer (split meta batch)",
+    "b_naive_full": "(b) naive layer, authors' structure (full-size meta batches)",
+    "c_ours_full": "(c) ours: MetaBINOptimizer (full-size meta batches)",
+}
+
+
+# -- the naive layer (the authors' Meta_bin_gate_ver2, rebuilt) ----------------------------------
+
+
+class NaiveMetaBIN2d(nn.Module):
+    """BN module + IN module + gate, mixed with in-place multiplies as in the authors' code.
+
+    ``mode``: ``general`` (batch stats, update running stats), ``hold`` (batch stats, running
+    stats untouched), ``eval``. ``fast_gate`` replaces the gate in the meta-test forward.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        c = bn.num_features
+        self.bat_n = bn
+        self.ins_n = nn.InstanceNorm2d(c, affine=True, track_running_stats=False)
+        self.gate = nn.Parameter(torch.ones(c, device=bn.weight.device))
+        self.mode = "general"
+        self.fast_gate: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bat_n
+        if not self.training:
+            out_bn = bn(x)
+        elif self.mode == "hold":
+            out_bn = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        else:
+            out_bn = bn(x)
+        out_in = self.ins_n(x)
+        gate = self.fast_gate if self.fast_gate is not None else self.gate
+        g = gate.view(1, -1, 1, 1)
+        out_bn.mul_(g)
+        out_in.mul_(1 - g)
+        return out_bn + out_in
+
+
+def convert_naive(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, NaiveMetaBIN2d(child))
+        else:
+            convert_naive(child)
+    return model
+
+
+# -- model and data ------------------------------------------------------------------------------
+
+
+class ReIDNet(nn.Module):
+    """ResNet trunk (last stride 1) -> average pooling -> BN neck -> linear classifier."""
+
+    def __init__(self, arch: str, num_classes: int):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        for m in net.layer4[0].modules():  # last stride 1 (the Re-ID convention)
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                m.stride = (1, 1)
+        channels = net.fc.in_features
+        net.fc = nn.Identity()
+        self.backbone = net
+        self.neck = nn.BatchNorm1d(channels)
+        self.neck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(channels, num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.backbone(x)
+        return f, self.classifier(self.neck(f))
+
+
+def make_batch(ids_per_domain: dict[int, int], k: int, h: int, w: int, num_ids_per_domain: int, gen: torch.Generator):
+    """Images (random), identity labels and domain labels: ``ids_per_domain[d]`` identities of domain d, k each."""
+    pids, doms = [], []
+    for d, n in ids_per_domain.items():
+        chosen = torch.randperm(num_ids_per_domain, generator=gen)[:n] + d * num_ids_per_domain
+        for p in chosen.tolist():
+            pids += [p] * k
+            doms += [d] * k
+    x = torch.randn(len(pids), 3, h, w, generator=gen)
+    return x, torch.tensor(pids), torch.tensor(doms)
+
+
+def spread(total_ids: int, domains: list[int]) -> dict[int, int]:
+    base, extra = divmod(total_ids, len(domains))
+    return {d: base + (1 if i < extra else 0) for i, d in enumerate(domains)}
+
+
+def make_data(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    k = 4
+    ids = args.batch // k
+    nid = args.ids_per_domain
+    base = make_batch(spread(ids, list(range(NUM_DOMAINS))), k, args.height, args.width, nid, gen)
+    meta = make_batch(spread(ids, list(range(NUM_DOMAINS))), k, args.height, args.width, nid, gen)
+    train_domains, test_domains = [0, 1, 2], [3, 4]
+    mask = torch.isin(meta[2], torch.tensor(train_domains))
+    split_tr = tuple(t[mask] for t in meta)
+    split_te = tuple(t[~mask] for t in meta)
+    full_tr = make_batch(spread(ids, train_domains), k, args.height, args.width, nid, gen)
+    full_te = make_batch(spread(ids, test_domains), k, args.height, args.width, nid, gen)
+    to = lambda b: tuple(t.to(device) for t in b)  # noqa: E731
+    return {
+        "base": to(base),
+        "split": (to(split_tr), to(split_te)),
+        "full": (to(full_tr), to(full_te)),
+        "num_classes": NUM_DOMAINS * nid,
+    }
+
+
+def base_loss(model: nn.Module, batch) -> Tensor:
+    x, pid, _ = batch
+    f, logits = model(x)
+    return cross_entropy_label_smooth(logits, pid) + triplet_loss(f, pid, MARGIN)
+
+
+def meta_train_loss(model: nn.Module, batch) -> Tensor:
+    x, pid, dom = batch
+    f, _ = model(x)
+    return inter_domain_shuffle_loss(f, pid, dom) + triplet_loss(f, pid, MARGIN) + intra_domain_scatter_loss(f, dom)
+
+
+def meta_test_loss(model: nn.Module, batch) -> Tensor:
+    x, pid, _ = batch
+    f, _ = model(x)
+    return triplet_loss(f, pid, MARGIN)
+
+
+# -- the three iterations ------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list[float] = []
+
+    def mark(self) -> None:
+        common.sync(self.device)
+        self.marks.append(time.perf_counter())
+
+    def phases(self, names: tuple[str, ...]) -> dict[str, float]:
+        out = {n: b - a for n, a, b in zip(names, self.marks, self.marks[1:])}
+        out["total"] = self.marks[-1] - self.marks[0]
+        return out
+
+
+class Plain:
+    def __init__(self, args, data, device):
+        torch.manual_seed(0)
+        self.model = ReIDNet(args.arch, data["num_classes"]).to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+        self.data, self.device, self.autocast = data, device, args.autocast
+
+    def iteration(self, meta: str) -> dict[str, float]:
+        clock = Clock(self.device)
+        clock.mark()
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = base_loss(self.model, self.data["base"])
+        loss.backward()
+        self.opt.step()
+        clock.mark()
+        return clock.phases(("base",))
+
+
+class Naive:
+    """The authors' trainer structure with the naive layer."""
+
+    def __init__(self, args, data, device):
+        torch.manual_seed(0)
+        self.model = convert_naive(ReIDNet(args.arch, data["num_classes"])).to(device).train()
+        self.layers = [m for m in self.model.modules() if isinstance(m, NaiveMetaBIN2d)]
+        self.gates = [m.gate for m in self.layers]
+        gate_ids = {id(g) for g in self.gates}
+        main = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        self.opt = torch.optim.SGD(main, lr=LR, momentum=0.9, weight_decay=5e-4)
+        self.opt_gate = torch.optim.SGD(self.gates, lr=RHO_LR, momentum=0.0)
+        self.beta = RHO_LR * 0.01
+        self.data, self.device, self.autocast = data, device, args.autocast
+
+    def _mode(self, mode: str) -> None:
+        for m in self.layers:
+            m.mode = mode
+
+    def _clamp(self) -> None:
+        with torch.no_grad():
+            for g in self.gates:
+                g.clamp_(0, 1)
+
+    def iteration(self, meta: str) -> dict[str, float]:
+        clock = Clock(self.device)
+        clock.mark()
+        # base update: backward into everything (gates too), only the main optimizer steps
+        self._mode("general")
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_gate.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = base_loss(self.model, self.data["base"])
+        loss.backward()
+        self.opt.step()
+        self._clamp()
+        clock.mark()
+        tr, te = self.data[meta]
+        # meta-train: hold mode, inner gradient wrt every gate
+        self._mode("hold")
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_gate.zero_grad(set_to_none=True)
+        with self.autocast():
+            l_mtr = meta_train_loss(self.model, tr)
+        grads = torch.autograd.grad(l_mtr, self.gates)
+        for m, g in zip(self.layers, grads):
+            fast = m.gate - self.beta * g.detach()
+            m.fast_gate = fast + (fast.clamp(0, 1) - fast).detach()  # value clamp, straight-through
+        clock.mark()
+        # meta-test: backward into every weight, only the gate optimizer steps
+        with self.autocast():
+            l_mte = meta_test_loss(self.model, te)
+        l_mte.backward()
+        self.opt_gate.step()
+        self._clamp()
+        for m in self.layers:
+            m.fast_gate = None
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_gate.zero_grad(set_to_none=True)
+        self._mode("general")
+        clock.mark()
+        return clock.phases(("base", "meta-train", "meta-test"))
+
+
+class Ours:
+    def __init__(self, args, data, device):
+        torch.manual_seed(0)
+        self.model = convert_bn_to_metabin(ReIDNet(args.arch, data["num_classes"]), exclude="neck").to(device).train()
+        base = torch.optim.SGD(base_parameters(self.model), lr=LR, momentum=0.9, weight_decay=5e-4)
+        self.opt = MetaBINOptimizer(self.model, base, rho_lr=RHO_LR, inner_lr=0.001)
+        self.data, self.device, self.autocast = data, device, args.autocast
+
+    def iteration(self, meta: str) -> dict[str, float]:
+        clock = Clock(self.device)
+        clock.mark()
+        self.opt.zero_grad()
+        with self.autocast():
+            loss = base_loss(self.model, self.data["base"])
+        loss.backward()
+        self.opt.step()
+        clock.mark()
+        tr, te = self.data[meta]
+
+        def mtr() -> Tensor:
+            with self.autocast():
+                return meta_train_loss(self.model, tr)
+
+        def mte() -> Tensor:
+            clock.mark()  # meta-train forward, inner gradient and rho' are done
+            with self.autocast():
+                return meta_test_loss(self.model, te)
+
+        self.opt.meta_step(mtr, mte)
+        clock.mark()
+        return clock.phases(("base", "meta-train", "meta-test"))
+
+
+def build(config: str, args, data, device):
+    kind = config.split("_")[0]
+    runner = {"a": Plain, "b": Naive, "c": Ours}[kind](args, data, device)
+    meta = "full" if config.endswith("full") else "split"
+    return lambda: runner.iteration(meta)
+
+
+# -- memory (one configuration per process) ------------------------------------------------------
+
+
+def measure_memory(config: str, args, device: torch.device) -> dict[str, Any]:
+    data = make_data(args, device)
+    step = build(config, args, data, device)
+    step()  # first iteration: optimizer state, lazy initialisations
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"config": config, "peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "how": "cuda"}
+    before = common.read_vm_rss_kib()
+    ok = common.reset_vm_hwm()
+    step()
+    step()
+    peak = common.read_vm_hwm_kib()
+    if not ok or before is None or peak is None:
+        return {"config": config, "peak_mib": None, "how": "unavailable"}
+    return {"config": config, "peak_mib": (peak - before) / 1024, "how": "rss"}
+
+
+def memory_in_subprocesses(args, configs) -> dict[str, Optional[float]]:
+    out: dict[str, Optional[float]] = {}
+    env_args = [
+        os.path.abspath(__file__), "--_memory", "", "--device", args.device, "--arch", args.arch,
+        "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
+        "--ids-per-domain", str(args.ids_per_domain),
+    ] + (["--threads", str(args.threads)] if args.threads else []) + (["--amp"] if args.amp else [])
+    for config in configs:
+        a = list(env_args)
+        a[2] = config
+        prev = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        # glibc: serve every block over 64 KiB by mmap and return it on free, so that the RSS
+        # follows the live memory and its peak (VmHWM) is the peak live memory.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            out[config] = common.run_json_subprocess(a)["peak_mib"]
+        except Exception as e:  # noqa: BLE001
+            print(f"[bench_iteration] memory of {config} failed: {e}", file=sys.stderr)
+            out[config] = None
+        finally:
+            if prev is None:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = prev
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    global STAT
+    STAT = args.stat
+    device = torch.device(args.device)
+    common.set_threads(args.threads)
+    env = common.environment(device)
+    data = make_data(args, device)
+    configs = [c for c in CONFIGS if c in args.configs]
+    steps = {c: build(c, args, data, device) for c in configs}
+    stats = common.interleaved(steps, repeats=args.repeats, warmup=args.warmup)
+    memory = memory_in_subprocesses(args, configs) if args.memory else {}
+    sizes = {
+        "base": int(data["base"][0].shape[0]),
+        "split": [int(data["split"][0][0].shape[0]), int(data["split"][1][0].shape[0])],
+        "full": [int(data["full"][0][0].shape[0]), int(data["full"][1][0].shape[0])],
+    }
+    payload = {
+        "benchmark": "iteration",
+        "env": env,
+        "config": {
+            "stat": args.stat, "arch": args.arch, "image": [args.height, args.width], "batch": args.batch, "sizes": sizes,
+            "repeats": args.repeats, "warmup": args.warmup, "amp": args.amp, "device": args.device,
+        },
+        "results": {c: {"timing": stats[c], "peak_mib": memory.get(c)} for c in configs},
+    }
+    payload["summary"] = summarize(payload["results"])
+    return render(payload), payload
+
+
+def _t(results, config, phase="total") -> Optional[float]:
+    r = results.get(config)
+    if r is None or phase not in r["timing"]:
+        return None
+    return r["timing"][phase][STAT]
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    a = _t(results, "a_plain")
+    for size in ("split", "full"):
+        b, c = _t(results, f"b_naive_{size}"), _t(results, f"c_ours_{size}")
+        if c is not None and a is not None:
+            s[f"c_over_a_{size}"] = c / a
+        if c is not None and b is not None:
+            s[f"c_over_b_{size}"] = c / b
+    return s
+
+
+def render(payload: dict[str, Any]) -> str:
+    cfg, env, res, summ = payload["config"], payload["env"], payload["results"], payload["summary"]
+    sizes = cfg["sizes"]
+    lines = [
+        f"### Iteration benchmark: {cfg['arch']}, {cfg['image'][0]}x{cfg['image'][1]} images, "
+        f"{cfg['repeats']} interleaved repeats ({cfg.get('stat', 'median')})" + (", AMP" if cfg["amp"] else ""),
+        "",
+        f"Machine: {common.describe(env)}.",
+        f"Batches: base {sizes['base']}; split meta batch {sizes['base']} = meta-train {sizes['split'][0]} + "
+        f"meta-test {sizes['split'][1]} (3 of 5 domains / 2 of 5); full-size meta batches "
+        f"{sizes['full'][0]} + {sizes['full'][1]}. Times in ms.",
+        "",
+    ]
+    a = _t(res, "a_plain")
+    rows = []
+    for c, r in res.items():
+        t = r["timing"]
+        naive = _t(res, "b_naive_" + ("full" if c.endswith("full") else "split"))
+        mem = r.get("peak_mib")
+        rows.append([
+            LABELS[c],
+            common.ms(t["base"][STAT], 1),
+            common.ms(t["meta-train"][STAT], 1) if "meta-train" in t else "-",
+            common.ms(t["meta-test"][STAT], 1) if "meta-test" in t else "-",
+            common.ms(t["total"][STAT], 1),
+            common.ratio(t["total"][STAT], a),
+            common.ratio(t["total"][STAT], naive) if c.startswith("c") else "-",
+            "-" if mem is None else f"{mem:.0f}",
+        ])
+    mem_note = (
+        "peak CUDA memory above the state before the iteration (`torch.cuda.max_memory_allocated`)"
+        if env["device"] == "cuda"
+        else "peak RSS increase during two steady-state iterations (fresh process per configuration, "
+        "glibc `MALLOC_MMAP_THRESHOLD_=65536` so freed blocks leave the RSS; VmHWM reset after a warm-up iteration)"
+    )
+    lines.append(common.md_table(
+        ["configuration", "base", "meta-train + inner grad", "meta-test + outer", "total", "/ (a)", "/ (b)", "peak MiB"],
+        rows, "lrrrrrrr",
+    ))
+    lines.append("")
+    lines.append(f"peak MiB: {mem_note}.")
+    lines.append("")
+    prow = []
+    for size in ("split", "full"):
+        b, c = res.get(f"b_naive_{size}"), res.get(f"c_ours_{size}")
+        if b is None or c is None:
+            continue
+        cells = [f"(c)/(b), {size} meta batch"]
+        for phase in ("base", "meta-train", "meta-test", "total"):
+            cells.append(common.ratio(c["timing"][phase][STAT], b["timing"][phase][STAT]))
+        prow.append(cells)
+        if "a_plain" in res:
+            prow.append([f"(c)/(a), {size} meta batch", common.ratio(c["timing"]["base"][STAT], a), "-", "-",
+                         common.ratio(c["timing"]["total"][STAT], a)])
+    if prow:
+        headers = ["phase ratio", "base", "meta-train + inner grad", "meta-test + outer", "total"]
+        lines.append(common.md_table(headers, prow, "lrrrr"))
+        lines.append("")
+    for size in ("split", "full"):
+        if f"c_over_a_{size}" in summ:
+            q = summ[f"c_over_a_{size}"]
+            extra = f"; (c)/(b) = {summ[f'c_over_b_{size}']:.2f}x" if f"c_over_b_{size}" in summ else ""
+            target = f" (target <= 2.2x: **{'met' if q <= 2.2 else 'not met'}**)" if size == "split" else ""
+            lines.append(f"- {size} meta batch: (c)/(a) = {q:.2f}x{target}{extra}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--arch", default=None, help="torchvision ResNet (default: resnet18 on CPU, resnet50 on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: 40 on CPU, 80 on CUDA)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: 64 on CPU, 256 on CUDA)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: 32 on CPU, 128 on CUDA)")
+    p.add_argument("--ids-per-domain", type=int, default=50)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 7 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-configuration memory subprocesses")
+    p.add_argument("--stat", default="median", choices=["median", "min"],
+                   help="statistic of the repeats shown in the tables (default median; min on a noisy machine)")
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    args.arch = args.arch or ("resnet50" if cuda else "resnet18")
+    args.batch = args.batch or (80 if cuda else 40)
+    args.height = args.height or (256 if cuda else 64)
+    args.width = args.width or (128 if cuda else 32)
+    args.repeats = args.repeats or (20 if cuda else 7)
+    if args.batch % 4 or args.batch // 4 < NUM_DOMAINS:
+        raise SystemExit("--batch must be a multiple of 4 with at least 5 identities (K = 4 images each)")
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(args.configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
+    dev_type = "cuda" if cuda else "cpu"
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    args.autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if args.amp else (lambda: _null())
+    return args
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: Optional[list[str]] = None) -> tuple[str, dict[str, Any]]:
+    args = finish_args(parser().parse_args(argv))
+    if args._memory:
+        common.set_threads(args.threads)
+        print(json.dumps(measure_memory(args._memory, args, torch.device(args.device))))
+        raise SystemExit(0)
+    text, payload = run(args)
+    if args.json:
+        common.write_json(args.json, payload)
+    return text, payload
+
+
+if __name__ == "__main__":
+    print(main()[0])

@@ -1,0 +1,207 @@
+"""Shared helpers of the benchmarks: timing, environment description, tables, peak memory.
+
+Timing rules used everywhere:
+
+* every candidate gets ``warmup`` untimed calls first;
+* candidates are *interleaved*: repeat ``r`` runs candidate 1, 2, ..., k once each (the order is
+  rotated every repeat), so slow drifts of the machine (other processes, frequency changes) hit
+  every candidate alike;
+* the reported value is the **median** over repeats (the minimum is kept too);
+* on CUDA every timed region is bracketed by ``torch.cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Seconds taken by one call of ``fn`` (synchronised on CUDA)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+class Stats(dict):
+    """``{"median": s, "min": s, "n": k}`` in seconds (a dict, so it serialises to JSON)."""
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Stats":
+        return cls(median=statistics.median(samples), min=min(samples), n=len(samples))
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], Mapping[str, float]]],
+    repeats: int,
+    warmup: int = 2,
+) -> dict[str, dict[str, Stats]]:
+    """Run each candidate ``warmup`` times, then ``repeats`` rounds in rotated order.
+
+    Each candidate is a callable that runs one measurement and returns ``{metric: seconds}``
+    (e.g. ``{"fwd": .., "bwd": .., "fwd+bwd": ..}``). Returns ``{candidate: {metric: Stats}}``.
+    """
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            for metric, sec in candidates[name]().items():
+                samples[name].setdefault(metric, []).append(sec)
+    return {n: {m: Stats.of(v) for m, v in samples[n].items()} for n in names}
+
+
+# -- environment --------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device.type,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        env["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def describe(env: Mapping[str, Any]) -> str:
+    """One line for table headers."""
+    where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads)"
+    load = f", load avg {env['load_average_1min']}" if "load_average_1min" in env else ""
+    return f"{where}; torch {env['torch']}; {env['date']}{load}"
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def read_vm_hwm_kib() -> Optional[int]:
+    """Peak resident set size of this process (``VmHWM`` of /proc/self/status), KiB; None if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def read_vm_rss_kib() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_vm_hwm() -> bool:
+    """Reset the peak-RSS counter (Linux: write 5 to /proc/self/clear_refs). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_json_subprocess(args: Sequence[str], timeout: float = 600) -> dict[str, Any]:
+    """Run ``python args...`` and parse the last stdout line as JSON (used for per-config memory)."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(__file__) or "."
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"subprocess {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    return json.loads(lines[-1])
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:
+    """A GitHub Markdown table; ``align`` is one character per column (l, r, c)."""
+    rows = [[str(c) for c in r] for r in rows]
+    align = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def ms(seconds: Optional[float], digits: int = 3) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "-"
+    return f"{seconds * 1e3:.{digits}f}"
+
+
+def ratio(a: Optional[float], b: Optional[float], digits: int = 2) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.{digits}f}x"
+
+
+def geomean(values: Iterable[float]) -> float:
+    vals = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def write_json(path: str, payload: Any) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+        f.write("\n")
