@@ -20,7 +20,8 @@ from .distributed import (
     convert_sync_metabin,
 )
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
-from .functional import batch_instance_norm
+from .export import FoldedMetaBIN, FoldedMetaBINAct2d, fold_metabin_for_inference
+from .functional import BACKENDS, batch_instance_norm, resolve_backend
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, STATS_MODES, set_stats_mode, stats_mode
 from .losses import (
     cross_entropy_label_smooth,
@@ -41,6 +42,11 @@ __all__ = [
     "set_stats_mode",
     "stats_mode",
     "batch_instance_norm",
+    "BACKENDS",
+    "resolve_backend",
+    "fold_metabin_for_inference",
+    "FoldedMetaBIN",
+    "FoldedMetaBINAct2d",
     "convert_bn_to_metabin",
     "metabin_modules",
     "rho_parameters",

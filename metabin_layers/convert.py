@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def _convert_one(
     bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str
 ) -> _MetaBINBase:
     ref = bn.weight if bn.weight is not None else bn.running_mean
-    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     if cls is MetaBINAct2d:
         new: _MetaBINBase = MetaBINAct2d(
             bn.num_features,
@@ -94,17 +94,18 @@ def _convert_one(
         if bn.affine:
             # Share the Parameter objects: device, dtype, requires_grad and optimizer references
             # survive, as in torch.nn.SyncBatchNorm.convert_sync_batchnorm.
-            new.weight = bn.weight
-            new.bias = bn.bias
+            new.weight = bn.weight  # type: ignore[assignment]
+            new.bias = bn.bias  # type: ignore[assignment]
             if in_affine_init == "copy":
                 new.in_weight.copy_(bn.weight)
                 new.in_bias.copy_(bn.bias)
             new.in_weight.requires_grad_(bn.weight.requires_grad)
             new.in_bias.requires_grad_(bn.bias.requires_grad)
         if bn.track_running_stats:
-            new.running_mean = bn.running_mean
-            new.running_var = bn.running_var
-            new.num_batches_tracked = bn.num_batches_tracked
+            # Shared buffers: the state-dict keys and the statistics stay those of the BN.
+            new.running_mean = bn.running_mean  # type: ignore[assignment]
+            new.running_var = bn.running_var  # type: ignore[assignment]
+            new.num_batches_tracked = bn.num_batches_tracked  # type: ignore[assignment]
     new.train(bn.training)
     if hasattr(bn, "qconfig"):
         new.qconfig = bn.qconfig  # type: ignore[assignment]

@@ -324,6 +324,9 @@ class _FusedBIN(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         nc = n * c
         # -- instance statistics ---------------------------------------------------------------
+        y: Optional[Tensor]
+        yc: Optional[Tensor]
+        d: Optional[Tensor]
         if path == "generic":
             var_nc, mu_nc = _instance_stats(x)
             y = yc = d = None
@@ -336,8 +339,9 @@ class _FusedBIN(torch.autograd.Function):
             dev = mu_nc - mu_b
             var_b = torch.addcmul(var_nc, dev, dev).mean(0)
         else:
-            mu_b = mu_b_fixed if mu_b_fixed.dtype == sd else mu_b_fixed.to(sd)  # type: ignore[union-attr]
-            var_b = var_b_fixed if var_b_fixed.dtype == sd else var_b_fixed.to(sd)  # type: ignore[union-attr]
+            assert mu_b_fixed is not None and var_b_fixed is not None
+            mu_b = mu_b_fixed.to(sd)  # no copy when the dtype already matches
+            var_b = var_b_fixed.to(sd)
             dev = mu_nc - mu_b
         inv_nc = var_nc.add(eps).rsqrt_()
         inv_b = var_b.add(eps).rsqrt_()
@@ -354,6 +358,7 @@ class _FusedBIN(torch.autograd.Function):
             else:
                 y = torch.addcmul(_bcast(shift, nd), x, _bcast(scale, nd)).to(x.dtype)
         elif x.dtype == sd:  # y holds yc = x - mean0 = x - mu_nc + d: rescale it in place
+            assert yc is not None and d is not None
             shift.addcmul_(scale, d, value=-1)
             if path == "cl":
                 torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
@@ -361,6 +366,7 @@ class _FusedBIN(torch.autograd.Function):
                 zeros, ones = _const(nc, 0.0, sd, x.device), _const(nc, 1.0, sd, x.device)
                 _row_affine(yc, scale.view(nc), shift.view(nc), zeros, ones, out=yc)
         elif path == "cl":  # fp16 / bf16
+            assert y is not None and yc is not None and d is not None
             shift.addcmul_(scale, d, value=-1)
             torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
             y = y.to(x.dtype)
@@ -380,6 +386,7 @@ class _FusedBIN(torch.autograd.Function):
         else:
             stats = (x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd))
         ctx.mark_non_differentiable(*stats)
+        assert y is not None
         return y, stats[0], stats[1]
 
     @staticmethod

@@ -191,8 +191,9 @@ class _MetaBINBase(nn.Module):
         backend = self._backend
         if backend == "auto":
             # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
-            # composite ops: compilers fuse them themselves, and exporters cannot see into the
-            # fused path's custom autograd.Function. Eager runs the fused path.
+            # composite ops (also over $METABIN_BACKEND): compilers fuse them themselves, and
+            # exporters cannot see into the fused path's custom autograd.Function (see
+            # docs/export.md). Eager runs resolve_backend's choice (fused, or triton on CUDA).
             backend = "composite" if _capturing_graph() else resolve_backend(x)
         y = batch_instance_norm(
             x,

@@ -252,9 +252,9 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self, loss: Tensor, scaler: Optional[torch.amp.GradScaler], create_graph: bool, phase: str = "inner"
     ) -> list[Tensor]:
         scaled = scaler.scale(loss) if scaler is not None else loss
-        grads = torch.autograd.grad(scaled, self.rhos, create_graph=create_graph, allow_unused=True)
+        raw = torch.autograd.grad(scaled, self.rhos, create_graph=create_graph, allow_unused=True)
         # A layer the closure never reached gets a zero gradient.
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.rhos)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, self.rhos)]
         group = self._group()
         if group is not None:
             # autograd.grad bypasses DDP's reducer: average over the ranks ourselves, before any

@@ -150,7 +150,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's type (lists from comma-separated strings)."""
     if name not in _FIELDS:
         raise KeyError(f"unknown config key {name!r}; known keys: {', '.join(sorted(_FIELDS))}")
-    default = _FIELDS[name].default if _FIELDS[name].default is not dataclasses.MISSING else _FIELDS[name].default_factory()  # type: ignore[misc]
+    spec = _FIELDS[name]
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
     if isinstance(value, str):
         text = value.strip()
         if text.lower() in ("none", "null"):

@@ -55,7 +55,8 @@ class _TorchvisionTrunk(nn.Module):
             self.layer4 = model.layer4
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
+        features: nn.Module = self.features
+        return features(x)
 
 
 def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:

@@ -55,7 +55,6 @@ def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: S
     lines = ["| " + " | ".join(header + ["seeds"]) + " |", "|---" * (len(header) + 1) + "|"]
     for variant, results in runs.items():
         cells = []
-        per_metric_avg = {m: [] for m in metrics}
         for t in targets:
             for m in metrics:
                 values = np.array([100 * r["targets"][t][m] for r in results])

@@ -66,12 +66,13 @@ def warmup_multistep(iteration: int, warmup_iters: int, warmup_factor: float, mi
 def build_base_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD over every parameter but rho; biases get ``bias_lr_factor`` x lr (the authors' groups)."""
     rho_ids = {id(p) for p in rho_parameters(model)}
-    weights, biases = [], []
+    weights: list[nn.Parameter] = []
+    biases: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in rho_ids:
             continue
         (biases if name.endswith("bias") else weights).append(p)
-    groups = [{"params": weights}, {"params": biases, "lr": cfg.lr * cfg.bias_lr_factor}]
+    groups: list[dict[str, Any]] = [{"params": weights}, {"params": biases, "lr": cfg.lr * cfg.bias_lr_factor}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -303,7 +304,7 @@ class Trainer:
                     logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
-                logs.update(lr=self.scheduler.get_last_lr()[0], it=self.iteration)
+                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration)
                 rho = self.mean_rho()
                 if rho is not None:
                     logs["rho"] = rho

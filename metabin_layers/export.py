@@ -1,0 +1,319 @@
+"""Eval-time folding of MetaBIN layers, for export (ONNX, TorchScript, TensorRT).
+
+In eval mode the BN branch of a MetaBIN layer normalises with the running statistics, so it is a
+fixed per-channel affine map ``a_c * x + b_c``. The layer then reduces to
+
+    y = a_c * x + b_c + (1 - rho_c) * (w_I * (x - mu_nc) / sqrt(var_nc + eps) + b_I)
+      = A[n, c] * x + B[n, c],
+    A[n, c] = a_c + g_c / sqrt(var_nc + eps),   B[n, c] = b'_c - g_c * mu_nc / sqrt(var_nc + eps),
+
+with ``g_c = (1 - rho_c) * w_I``, ``b'_c = b_c + (1 - rho_c) * b_I``: per-(n, c) statistics over
+the spatial dimensions, then one affine pass. Layers whose IN branch vanishes (``g_c == 0`` in
+every channel, e.g. ``rho == 1``) become a pure per-channel affine, like a BatchNorm folded for
+inference. :class:`FoldedMetaBIN` holds only buffers and uses only standard ops (no custom
+autograd function, no Python-only control flow), so the folded model exports to ONNX with either
+exporter, scripts with ``torch.jit.script`` and compiles with ``torch.compile``. See
+``docs/export.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .layers import MetaBINAct2d, _MetaBINBase
+
+__all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference"]
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Same rule as the layer: statistics and coefficients in float32 at least.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class FoldedMetaBIN(nn.Module):
+    """Inference-only MetaBIN layer: per-(n, c) instance statistics and one affine map.
+
+    Built from an eval-mode MetaBIN layer by :meth:`from_metabin` (or, for a whole model, by
+    :func:`fold_metabin_for_inference`). It computes the eval-mode output of that layer,
+
+    ``y = scale * x + shift + in_scale * (x - mu_nc) / sqrt(var_nc + eps)``,
+
+    from per-(n, c) statistics and one affine map, with standard ops only.
+
+    Buffers, each of shape ``(C,)`` (no Parameters: like ``FrozenBatchNorm2d`` it stays frozen in
+    ``train()`` mode too):
+
+    * ``scale``, ``shift``: the BN branch with the running statistics and ``rho`` folded in, plus
+      the IN-branch bias ``(1 - rho) * b_I`` in ``shift``;
+    * ``in_scale``: ``(1 - rho) * w_I``, the weight of the normalised instance term.
+
+    Modes, fixed at construction (plain attributes, constants for TorchScript):
+
+    * ``instance_stats`` is False when ``in_scale`` is 0 in every channel (``rho == 1``): a pure
+      per-channel affine, no statistics pass;
+    * ``batch_stats`` is True for layers that track no running statistics: their eval output uses
+      the statistics of the batch, so ``scale`` holds ``rho * w_B``, ``shift`` holds
+      ``rho * b_B + (1 - rho) * b_I``, and the batch statistics are derived from the instance ones
+      (mean of ``mu_nc``; mean of ``var_nc + (mu_nc - mu_B)^2``), as the layer does.
+
+    Args:
+        scale, shift, in_scale: vectors of shape ``(C,)``.
+        eps: the layer's eps.
+        instance_stats: None (default) decides from ``in_scale`` as above.
+        batch_stats: see above.
+
+    Inputs ``(N, C, *spatial)`` of any rank, and ``(N, C)`` (one value per instance, as
+    ``MetaBIN1d`` accepts in eval mode). Statistics are computed in float32 at least (float64 for
+    float64 inputs); fp16 / bf16 inputs return their own dtype.
+
+    Examples:
+        >>> from metabin_layers import MetaBIN2d
+        >>> from metabin_layers.export import FoldedMetaBIN
+        >>> layer = MetaBIN2d(4, rho_init=0.5).eval()
+        >>> folded = FoldedMetaBIN.from_metabin(layer)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> torch.allclose(folded(x), layer(x), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        scale: Tensor,
+        shift: Tensor,
+        in_scale: Tensor,
+        eps: float = 1e-5,
+        instance_stats: Optional[bool] = None,
+        batch_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        if scale.dim() != 1 or shift.shape != scale.shape or in_scale.shape != scale.shape:
+            raise ValueError(
+                "scale, shift and in_scale must be vectors of the same length (C,), got "
+                f"{tuple(scale.shape)}, {tuple(shift.shape)}, {tuple(in_scale.shape)}"
+            )
+        self.num_features = int(scale.numel())
+        self.eps = float(eps)
+        self.batch_stats = bool(batch_stats)
+        if instance_stats is None:
+            instance_stats = bool((in_scale != 0).any()) or self.batch_stats
+        if self.batch_stats and not instance_stats:
+            raise ValueError("batch_stats=True needs instance_stats=True (batch statistics come from them)")
+        if not instance_stats and bool((in_scale != 0).any()):
+            raise ValueError("instance_stats=False needs in_scale == 0 in every channel")
+        self.instance_stats = bool(instance_stats)
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+        self.register_buffer("in_scale", in_scale.detach().clone())
+
+    @classmethod
+    def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBIN:
+        """The folded form of an eval-mode MetaBIN layer (its current ``rho``, affines and buffers).
+
+        Raises ``ValueError`` when ``layer`` is in training mode (its output then uses batch
+        statistics and updates the running ones: there is nothing fixed to fold).
+        """
+        return cls(**_folded_tensors(layer))
+
+    def _fold(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_tracing() and (x.dim() < 2 or x.shape[1] != self.num_features):
+            raise ValueError("FoldedMetaBIN: expected an input (N, C, *spatial) with C = num_features")
+        squeeze = x.dim() == 2
+        if squeeze:  # (N, C): one value per instance, as MetaBIN1d in eval mode
+            x = x.unsqueeze(-1)
+        xs = x if x.dtype == torch.float64 or x.dtype == torch.float32 else x.float()
+        shape = [1, -1] + [1] * (xs.dim() - 2)
+        scale = self.scale.view(shape)
+        shift = self.shift.view(shape)
+        in_scale = self.in_scale.view(shape)
+        if scale.dtype != xs.dtype:  # e.g. float32 coefficients, float64 input
+            scale, shift, in_scale = scale.to(xs.dtype), shift.to(xs.dtype), in_scale.to(xs.dtype)
+        if self.instance_stats:
+            # Exact two-pass statistics, as the fused eager path: m0 = mean(x), d = x - m0, then
+            # mean(d) (the rounding residual: mu_nc = m0 + mean(d)) and mean(d^2). The affine map
+            # is applied to d, so nothing is lost when |mu_nc| >> sigma_nc, where A * x + B with A
+            # up to 1 / sqrt(eps) would amplify the rounding of mu_nc. (torch.var_mean computes the
+            # same but runs ~10x slower on CPU.)
+            dims = list(range(2, xs.dim()))
+            m0 = xs.mean(dims, keepdim=True)
+            d = xs - m0
+            dm = d.mean(dims, keepdim=True)
+            var = ((d * d).mean(dims, keepdim=True) - dm * dm).clamp_min(0.0)
+            if self.batch_stats:  # law of total variance over the instance statistics
+                mu = m0 + dm
+                mu_b = mu.mean(0, keepdim=True)
+                var_b = (var + (mu - mu_b) * (mu - mu_b)).mean(0, keepdim=True)
+                a_b = scale * torch.rsqrt(var_b + self.eps)
+                shift = shift - a_b * mu_b
+                scale = a_b
+            a_i = in_scale * torch.rsqrt(var + self.eps)
+            # y = a_b x + b + a_i (x - mu_nc) = (a_b + a_i) d + (b + a_b m0 - a_i dm)
+            shift = shift + scale * m0 - a_i * dm
+            scale = scale + a_i
+            xs = d
+        y = (xs * scale).add_(shift)  # (addcmul with two broadcast operands is 3x slower on CPU)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if squeeze:
+            y = y.squeeze(-1)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fold(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, instance_stats={self.instance_stats}, "
+            f"batch_stats={self.batch_stats}"
+        )
+
+
+class FoldedMetaBINAct2d(FoldedMetaBIN):
+    """:class:`FoldedMetaBIN` followed by ``drop`` and ``act``: the folded :class:`MetaBINAct2d`.
+
+    ``drop`` and ``act`` are the layer's own modules (copied by :func:`fold_metabin_for_inference`
+    unless ``inplace=True``).
+
+    Examples:
+        >>> from metabin_layers.export import FoldedMetaBINAct2d
+        >>> layer = MetaBINAct2d(4, act_layer=nn.ReLU, rho_init=0.5).eval()
+        >>> folded = FoldedMetaBINAct2d.from_metabin(layer)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> torch.allclose(folded(x), layer(x), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        scale: Tensor,
+        shift: Tensor,
+        in_scale: Tensor,
+        eps: float = 1e-5,
+        instance_stats: Optional[bool] = None,
+        batch_stats: bool = False,
+        drop: Optional[nn.Module] = None,
+        act: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(scale, shift, in_scale, eps, instance_stats, batch_stats)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    @classmethod
+    def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBINAct2d:
+        """The folded form of an eval-mode :class:`MetaBINAct2d` (sharing its ``drop`` and ``act``)."""
+        return cls(**_folded_tensors(layer), drop=getattr(layer, "drop", None), act=getattr(layer, "act", None))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(self._fold(x)))
+
+
+@torch.no_grad()
+def _folded_tensors(layer: _MetaBINBase) -> dict:
+    if not isinstance(layer, _MetaBINBase):
+        raise TypeError(f"expected a MetaBIN layer, got {type(layer).__name__}")
+    if layer.training:
+        raise ValueError(
+            f"{type(layer).__name__} is in training mode: call model.eval() before folding (only the "
+            "eval-mode output, with running statistics, is a fixed function that can be folded)"
+        )
+    rho_t = layer._rho_override if layer._rho_override is not None else layer.rho
+    ref_dtype = layer.rho.dtype
+    cd = torch.float64  # coefficients in float64, stored in the layer's statistics dtype
+    rho = rho_t.detach().to(cd)
+    n = rho.numel()
+    ones = torch.ones(n, dtype=cd, device=rho.device)
+    zeros = torch.zeros(n, dtype=cd, device=rho.device)
+    w_b = layer.weight.detach().to(cd) if layer.weight is not None else ones
+    b_b = layer.bias.detach().to(cd) if layer.bias is not None else zeros
+    w_i = layer.in_weight.detach().to(cd) if layer.in_weight is not None else ones
+    b_i = layer.in_bias.detach().to(cd) if layer.in_bias is not None else zeros
+    in_scale = (1 - rho) * w_i
+    in_bias = (1 - rho) * b_i
+    batch_stats = layer.running_mean is None or layer.running_var is None
+    if batch_stats:
+        scale = rho * w_b
+        shift = rho * b_b + in_bias
+    else:
+        inv = torch.rsqrt(layer.running_var.detach().to(cd) + layer.eps)  # type: ignore[union-attr]
+        scale = rho * w_b * inv
+        shift = rho * b_b - scale * layer.running_mean.detach().to(cd) + in_bias  # type: ignore[union-attr]
+    sd = _coef_dtype(ref_dtype)
+    return {
+        "scale": scale.to(sd),
+        "shift": shift.to(sd),
+        "in_scale": in_scale.to(sd),
+        "eps": layer.eps,
+        "instance_stats": bool((in_scale != 0).any()) or batch_stats,
+        "batch_stats": batch_stats,
+    }
+
+
+def _fold_one(layer: _MetaBINBase) -> FoldedMetaBIN:
+    if isinstance(layer, MetaBINAct2d):
+        return FoldedMetaBINAct2d.from_metabin(layer)
+    return FoldedMetaBIN.from_metabin(layer)
+
+
+def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every MetaBIN layer of an eval-mode ``model`` by its :class:`FoldedMetaBIN` form.
+
+    The result computes what ``model`` computes in eval mode (up to rounding), with standard ops
+    only: export it with ``torch.onnx.export``, script it with ``torch.jit.script``, or compile it
+    (per-(n, c) statistics and one affine map per layer; layers with ``rho == 1`` in every channel
+    become a pure per-channel affine). ``MetaBINAct2d`` becomes
+    :class:`FoldedMetaBINAct2d`, keeping ``drop`` and ``act``. Each layer is folded with its
+    current ``rho``, affines and running statistics: fold again after further training.
+
+    Args:
+        model: a model (or a single MetaBIN layer) in eval mode.
+        inplace: replace the layers of ``model`` itself; by default a deep copy is folded and
+            ``model`` is left untouched (it can go on training).
+
+    Returns:
+        The folded model (the copy, or ``model``; the new root when ``model`` is a MetaBIN layer).
+
+    Raises:
+        ValueError: ``model`` or one of its MetaBIN layers is in training mode.
+
+    Examples:
+        >>> import torchvision
+        >>> from metabin_layers import convert_bn_to_metabin, metabin_modules
+        >>> from metabin_layers.export import fold_metabin_for_inference
+        >>> model = convert_bn_to_metabin(torchvision.models.resnet18(num_classes=10), rho_init=0.5)
+        >>> model = model.eval()
+        >>> folded = fold_metabin_for_inference(model)
+        >>> x = torch.randn(2, 3, 128, 64)
+        >>> torch.allclose(folded(x), model(x), atol=1e-5)
+        True
+        >>> len(metabin_modules(folded))
+        0
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    training = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if m.training and (m is model or isinstance(m, _MetaBINBase))
+    ]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        raise ValueError(
+            f"fold_metabin_for_inference needs a model in eval mode; in training mode: {shown}. "
+            "Call model.eval() first (folding uses the running statistics)"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def fold(mod: nn.Module) -> nn.Module:
+        if isinstance(mod, _MetaBINBase):
+            return _fold_one(mod)
+        for name, child in mod.named_children():
+            new = fold(child)
+            if new is not child:
+                setattr(mod, name, new)
+        return mod
+
+    return fold(model)
