@@ -370,11 +370,27 @@ def measure_memory(config: str, args, device: torch.device) -> dict[str, Any]:
 
 def memory_in_subprocesses(args, configs) -> dict[str, Optional[float]]:
     out: dict[str, Optional[float]] = {}
-    env_args = [
-        os.path.abspath(__file__), "--_memory", "", "--device", args.device, "--arch", args.arch,
-        "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
-        "--ids-per-domain", str(args.ids_per_domain),
-    ] + (["--threads", str(args.threads)] if args.threads else []) + (["--amp"] if args.amp else [])
+    env_args = (
+        [
+            os.path.abspath(__file__),
+            "--_memory",
+            "",
+            "--device",
+            args.device,
+            "--arch",
+            args.arch,
+            "--batch",
+            str(args.batch),
+            "--height",
+            str(args.height),
+            "--width",
+            str(args.width),
+            "--ids-per-domain",
+            str(args.ids_per_domain),
+        ]
+        + (["--threads", str(args.threads)] if args.threads else [])
+        + (["--amp"] if args.amp else [])
+    )
     for config in configs:
         a = list(env_args)
         a[2] = config
@@ -418,8 +434,15 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "benchmark": "iteration",
         "env": env,
         "config": {
-            "stat": args.stat, "arch": args.arch, "image": [args.height, args.width], "batch": args.batch, "sizes": sizes,
-            "repeats": args.repeats, "warmup": args.warmup, "amp": args.amp, "device": args.device,
+            "stat": args.stat,
+            "arch": args.arch,
+            "image": [args.height, args.width],
+            "batch": args.batch,
+            "sizes": sizes,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "amp": args.amp,
+            "device": args.device,
         },
         "results": {c: {"timing": stats[c], "peak_mib": memory.get(c)} for c in configs},
     }
@@ -465,26 +488,31 @@ def render(payload: dict[str, Any]) -> str:
         t = r["timing"]
         naive = _t(res, "b_naive_" + ("full" if c.endswith("full") else "split"))
         mem = r.get("peak_mib")
-        rows.append([
-            LABELS[c],
-            common.ms(t["base"][STAT], 1),
-            common.ms(t["meta-train"][STAT], 1) if "meta-train" in t else "-",
-            common.ms(t["meta-test"][STAT], 1) if "meta-test" in t else "-",
-            common.ms(t["total"][STAT], 1),
-            common.ratio(t["total"][STAT], a),
-            common.ratio(t["total"][STAT], naive) if c.startswith("c") else "-",
-            "-" if mem is None else f"{mem:.0f}",
-        ])
+        rows.append(
+            [
+                LABELS[c],
+                common.ms(t["base"][STAT], 1),
+                common.ms(t["meta-train"][STAT], 1) if "meta-train" in t else "-",
+                common.ms(t["meta-test"][STAT], 1) if "meta-test" in t else "-",
+                common.ms(t["total"][STAT], 1),
+                common.ratio(t["total"][STAT], a),
+                common.ratio(t["total"][STAT], naive) if c.startswith("c") else "-",
+                "-" if mem is None else f"{mem:.0f}",
+            ]
+        )
     mem_note = (
         "peak CUDA memory above the state before the iteration (`torch.cuda.max_memory_allocated`)"
         if env["device"] == "cuda"
         else "peak RSS increase during two steady-state iterations (fresh process per configuration, "
         "glibc `MALLOC_MMAP_THRESHOLD_=65536` so freed blocks leave the RSS; VmHWM reset after a warm-up iteration)"
     )
-    lines.append(common.md_table(
-        ["configuration", "base", "meta-train + inner grad", "meta-test + outer", "total", "/ (a)", "/ (b)", "peak MiB"],
-        rows, "lrrrrrrr",
-    ))
+    lines.append(
+        common.md_table(
+            ["configuration", "base", "meta-train + inner grad", "meta-test + outer", "total", "/ (a)", "/ (b)", "peak MiB"],
+            rows,
+            "lrrrrrrr",
+        )
+    )
     lines.append("")
     lines.append(f"peak MiB: {mem_note}.")
     lines.append("")
@@ -498,8 +526,15 @@ def render(payload: dict[str, Any]) -> str:
             cells.append(common.ratio(c["timing"][phase][STAT], b["timing"][phase][STAT]))
         prow.append(cells)
         if "a_plain" in res:
-            prow.append([f"(c)/(a), {size} meta batch", common.ratio(c["timing"]["base"][STAT], a), "-", "-",
-                         common.ratio(c["timing"]["total"][STAT], a)])
+            prow.append(
+                [
+                    f"(c)/(a), {size} meta batch",
+                    common.ratio(c["timing"]["base"][STAT], a),
+                    "-",
+                    "-",
+                    common.ratio(c["timing"]["total"][STAT], a),
+                ]
+            )
     if prow:
         headers = ["phase ratio", "base", "meta-train + inner grad", "meta-test + outer", "total"]
         lines.append(common.md_table(headers, prow, "lrrrr"))
@@ -528,8 +563,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-configuration memory subprocesses")
-    p.add_argument("--stat", default="median", choices=["median", "min"],
-                   help="statistic of the repeats shown in the tables (default median; min on a noisy machine)")
+    p.add_argument(
+        "--stat",
+        default="median",
+        choices=["median", "min"],
+        help="statistic of the repeats shown in the tables (default median; min on a noisy machine)",
+    )
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     return p

@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             t_bytes = x.numel() * x.element_size()
             for name, st in stats.items():
                 row: dict[str, Any] = {
-                    "dtype": dname, "shape": label, "size": [args.batch, c, h, w], "candidate": name,
+                    "dtype": dname,
+                    "shape": label,
+                    "size": [args.batch, c, h, w],
+                    "candidate": name,
                     "tensor_bytes": t_bytes,
                 }
                 for metric, s in st.items():
@@ -160,15 +163,25 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 results.append(row)
             if args.verbose:
                 fb = {n: st.get("fwd+bwd", st["fwd"])[STAT] for n, st in stats.items()}
-                print(f"[bench_layer] {dname} {label}: " + ", ".join(f"{n} {v * 1e3:.3f}ms" for n, v in fb.items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[bench_layer] {dname} {label}: " + ", ".join(f"{n} {v * 1e3:.3f}ms" for n, v in fb.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
     payload = {
         "benchmark": "layer",
         "env": env,
         "config": {
-            "batch": args.batch, "shapes": args.shapes, "stat": args.stat, "dtypes": dtypes, "repeats": args.repeats,
-            "warmup": args.warmup, "channels_last": args.channels_last, "backends": backends,
-            "bytes_factor": BYTES_FACTOR, "copy_factor": COPY_FACTOR,
+            "batch": args.batch,
+            "shapes": args.shapes,
+            "stat": args.stat,
+            "dtypes": dtypes,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "channels_last": args.channels_last,
+            "backends": backends,
+            "bytes_factor": BYTES_FACTOR,
+            "copy_factor": COPY_FACTOR,
         },
         "results": results,
     }
@@ -239,8 +252,18 @@ def render(payload: dict[str, Any]) -> str:
         "(2T per copy).",
         "",
     ]
-    headers = ["shape (C@HxW)", "candidate", "fwd", "bwd", "fwd+bwd", "xBN fwd+bwd", "xBN fwd", "xBN bwd",
-               "GB/s fwd+bwd", "%copy"]
+    headers = [
+        "shape (C@HxW)",
+        "candidate",
+        "fwd",
+        "bwd",
+        "fwd+bwd",
+        "xBN fwd+bwd",
+        "xBN fwd",
+        "xBN bwd",
+        "GB/s fwd+bwd",
+        "%copy",
+    ]
     for dname in cfg["dtypes"]:
         rows = []
         shapes = list(dict.fromkeys(r["shape"] for r in results if r["dtype"] == dname))
@@ -251,39 +274,65 @@ def render(payload: dict[str, Any]) -> str:
             for k, r in enumerate(x for x in results if x["dtype"] == dname and x["shape"] == shape):
                 label = shape if k == 0 else ""
                 if r["candidate"] == "copy (floor)":
-                    rows.append([label, r["candidate"], common.ms(r["fwd"][STAT]), "-", "-", "-", "-", "-",
-                                 f"{copy_rate / 1e9:.1f}", "100%"])
+                    rows.append(
+                        [
+                            label,
+                            r["candidate"],
+                            common.ms(r["fwd"][STAT]),
+                            "-",
+                            "-",
+                            "-",
+                            "-",
+                            "-",
+                            f"{copy_rate / 1e9:.1f}",
+                            "100%",
+                        ]
+                    )
                     continue
                 fb = r["fwd+bwd"][STAT]
                 rate = BYTES_FACTOR["fwd+bwd"] * r["tensor_bytes"] / fb
-                rows.append([
-                    label,
-                    r["candidate"],
-                    common.ms(r["fwd"][STAT]),
-                    common.ms(r["bwd"][STAT]),
-                    common.ms(fb),
-                    common.ratio(fb, bn["fwd+bwd"][STAT]),
-                    common.ratio(r["fwd"][STAT], bn["fwd"][STAT]),
-                    common.ratio(r["bwd"][STAT], bn["bwd"][STAT]),
-                    f"{rate / 1e9:.1f}",
-                    f"{100 * rate / copy_rate:.0f}%",
-                ])
+                rows.append(
+                    [
+                        label,
+                        r["candidate"],
+                        common.ms(r["fwd"][STAT]),
+                        common.ms(r["bwd"][STAT]),
+                        common.ms(fb),
+                        common.ratio(fb, bn["fwd+bwd"][STAT]),
+                        common.ratio(r["fwd"][STAT], bn["fwd"][STAT]),
+                        common.ratio(r["bwd"][STAT], bn["bwd"][STAT]),
+                        f"{rate / 1e9:.1f}",
+                        f"{100 * rate / copy_rate:.0f}%",
+                    ]
+                )
         lines += [f"#### {dname}", "", common.md_table(headers, rows, "llrrrrrrrr"), ""]
         srows = []
         for cand, s in payload["summary"][dname].items():
-            srows.append([
-                cand,
-                f"{s['geomean_ratio_vs_bn']:.2f}x",
-                f"{s['worst_ratio_vs_bn']:.2f}x ({s['worst_shape']})",
-                f"{s['total_ratio_vs_bn']:.2f}x",
-                f"{s['geomean_speedup_vs_naive']:.2f}x",
-                f"{s['min_speedup_vs_naive']:.2f}x",
-            ])
-        lines += [common.md_table(
-            ["candidate", "fwd+bwd / BN (geomean)", "worst shape / BN", "sum over shapes / BN",
-             "speed-up over naive (geomean)", "speed-up over naive (worst shape)"],
-            srows, "lrrrrr",
-        ), ""]
+            srows.append(
+                [
+                    cand,
+                    f"{s['geomean_ratio_vs_bn']:.2f}x",
+                    f"{s['worst_ratio_vs_bn']:.2f}x ({s['worst_shape']})",
+                    f"{s['total_ratio_vs_bn']:.2f}x",
+                    f"{s['geomean_speedup_vs_naive']:.2f}x",
+                    f"{s['min_speedup_vs_naive']:.2f}x",
+                ]
+            )
+        lines += [
+            common.md_table(
+                [
+                    "candidate",
+                    "fwd+bwd / BN (geomean)",
+                    "worst shape / BN",
+                    "sum over shapes / BN",
+                    "speed-up over naive (geomean)",
+                    "speed-up over naive (worst shape)",
+                ],
+                srows,
+                "lrrrrr",
+            ),
+            "",
+        ]
         fused = payload["summary"][dname].get("MetaBIN2d[fused]")
         if fused:
             ok1 = fused["worst_ratio_vs_bn"] <= 1.5
@@ -308,8 +357,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
-    p.add_argument("--stat", default="median", choices=["median", "min"],
-                   help="statistic of the repeats shown in the tables (default median; min on a noisy machine)")
+    p.add_argument(
+        "--stat",
+        default="median",
+        choices=["median", "min"],
+        help="statistic of the repeats shown in the tables (default median; min on a noisy machine)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     return p

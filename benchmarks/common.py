@@ -47,7 +47,7 @@ class Stats(dict):
     """``{"median": s, "min": s, "n": k}`` in seconds (a dict, so it serialises to JSON)."""
 
     @classmethod
-    def of(cls, samples: Sequence[float]) -> "Stats":
+    def of(cls, samples: Sequence[float]) -> Stats:
         return cls(median=statistics.median(samples), min=min(samples), n=len(samples))
 
 

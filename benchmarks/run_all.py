@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_iteration  # noqa: E402
 import bench_layer  # noqa: E402
 import common  # noqa: E402
-
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -22,7 +22,7 @@ from .distributed import (
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
 from .export import FoldedMetaBIN, FoldedMetaBINAct2d, fold_metabin_for_inference
 from .functional import BACKENDS, batch_instance_norm, resolve_backend
-from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, STATS_MODES, set_stats_mode, stats_mode
+from .layers import STATS_MODES, MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, set_stats_mode, stats_mode
 from .losses import (
     cross_entropy_label_smooth,
     inter_domain_shuffle_loss,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._tree import replace_modules
 from .distributed import convert_sync_metabin
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase
 
@@ -71,9 +72,7 @@ def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[typ
     return None
 
 
-def _convert_one(
-    bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str
-) -> _MetaBINBase:
+def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str) -> _MetaBINBase:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     if cls is MetaBINAct2d:
@@ -96,11 +95,13 @@ def _convert_one(
             # survive, as in torch.nn.SyncBatchNorm.convert_sync_batchnorm.
             new.weight = bn.weight  # type: ignore[assignment]
             new.bias = bn.bias  # type: ignore[assignment]
+            in_w, in_b = new.in_weight, new.in_bias
+            assert in_w is not None and in_b is not None  # affine
             if in_affine_init == "copy":
-                new.in_weight.copy_(bn.weight)
-                new.in_bias.copy_(bn.bias)
-            new.in_weight.requires_grad_(bn.weight.requires_grad)
-            new.in_bias.requires_grad_(bn.bias.requires_grad)
+                in_w.copy_(bn.weight)
+                in_b.copy_(bn.bias)
+            in_w.requires_grad_(bn.weight.requires_grad)
+            in_b.requires_grad_(bn.bias.requires_grad)
         if bn.track_running_stats:
             # Shared buffers: the state-dict keys and the statistics stay those of the BN.
             new.running_mean = bn.running_mean  # type: ignore[assignment]
@@ -174,23 +175,19 @@ def convert_bn_to_metabin(
     converted = 0
     skipped: list[str] = []
 
-    def convert(mod: nn.Module, name: str) -> nn.Module:
+    def convert(name: str, mod: nn.Module) -> Optional[nn.Module]:
         nonlocal converted
-        if isinstance(mod, _BatchNorm):
-            cls = _target_class(mod, norm_act)
-            if cls is None:
-                skipped.append(f"{name or '<root>'} ({type(mod).__name__})")
-            elif (include is None or _matches(include, name, mod)) and not _matches(exclude, name, mod):
-                converted += 1
-                return _convert_one(mod, cls, rho_init, in_affine_init)
-            return mod
-        for child_name, child in mod.named_children():
-            new_child = convert(child, f"{name}.{child_name}" if name else child_name)
-            if new_child is not child:
-                setattr(mod, child_name, new_child)
+        if not isinstance(mod, _BatchNorm):
+            return None  # descend
+        cls = _target_class(mod, norm_act)
+        if cls is None:
+            skipped.append(f"{name or '<root>'} ({type(mod).__name__})")
+        elif (include is None or _matches(include, name, mod)) and not _matches(exclude, name, mod):
+            converted += 1
+            return _convert_one(mod, cls, rho_init, in_affine_init)
         return mod
 
-    result = convert(module, "")
+    result = replace_modules(module, convert)
     if skipped:
         warnings.warn(
             "convert_bn_to_metabin left these BatchNorm subclasses unconverted (unknown behaviour "

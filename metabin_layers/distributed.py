@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._tree import replace_modules
 from .functional import _apply, _coefficients, _instance_stats, _update_running
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _MetaBINBase
 
@@ -279,9 +280,7 @@ def _sync_composite(
     stacked = _DiffAllGather.apply(_local_moments(var_nc, mu_nc, spatial), group, world, _FWD)
     mu_b, var_b, count = _combine(stacked, x.shape[1])
     p = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
-    scale, shift = _coefficients(
-        p[0], p[1], p[2], p[3], p[4], mu_b, torch.rsqrt(var_b + eps), mu_nc, torch.rsqrt(var_nc + eps)
-    )
+    scale, shift = _coefficients(p[0], p[1], p[2], p[3], p[4], mu_b, torch.rsqrt(var_b + eps), mu_nc, torch.rsqrt(var_nc + eps))
     return _apply(x, scale, shift), mu_b.detach(), var_b.detach(), count.detach()
 
 
@@ -316,7 +315,7 @@ class SyncMetaBIN(_MetaBINBase):
         torch.Size([4, 8, 5, 5])
     """
 
-    _input_dims = (2, 3, 4, 5)
+    _input_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
         self,
@@ -332,9 +331,7 @@ class SyncMetaBIN(_MetaBINBase):
         dtype: Optional[torch.dtype] = None,
         process_group: Any = None,
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype)
         self.process_group = process_group
 
     def forward(self, x: Tensor) -> Tensor:
@@ -359,9 +356,11 @@ class SyncMetaBIN(_MetaBINBase):
         update = self._stats_mode == "update" and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if update:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            tracked = self.num_batches_tracked
+            assert tracked is not None  # update implies track_running_stats
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / float(tracked)
         rho = self._rho_override if self._rho_override is not None else self.rho
         w_b = _or_fill(self.weight, 1.0, rho)
         b_b = _or_fill(self.bias, 0.0, rho)
@@ -479,24 +478,20 @@ def convert_sync_metabin(module: nn.Module, process_group: Any = None) -> nn.Mod
     """
     unknown: list[str] = []
 
-    def convert(mod: nn.Module, name: str) -> nn.Module:
+    def convert(name: str, mod: nn.Module) -> Optional[nn.Module]:
         if isinstance(mod, SyncMetaBIN):
             if process_group is not None:
                 mod.process_group = process_group
             return mod
-        if isinstance(mod, _MetaBINBase):
-            cls = _SYNC_CLASSES.get(type(mod))
-            if cls is None:
-                unknown.append(f"{name or '<root>'} ({type(mod).__name__})")
-                return mod
-            return _to_sync(mod, cls, process_group)
-        for child_name, child in mod.named_children():
-            new_child = convert(child, f"{name}.{child_name}" if name else child_name)
-            if new_child is not child:
-                setattr(mod, child_name, new_child)
-        return mod
+        if not isinstance(mod, _MetaBINBase):
+            return None  # descend
+        cls = _SYNC_CLASSES.get(type(mod))
+        if cls is None:
+            unknown.append(f"{name or '<root>'} ({type(mod).__name__})")
+            return mod
+        return _to_sync(mod, cls, process_group)
 
-    result = convert(module, "")
+    result = replace_modules(module, convert)
     if unknown:
         warnings.warn(
             "convert_sync_metabin left these MetaBIN subclasses unsynchronised (unknown behaviour would "

@@ -62,7 +62,9 @@ def split_domains(
         is_labels = isinstance(domains, Tensor)
     labels = torch.as_tensor(domains)
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"domains must be a 1-D sequence of integer domain ids, got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"domains must be a 1-D sequence of integer domain ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     unique = torch.unique(labels.cpu())
     d = unique.numel()
     if d < 2:

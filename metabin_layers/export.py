@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._tree import replace_modules
 from .layers import MetaBINAct2d, _MetaBINBase
 
 __all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference"]
@@ -126,9 +127,9 @@ class FoldedMetaBIN(nn.Module):
             x = x.unsqueeze(-1)
         xs = x if x.dtype == torch.float64 or x.dtype == torch.float32 else x.float()
         shape = [1, -1] + [1] * (xs.dim() - 2)
-        scale = self.scale.view(shape)
-        shift = self.shift.view(shape)
-        in_scale = self.in_scale.view(shape)
+        scale = self.scale.view(shape)  # type: ignore[operator]
+        shift = self.shift.view(shape)  # type: ignore[operator]
+        in_scale = self.in_scale.view(shape)  # type: ignore[operator]
         if scale.dtype != xs.dtype:  # e.g. float32 coefficients, float64 input
             scale, shift, in_scale = scale.to(xs.dtype), shift.to(xs.dtype), in_scale.to(xs.dtype)
         if self.instance_stats:
@@ -165,10 +166,7 @@ class FoldedMetaBIN(nn.Module):
         return self._fold(x)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, instance_stats={self.instance_stats}, "
-            f"batch_stats={self.batch_stats}"
-        )
+        return f"{self.num_features}, eps={self.eps}, instance_stats={self.instance_stats}, batch_stats={self.batch_stats}"
 
 
 class FoldedMetaBINAct2d(FoldedMetaBIN):
@@ -294,9 +292,7 @@ def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Mo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     training = [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if m.training and (m is model or isinstance(m, _MetaBINBase))
+        name or "<root>" for name, m in model.named_modules() if m.training and (m is model or isinstance(m, _MetaBINBase))
     ]
     if training:
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
@@ -307,13 +303,4 @@ def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Mo
     if not inplace:
         model = copy.deepcopy(model)
 
-    def fold(mod: nn.Module) -> nn.Module:
-        if isinstance(mod, _MetaBINBase):
-            return _fold_one(mod)
-        for name, child in mod.named_children():
-            new = fold(child)
-            if new is not child:
-                setattr(mod, name, new)
-        return mod
-
-    return fold(model)
+    return replace_modules(model, lambda _, mod: _fold_one(mod) if isinstance(mod, _MetaBINBase) else None)

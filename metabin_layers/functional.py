@@ -88,6 +88,7 @@ def resolve_backend(x: Tensor, backend: str = "auto") -> str:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     return backend
 
+
 _aten = torch.ops.aten
 
 
@@ -252,7 +253,15 @@ def _cl_sample_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[
     per_sample = mean.dim() == 2
     for i in range(x.shape[0]):
         _, dot, s = _aten.native_batch_norm_backward(
-            dy[i : i + 1], x[i : i + 1], None, mean[i] if per_sample else mean, ones, None, None, False, 0.0,
+            dy[i : i + 1],
+            x[i : i + 1],
+            None,
+            mean[i] if per_sample else mean,
+            ones,
+            None,
+            None,
+            False,
+            0.0,
             [False, True, True],
         )
         dots.append(dot)
@@ -507,9 +516,7 @@ def _composite(
     else:
         mu_b, var_b = mu_b_fixed.to(sd), var_b_fixed.to(sd)  # type: ignore[union-attr]
     p = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
-    scale, shift = _coefficients(
-        p[0], p[1], p[2], p[3], p[4], mu_b, torch.rsqrt(var_b + eps), mu_nc, torch.rsqrt(var_nc + eps)
-    )
+    scale, shift = _coefficients(p[0], p[1], p[2], p[3], p[4], mu_b, torch.rsqrt(var_b + eps), mu_nc, torch.rsqrt(var_nc + eps))
     return _apply(x, scale, shift), mu_b.detach(), var_b.detach()
 
 
@@ -557,9 +564,7 @@ def batch_instance_norm(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if x.dim() < 3:
-        raise ValueError(
-            f"x must have shape (N, C, *spatial) with at least one spatial dimension, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must have shape (N, C, *spatial) with at least one spatial dimension, got {tuple(x.shape)}")
     if not use_batch_stats and (running_mean is None or running_var is None):
         raise ValueError("use_batch_stats=False needs running_mean and running_var")
     if update_running_stats and (running_mean is None or running_var is None):
@@ -567,9 +572,7 @@ def batch_instance_norm(
     spatial = math.prod(x.shape[2:])
     count = x.shape[0] * spatial
     if use_batch_stats and count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel for batch statistics, got input of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"Expected more than 1 value per channel for batch statistics, got input of shape {tuple(x.shape)}")
     ref = rho
     w_b = _affine_or(weight, 1.0, ref)
     b_b = _affine_or(bias, 0.0, ref)

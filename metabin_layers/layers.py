@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,15 @@ class _MetaBINBase(nn.Module):
     """
 
     _input_dims: tuple[int, ...] = ()
+    # Declared for type checkers: nn.Module's __getattr__ would type them as Tensor | Module.
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+    in_weight: Optional[nn.Parameter]
+    in_bias: Optional[nn.Parameter]
+    rho: nn.Parameter
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
     _version = 2  # same as nn.BatchNorm: num_batches_tracked exists
 
     def __init__(
@@ -55,7 +64,7 @@ class _MetaBINBase(nn.Module):
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         _check_rho_init(rho_init)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -121,10 +130,9 @@ class _MetaBINBase(nn.Module):
         self.reset_running_stats()
         with torch.no_grad():
             if self.affine:
-                self.weight.fill_(1.0)
-                self.bias.zero_()
-                self.in_weight.fill_(1.0)
-                self.in_bias.zero_()
+                for p, value in ((self.weight, 1.0), (self.bias, 0.0), (self.in_weight, 1.0), (self.in_bias, 0.0)):
+                    assert p is not None
+                    p.fill_(value)
             self.rho.fill_(self.rho_init)
 
     def extra_repr(self) -> str:
@@ -184,9 +192,11 @@ class _MetaBINBase(nn.Module):
         update = self.training and mode == "update" and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if update:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            tracked = self.num_batches_tracked
+            assert tracked is not None  # update implies track_running_stats
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / float(tracked)
         rho = self._rho_override if self._rho_override is not None else self.rho
         backend = self._backend
         if backend == "auto":
@@ -213,9 +223,7 @@ class _MetaBINBase(nn.Module):
         return y.squeeze(-1) if squeeze else y
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The authors' checkpoints keep the branches in sub-modules: bat_n.*, ins_n.* and gate.
         for old, new in (
             ("bat_n.weight", "weight"),
@@ -237,13 +245,9 @@ class _MetaBINBase(nn.Module):
                 state_dict[key] = torch.tensor(0, dtype=torch.long)
         rho = state_dict.get(prefix + "rho")
         if rho is not None and rho.numel() and (rho.min() < 0 or rho.max() > 1 or rho.isnan().any()):
-            error_msgs.append(
-                f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]"
-            )
+            error_msgs.append(f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]")
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "rho"}
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 def _capturing_graph() -> bool:
@@ -270,7 +274,7 @@ class MetaBIN1d(_MetaBINBase):
         torch.Size([4, 8, 16])
     """
 
-    _input_dims = (2, 3)
+    _input_dims: tuple[int, ...] = (2, 3)
 
 
 class MetaBIN2d(_MetaBINBase):
@@ -284,7 +288,7 @@ class MetaBIN2d(_MetaBINBase):
         torch.Size([4, 16, 8, 8])
     """
 
-    _input_dims = (4,)
+    _input_dims: tuple[int, ...] = (4,)
 
 
 class MetaBIN3d(_MetaBINBase):
@@ -296,7 +300,7 @@ class MetaBIN3d(_MetaBINBase):
         torch.Size([2, 4, 3, 5, 5])
     """
 
-    _input_dims = (5,)
+    _input_dims: tuple[int, ...] = (5,)
 
 
 class MetaBINAct2d(MetaBIN2d):
@@ -328,9 +332,7 @@ class MetaBINAct2d(MetaBIN2d):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype)
         self.drop = _build(drop_layer) if drop_layer is not None else nn.Identity()
         if apply_act and act_layer is not None:
             self.act = _build(act_layer, inplace=inplace)

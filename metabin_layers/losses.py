@@ -69,19 +69,14 @@ def _check_vector(v: object, name: str, n: int, ref: str) -> Tensor:
     if not isinstance(v, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N,), got {type(v).__name__}")
     if v.dim() != 1 or v.shape[0] != n:
-        raise ValueError(
-            f"{name} must be 1-D of length N={n} (one entry per row of {ref}), "
-            f"got shape {tuple(v.shape)}"
-        )
+        raise ValueError(f"{name} must be 1-D of length N={n} (one entry per row of {ref}), got shape {tuple(v.shape)}")
     return v
 
 
 def _check_margin(margin: float) -> float:
     margin = float(margin)
     if not math.isfinite(margin) or margin < 0:
-        raise ValueError(
-            f"margin must be a finite number >= 0 (0 selects the soft margin), got {margin}"
-        )
+        raise ValueError(f"margin must be a finite number >= 0 (0 selects the soft margin), got {margin}")
     return margin
 
 
@@ -104,9 +99,7 @@ def _euclidean(x: Tensor, y: Tensor) -> Tensor:
     return d2.clamp(min=_DIST_MIN).sqrt()
 
 
-def _hard_mining_loss(
-    dist: Tensor, is_pos: Tensor, is_neg: Tensor, margin: float, what: str
-) -> Tensor:
+def _hard_mining_loss(dist: Tensor, is_pos: Tensor, is_neg: Tensor, margin: float, what: str) -> Tensor:
     """Batch-hard loss from a distance matrix and boolean positive / negative masks.
 
     ``d_ap`` = farthest positive, ``d_an`` = nearest negative, per anchor (row). Rows without
@@ -152,17 +145,12 @@ def pairwise_euclidean(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         return _euclidean(xf, xf)
     _check_matrix(y, "y", "(M, D)")
     if y.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"y must have the same feature size D as x: x has shape {tuple(x.shape)}, "
-            f"y has shape {tuple(y.shape)}"
-        )
+        raise ValueError(f"y must have the same feature size D as x: x has shape {tuple(x.shape)}, y has shape {tuple(y.shape)}")
     dtype = _compute_dtype(x, y)
     return _euclidean(x.to(dtype), y.to(dtype))
 
 
-def triplet_loss(
-    features: Tensor, labels: Tensor, margin: float = 0.3, normalize: bool = False
-) -> Tensor:
+def triplet_loss(features: Tensor, labels: Tensor, margin: float = 0.3, normalize: bool = False) -> Tensor:
     """Batch-hard triplet loss (Hermans et al.), as used by MetaBIN for ``L_tr``.
 
     For every anchor ``i``: ``d_ap`` = distance to the farthest sample with the same label (the
@@ -199,8 +187,7 @@ def triplet_loss(
         is_pos=same,
         is_neg=~same,
         margin=margin,
-        what="triplet_loss: the batch needs at least two identities (labels are all equal, "
-        "so no anchor has a negative)",
+        what="triplet_loss: the batch needs at least two identities (labels are all equal, so no anchor has a negative)",
     )
 
 
@@ -231,15 +218,11 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         raise ValueError(f"targets must hold integer class indices, got dtype {targets.dtype}")
     k = logits.shape[1]
     if epsilon > 0 and k < 2:
-        raise ValueError(
-            "logits must have at least 2 classes (K >= 2) when epsilon > 0, "
-            f"got shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"logits must have at least 2 classes (K >= 2) when epsilon > 0, got shape {tuple(logits.shape)}")
     lo, hi = int(targets.min()), int(targets.max())
     if lo < 0 or hi >= k:
         raise ValueError(
-            f"targets must lie in [0, K) = [0, {k}) for logits of shape {tuple(logits.shape)}, "
-            f"got values in [{lo}, {hi}]"
+            f"targets must lie in [0, K) = [0, {k}) for logits of shape {tuple(logits.shape)}, got values in [{lo}, {hi}]"
         )
     logp = logits.to(_compute_dtype(logits)).log_softmax(dim=1)
     true = logp.gather(1, targets.long().unsqueeze(1)).squeeze(1)
@@ -286,9 +269,7 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
     return per_domain.mean()
 
 
-def inter_domain_shuffle_loss(
-    features: Tensor, labels: Tensor, domains: Tensor, margin: float = 0.0
-) -> Tensor:
+def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor, margin: float = 0.0) -> Tensor:
     """Inter-domain shuffle loss ``L_shuf`` (the authors' ``TripletLoss_add``).
 
     A batch-hard triplet with swapped roles for domains. For every anchor ``i``: "positives" are

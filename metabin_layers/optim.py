@@ -129,9 +129,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         rho_ids = {id(p) for p in self.rhos}
         for group in base_optimizer.param_groups:
             if any(id(p) in rho_ids for p in group["params"]):
-                raise ValueError(
-                    "base_optimizer must not hold rho (it is meta-learned); build it with base_parameters(model)"
-                )
+                raise ValueError("base_optimizer must not hold rho (it is meta-learned); build it with base_parameters(model)")
         if rho_optimizer is None:
             if not isinstance(rho_lr, (int, float)) or not rho_lr >= 0:
                 raise ValueError(f"rho_lr must be a number >= 0, got {rho_lr!r}")

@@ -18,7 +18,19 @@ def _run(script, *args):
 
 @pytest.mark.slow
 def test_layer_benchmark_smoke(tmp_path):
-    out = _run("bench_layer.py", "--shapes", "small", "--batch", "2", "--repeats", "2", "--warmup", "0", "--json", str(tmp_path / "l.json"))
+    out = _run(
+        "bench_layer.py",
+        "--shapes",
+        "small",
+        "--batch",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+        str(tmp_path / "l.json"),
+    )
     assert "MetaBIN2d[fused]" in out and "BatchNorm2d" in out and "naive" in out and "xBN" in out
     assert json.loads((tmp_path / "l.json").read_text())
 
@@ -26,8 +38,20 @@ def test_layer_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_iteration_benchmark_smoke(tmp_path):
     out = _run(
-        "bench_iteration.py", "--batch", "40", "--ids-per-domain", "2", "--repeats", "1", "--warmup", "0",
-        "--configs", "a_plain,b_naive_split,c_ours_split", "--no-memory", "--json", str(tmp_path / "i.json"),
+        "bench_iteration.py",
+        "--batch",
+        "40",
+        "--ids-per-domain",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--configs",
+        "a_plain,b_naive_split,c_ours_split",
+        "--no-memory",
+        "--json",
+        str(tmp_path / "i.json"),
     )
     assert "a_plain" in out or "plain" in out
     assert json.loads((tmp_path / "i.json").read_text())

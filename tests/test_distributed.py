@@ -117,8 +117,10 @@ def _layer_worker(rank, port):
         plain = _random_layer(cls, c)
         plain.momentum, plain.backend, plain.stats_mode = momentum, backend, mode
         sync = convert_sync_metabin(copy.deepcopy(plain))
-        assert type(sync) is {MetaBIN1d: SyncMetaBIN1d, MetaBIN2d: SyncMetaBIN2d, MetaBIN3d: SyncMetaBIN3d,
-                              MetaBINAct2d: SyncMetaBINAct2d}[cls]
+        assert (
+            type(sync)
+            is {MetaBIN1d: SyncMetaBIN1d, MetaBIN2d: SyncMetaBIN2d, MetaBIN3d: SyncMetaBIN3d, MetaBINAct2d: SyncMetaBINAct2d}[cls]
+        )
         start = sum(sizes[:rank])
         part = slice(start, start + sizes[rank])
         label = f"case {case} ({cls.__name__}, sizes {sizes}, {backend}, {mode})"
@@ -224,8 +226,9 @@ def _run(net, forward, opt, iters, part):
 
 
 def _build_opt(model, second_order, **kwargs):
-    base = torch.optim.SGD(base_parameters(model.module if hasattr(model, "module") else model), lr=0.05,
-                           momentum=0.9, weight_decay=5e-4)
+    base = torch.optim.SGD(
+        base_parameters(model.module if hasattr(model, "module") else model), lr=0.05, momentum=0.9, weight_decay=5e-4
+    )
     return MetaBINOptimizer(model, base, rho_lr=0.5, inner_lr=0.3, second_order=second_order, seed=3, **kwargs)
 
 

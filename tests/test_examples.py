@@ -16,9 +16,7 @@ def _run(args, cwd):
     # One intra-op thread: these are tiny tensors, and a busy 2-core machine slows multi-threaded
     # CPU kernels down by 10x (OpenMP threads waiting for each other).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     return proc.stdout
 
@@ -40,7 +38,10 @@ def test_finetune_torchvision_folder(tmp_path):
     assert sorted(p.name for p in demo.iterdir()) == ["night", "photo", "sketch"]
     assert len(list(demo.glob("*/*/*.jpg"))) == 3 * 3 * 8
     assert "domains ['night', 'photo', 'sketch'], classes ['circle', 'square', 'triangle']" in out
-    assert re.findall(r"^epoch (\d) iter 1/1: loss [\d.]+  meta-train [\d.]+  meta-test [\d.]+  mean rho [\d.]+$", out, re.M) == ["1", "2"]
+    assert re.findall(r"^epoch (\d) iter 1/1: loss [\d.]+  meta-train [\d.]+  meta-test [\d.]+  mean rho [\d.]+$", out, re.M) == [
+        "1",
+        "2",
+    ]
     assert len(re.findall(r"^accuracy (night|photo|sketch): [\d.]+ \(24 images\)$", out, re.M)) == 3
     diff = float(re.search(r"folded model: max \|difference\| to the eval model (\S+)", out).group(1))
     assert diff < 1e-3
@@ -53,6 +54,10 @@ def test_finetune_torchvision_folder(tmp_path):
 
 def test_finetune_without_data_is_a_usage_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "finetune_torchvision_folder.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, str(EXAMPLES / "finetune_torchvision_folder.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "--root" in proc.stderr

@@ -74,6 +74,7 @@ def x():
 
 # -- folding -------------------------------------------------------------------------------------
 
+
 def _tinynet_with_dropout():
     model = timm.create_model("tinynet_e", num_classes=5)  # EfficientNet family: BatchNormAct2d + SiLU
     model.bn2.drop = nn.Dropout(0.1)  # a norm-act drop layer must survive conversion and folding

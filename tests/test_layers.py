@@ -2,16 +2,23 @@
 
 import pytest
 import torch
+from reference import reference_bin
 from torch import nn
 
 from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, set_stats_mode, stats_mode
-from reference import reference_bin
 
 
 def test_tensor_names_and_initial_values():
     m = MetaBIN2d(4, rho_init=0.25)
     assert set(m.state_dict()) == {
-        "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "in_weight", "in_bias", "rho",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "in_weight",
+        "in_bias",
+        "rho",
     }
     assert torch.equal(m.rho, torch.full((4,), 0.25))
     assert torch.equal(m.weight, torch.ones(4)) and torch.equal(m.in_bias, torch.zeros(4))
@@ -21,7 +28,8 @@ def test_tensor_names_and_initial_values():
 def test_batchnorm_checkpoint_loads_without_unexpected_keys():
     bn = nn.BatchNorm2d(3)
     with torch.no_grad():
-        bn.weight.uniform_(); bn.running_mean.uniform_()
+        bn.weight.uniform_()
+        bn.running_mean.uniform_()
     m = MetaBIN2d(3)
     result = m.load_state_dict(bn.state_dict(), strict=False)
     assert result.unexpected_keys == []
@@ -32,10 +40,14 @@ def test_batchnorm_checkpoint_loads_without_unexpected_keys():
 def test_authors_checkpoint_layout_is_remapped():
     # bismex/MetaBIN stores the branches as bat_n.* / ins_n.* and rho as "gate".
     sd = {
-        "bat_n.weight": torch.full((2,), 2.0), "bat_n.bias": torch.full((2,), 3.0),
-        "bat_n.running_mean": torch.full((2,), 0.5), "bat_n.running_var": torch.full((2,), 4.0),
+        "bat_n.weight": torch.full((2,), 2.0),
+        "bat_n.bias": torch.full((2,), 3.0),
+        "bat_n.running_mean": torch.full((2,), 0.5),
+        "bat_n.running_var": torch.full((2,), 4.0),
         "bat_n.num_batches_tracked": torch.tensor(7),
-        "ins_n.weight": torch.full((2,), 5.0), "ins_n.bias": torch.full((2,), 6.0), "gate": torch.full((2,), 0.3),
+        "ins_n.weight": torch.full((2,), 5.0),
+        "ins_n.bias": torch.full((2,), 6.0),
+        "gate": torch.full((2,), 0.3),
     }
     m = MetaBIN2d(2)
     m.load_state_dict(sd)
@@ -112,7 +124,8 @@ def test_stats_mode_validation_and_context_manager_restores_on_error():
 def test_stats_mode_eval_in_training_uses_running_stats():
     m = MetaBIN2d(3, rho_init=0.5, stats_mode="eval")
     with torch.no_grad():
-        m.running_mean.fill_(0.3); m.running_var.fill_(2.0)
+        m.running_mean.fill_(0.3)
+        m.running_var.fill_(2.0)
     x = torch.randn(4, 3, 5, 5)
     ref = reference_bin(x, m.rho, m.weight, m.bias, m.in_weight, m.in_bias, m.running_mean, m.running_var)
     torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,6 @@ from torch import nn
 
 from metabin_layers import (
     CyclicInnerLR,
-    MetaBIN2d,
     MetaBINOptimizer,
     base_parameters,
     convert_bn_to_metabin,
@@ -132,7 +131,9 @@ def test_second_order_differs_from_first_order():
     results = []
     for second_order in (False, True):
         model = make_model()
-        opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.5, inner_lr=0.7, second_order=second_order)
+        opt = MetaBINOptimizer(
+            model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.5, inner_lr=0.7, second_order=second_order
+        )
         opt.meta_step(lambda: mtr_loss(model(x[:6])), lambda: mte_loss(model(x[6:]), y[6:]))
         results.append(torch.cat([r.detach() for r in rho_parameters(model)]))
         assert all(m.backend == "auto" for m in metabin_modules(model))
@@ -228,7 +229,9 @@ def test_scaled_meta_step_equals_unscaled_one():
     rhos = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
         model = make_model()
-        opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.5, inner_lr=0.3, grad_scaler=scaler)
+        opt = MetaBINOptimizer(
+            model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.5, inner_lr=0.3, grad_scaler=scaler
+        )
         opt.meta_step(lambda: mtr_loss(model(x[:6])), lambda: mte_loss(model(x[6:]), y[6:]))
         rhos.append(torch.cat([r.detach() for r in rho_parameters(model)]))
     torch.testing.assert_close(rhos[0], rhos[1], rtol=1e-12, atol=1e-12)
@@ -286,7 +289,9 @@ def test_lr_scheduler_scales_base_groups_only():
 def test_cyclic_inner_lr_is_relative_to_rho_lr():
     model = make_model()
     x, y = data()
-    opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.1, inner_lr=CyclicInnerLR(iters_per_epoch=10))
+    opt = MetaBINOptimizer(
+        model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.1, inner_lr=CyclicInnerLR(iters_per_epoch=10)
+    )
     out = opt.meta_step(lambda: mtr_loss(model(x[:6])), lambda: mte_loss(model(x[6:]), y[6:]))
     assert out["inner_lr"] == pytest.approx(0.1 * (0.001 + 0.099 / 25))
 
@@ -300,7 +305,9 @@ def test_constructor_and_closure_errors():
     with pytest.raises(TypeError, match="base_optimizer"):
         MetaBINOptimizer(model, None)
     with pytest.raises(ValueError, match="rho_optimizer must hold exactly"):
-        MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_optimizer=torch.optim.SGD(rho_parameters(model)[:1], lr=1))
+        MetaBINOptimizer(
+            model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_optimizer=torch.optim.SGD(rho_parameters(model)[:1], lr=1)
+        )
     with pytest.raises(ValueError, match="inner_lr"):
         MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=-1.0)
     opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=0.1)

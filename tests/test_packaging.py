@@ -24,10 +24,14 @@ def test_version_is_single_sourced():
 def test_wheel_builds_and_runs_in_a_fresh_venv(tmp_path):
     pytest.importorskip("build")
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(ROOT)], check=True, capture_output=True
+    )
     wheels = list(dist.glob("metabin_layers-*.whl"))
     assert len(wheels) == 1 and len(list(dist.glob("metabin_layers-*.tar.gz"))) == 1
-    twine = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dist.iterdir())], capture_output=True, text=True)
+    twine = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", *map(str, dist.iterdir())], capture_output=True, text=True
+    )
     assert twine.returncode == 0, twine.stdout + twine.stderr
     # A venv that sees torch & co. from this interpreter, but gets metabin_layers only from the wheel.
     env_dir = tmp_path / "venv"
@@ -48,9 +52,22 @@ def test_wheel_builds_and_runs_in_a_fresh_venv(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "quickstart ok 20" in out.stdout, out.stderr
     cli = subprocess.run(
-        [str(env_dir / "bin" / "metabin-reid"), "train", "--quick", "--no-progress", "--output", str(work / "run"),
-         "--set", "max_iters=1", "syn_train_ids=16", "syn_test_ids=6"],
-        cwd=work, env=env, capture_output=True, text=True,
+        [
+            str(env_dir / "bin" / "metabin-reid"),
+            "train",
+            "--quick",
+            "--no-progress",
+            "--output",
+            str(work / "run"),
+            "--set",
+            "max_iters=1",
+            "syn_train_ids=16",
+            "syn_test_ids=6",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (work / "run" / "results.json").exists() and "style4" in cli.stdout

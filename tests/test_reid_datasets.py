@@ -184,12 +184,7 @@ def test_duke_missing_error(tmp_path: Path) -> None:
 
 def _cuhk03_names() -> list[str]:
     """2 pairs x 2 persons x (2 images in view 1 + 2 in view 2), torchreid names."""
-    return [
-        f"{pair}_{person:03d}_{1 if n <= 5 else 2}_{n:02d}.png"
-        for pair in (1, 2)
-        for person in (1, 2)
-        for n in (1, 2, 6, 7)
-    ]
+    return [f"{pair}_{person:03d}_{1 if n <= 5 else 2}_{n:02d}.png" for pair in (1, 2) for person in (1, 2) for n in (1, 2, 6, 7)]
 
 
 def _write_new_protocol(path: Path, names: list[str]) -> None:
@@ -369,7 +364,9 @@ def test_cuhk02(tmp_path: Path, sub: str) -> None:
     make_cuhk02(tmp_path / sub)
     ds = CUHK02(tmp_path)
     assert len(ds.train) == 16 and ds.num_train_pids == 8  # same number in two pairs = two people
-    by_pair = {(os.path.basename(os.path.dirname(os.path.dirname(it.img_path))), os.path.basename(it.img_path)): it for it in ds.train}
+    by_pair = {
+        (os.path.basename(os.path.dirname(os.path.dirname(it.img_path))), os.path.basename(it.img_path)): it for it in ds.train
+    }
     assert by_pair[("P1", "001_1.png")].pid != by_pair[("P2", "001_1.png")].pid
     assert by_pair[("P1", "001_1.png")].pid == by_pair[("P1", "001_3.png")].pid
     assert by_pair[("P1", "001_1.png")].camid == 0 and by_pair[("P2", "001_3.png")].camid == 3
@@ -394,7 +391,10 @@ def test_cuhk02_missing_camera_pair(tmp_path: Path) -> None:
     "sub,files",
     [
         ("cuhksysu/cropped_images", ["p11422_s16929_1.jpg", "p11422_s16930_2.jpg", "p00005_s00001_1.jpg"]),
-        ("CUHK-SYSU/cropped_image", ["p11422_n01_s16929_hard0.png", "p11422_n02_s16930_hard1.png", "p00005_n01_s00001_hard0.png"]),
+        (
+            "CUHK-SYSU/cropped_image",
+            ["p11422_n01_s16929_hard0.png", "p11422_n02_s16930_hard1.png", "p00005_n01_s00001_hard0.png"],
+        ),
     ],
 )
 def test_cuhksysu(tmp_path: Path, sub: str, files: list[str]) -> None:
@@ -414,10 +414,20 @@ def test_cuhksysu_bad_name(tmp_path: Path) -> None:
 
 def make_msmt(base: Path, train_dir: str, test_dir: str) -> None:
     lists = {
-        "list_train.txt": (train_dir, [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0000/0000_001_03_0303morning_0016_0.jpg", 0), ("0001/0001_000_15_0303noon_0001_0.jpg", 1)]),
+        "list_train.txt": (
+            train_dir,
+            [
+                ("0000/0000_000_01_0303morning_0015_0.jpg", 0),
+                ("0000/0000_001_03_0303morning_0016_0.jpg", 0),
+                ("0001/0001_000_15_0303noon_0001_0.jpg", 1),
+            ],
+        ),
         "list_val.txt": (train_dir, [("0001/0001_001_02_0303noon_0002_0.jpg", 1)]),
         "list_query.txt": (test_dir, [("0000/0000_000_02_0303morning_0001_0.jpg", 0)]),
-        "list_gallery.txt": (test_dir, [("0000/0000_001_05_0303morning_0002_0.jpg", 0), ("0001/0001_000_01_0303noon_0003_0.jpg", 1)]),
+        "list_gallery.txt": (
+            test_dir,
+            [("0000/0000_001_05_0303morning_0002_0.jpg", 0), ("0001/0001_000_01_0303noon_0003_0.jpg", 1)],
+        ),
     }
     for list_name, (folder, entries) in lists.items():
         touch(base / folder, [rel for rel, _ in entries])
@@ -557,10 +567,16 @@ def test_grid_uses_features_and_partitions_mat(tmp_path: Path) -> None:
     savemat = pytest.importorskip("scipy.io").savemat
     make_grid(tmp_path / "grid" / "underground_reid", small=True)  # paired ids 1..20
     rng = np.random.default_rng(0)
-    partitions = [np.arange(1, 11), np.arange(11, 21)] + [np.sort(rng.choice(np.arange(1, 21), 10, replace=False)) for _ in range(8)]
+    partitions = [np.arange(1, 11), np.arange(11, 21)] + [
+        np.sort(rng.choice(np.arange(1, 21), 10, replace=False)) for _ in range(8)
+    ]
     cell = np.empty((1, 10), dtype=object)
     for k, ids in enumerate(partitions):
-        cell[0, k] = {"testIdx": np.zeros((1, 1)), "probeIdx": np.zeros((1, 1)), "trainIdx": ids.reshape(1, -1).astype(np.float64)}
+        cell[0, k] = {
+            "testIdx": np.zeros((1, 1)),
+            "probeIdx": np.zeros((1, 1)),
+            "trainIdx": ids.reshape(1, -1).astype(np.float64),
+        }
     savemat(str(tmp_path / "grid" / "underground_reid" / "features_and_partitions.mat"), {"trainIdxAll": cell})
     ds0 = GRID(tmp_path, split_id=0)
     ds1 = GRID(tmp_path, split_id=1)
@@ -573,7 +589,9 @@ def test_grid_uses_features_and_partitions_mat(tmp_path: Path) -> None:
 
 def test_grid_reads_foreign_torchreid_split_file(tmp_path: Path) -> None:
     make_grid(tmp_path / "GRID", small=True)  # paired ids 1..20
-    train_items = [[f"/home/someone/datasets/GRID/probe/{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg", i - 1, 0] for i in range(6, 16)]
+    train_items = [
+        [f"/home/someone/datasets/GRID/probe/{i:04d}_{i % 8 + 1}_{10000 + i}_1_1_1.jpeg", i - 1, 0] for i in range(6, 16)
+    ]
     (tmp_path / "GRID" / "splits.json").write_text(json.dumps([{"train": train_items, "query": [], "gallery": []}] * 10))
     ds = GRID(tmp_path, split_id=2)
     assert {_pid_of("grid", n) for n in names(ds.train)} == set(range(6, 16))
@@ -639,12 +657,22 @@ def test_ilids_protocol(tmp_path: Path) -> None:
 
 def test_split_file_referring_to_missing_image(tmp_path: Path) -> None:
     make_ilids(tmp_path / "QMUL-iLIDS" / "images", small=True)
-    (tmp_path / "QMUL-iLIDS" / "splits.json").write_text(json.dumps([{"train": ["0200001.jpg"], "query": [], "gallery": []}] * 10))
+    (tmp_path / "QMUL-iLIDS" / "splits.json").write_text(
+        json.dumps([{"train": ["0200001.jpg"], "query": [], "gallery": []}] * 10)
+    )
     with pytest.raises(ValueError, match=r"iLIDS: split file .* refers to missing image .*0200001\.jpg"):
         iLIDS(tmp_path)
 
 
-@pytest.mark.parametrize("cls,expected", [(GRID, "grid/underground_reid/{probe,gallery}"), (VIPeR, "viper/VIPeR/{cam_a,cam_b}"), (PRID, "prid_2011/single_shot/{cam_a,cam_b}"), (iLIDS, "QMUL-iLIDS/images")])
+@pytest.mark.parametrize(
+    "cls,expected",
+    [
+        (GRID, "grid/underground_reid/{probe,gallery}"),
+        (VIPeR, "viper/VIPeR/{cam_a,cam_b}"),
+        (PRID, "prid_2011/single_shot/{cam_a,cam_b}"),
+        (iLIDS, "QMUL-iLIDS/images"),
+    ],
+)
 def test_split_sets_missing_error(tmp_path: Path, cls: type[SplitReIDDataset], expected: str) -> None:
     with pytest.raises(FileNotFoundError) as exc:
         cls(tmp_path)
@@ -657,7 +685,18 @@ def test_split_sets_missing_error(tmp_path: Path, cls: type[SplitReIDDataset], e
 
 
 def test_registry_and_build_dataset(tmp_path: Path) -> None:
-    assert set(DATASETS) == {"market1501", "dukemtmcreid", "cuhk03", "cuhk02", "cuhksysu", "msmt17", "grid", "viper", "prid", "ilids"}
+    assert set(DATASETS) == {
+        "market1501",
+        "dukemtmcreid",
+        "cuhk03",
+        "cuhk02",
+        "cuhksysu",
+        "msmt17",
+        "grid",
+        "viper",
+        "prid",
+        "ilids",
+    }
     make_market(tmp_path / "Market-1501-v15.09.15")
     plain = build_dataset("Market1501", tmp_path)
     dg = build_dataset("DG_Market1501", tmp_path)
@@ -714,7 +753,12 @@ def test_image_dataset_items_and_loader(tmp_path: Path) -> None:
     sample = data[3]
     assert set(sample) == {"img", "pid", "camid", "domain", "path"}
     assert sample["img"].shape == (3, 4, 8) and sample["img"].dtype == torch.uint8
-    assert (sample["pid"], sample["camid"], sample["domain"], sample["path"]) == (ds.train[3].pid, ds.train[3].camid, 2, ds.train[3].img_path)
+    assert (sample["pid"], sample["camid"], sample["domain"], sample["path"]) == (
+        ds.train[3].pid,
+        ds.train[3].camid,
+        2,
+        ds.train[3].img_path,
+    )
     batch = next(iter(DataLoader(data, batch_size=5)))
     assert batch["img"].shape == (5, 3, 4, 8) and batch["pid"].tolist() == [it.pid for it in ds.train]
     assert isinstance(ImageDataset([("p.jpg", 1, 2)]).items[0], ReIDItem)

@@ -167,8 +167,12 @@ def test_max_rank_larger_than_gallery_warns_and_truncates():
 )
 def test_bad_arguments_raise_value_error_naming_them(override, name):
     args = dict(
-        distmat=np.zeros((2, 4)), q_pids=np.zeros(2), g_pids=np.zeros(4),
-        q_camids=np.zeros(2), g_camids=np.ones(4), max_rank=2,
+        distmat=np.zeros((2, 4)),
+        q_pids=np.zeros(2),
+        g_pids=np.zeros(4),
+        q_camids=np.zeros(2),
+        g_camids=np.ones(4),
+        max_rank=2,
     )
     args.update(override)
     with pytest.raises(ValueError, match=name):
@@ -213,7 +217,7 @@ class _Asym(torch.nn.Module):
 
 def _loader(imgs, pids, camids, bs=3):
     return [
-        {"img": imgs[i:i + bs], "pid": torch.as_tensor(pids[i:i + bs]), "camid": torch.as_tensor(camids[i:i + bs])}
+        {"img": imgs[i : i + bs], "pid": torch.as_tensor(pids[i : i + bs]), "camid": torch.as_tensor(camids[i : i + bs])}
         for i in range(0, len(imgs), bs)
     ]
 

@@ -30,7 +30,10 @@ def test_config_layers_defaults_presets_files_and_overrides(tmp_path):
     assert cfg.lr == 0.07 and cfg.backbone == "resnet34" and cfg.milestones == [3, 5]
     real = load_config(overrides={"data_root": "/data"})
     assert real.backbone == "resnet50"  # no synthetic preset for real data
-    assert parse_overrides(["sources=market1501,cuhk02", "inner_lr=none"]) == {"sources": ["market1501", "cuhk02"], "inner_lr": None}
+    assert parse_overrides(["sources=market1501,cuhk02", "inner_lr=none"]) == {
+        "sources": ["market1501", "cuhk02"],
+        "inner_lr": None,
+    }
     with pytest.raises(KeyError, match="unknown config key 'lrr'"):
         parse_overrides(["lrr=1"])
     with pytest.raises(ValueError, match="key=value"):
@@ -164,9 +167,25 @@ def test_cli_runs_under_torchrun_with_two_processes(tmp_path):
 
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "metabin_layers.reid.cli", "train", "--quick", "--no-progress", "--output", str(out),
-        "--set", "max_iters=2", "meta_batch_size=64", "syn_train_ids=24", "syn_test_ids=6", "workers=0",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "metabin_layers.reid.cli",
+        "train",
+        "--quick",
+        "--no-progress",
+        "--output",
+        str(out),
+        "--set",
+        "max_iters=2",
+        "meta_batch_size=64",
+        "syn_train_ids=24",
+        "syn_test_ids=6",
+        "workers=0",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -45,7 +45,7 @@ def check_pk(batch, items, p, k):
     assert len(counts) == p and set(counts.values()) == {k}
     # each identity occupies one contiguous chunk of K positions
     for start in range(0, len(batch), k):
-        assert len(set(pids[start:start + k])) == 1
+        assert len(set(pids[start : start + k])) == 1
 
 
 # --------------------------------------------------------------------------- RandomIdentitySampler
@@ -64,7 +64,7 @@ def test_random_identity_pass_covers_every_image_once_when_counts_are_multiples_
     s = RandomIdentitySampler(items, batch_size=12, num_instances=4, seed=0)
     batches = take(s, 8)
     for first in (0, 4):  # a pass is 12 ids / P=3 = 4 batches
-        used = sorted(i for b in batches[first:first + 4] for i in b)
+        used = sorted(i for b in batches[first : first + 4] for i in b)
         assert used == list(range(48))
 
 
@@ -238,7 +238,7 @@ def test_domain_balanced_structure():
         assert len(batch) == 24
         assert [items[i].domain for i in batch] == s.batch_domains()  # exactly its share, grouped
         for d in range(3):
-            check_pk(batch[8 * d:8 * (d + 1)], items, p=2, k=4)
+            check_pk(batch[8 * d : 8 * (d + 1)], items, p=2, k=4)
 
 
 def test_domain_balanced_recycles_small_domains():

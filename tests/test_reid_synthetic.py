@@ -33,8 +33,15 @@ def parse(path):
 
 @pytest.fixture(scope="module")
 def small():
-    return SyntheticReID(num_train_ids=24, num_test_ids=10, num_styles=4, held_out_styles=(1, 3),
-                         images_per_id_per_style=5, cameras_per_style=3, seed=7)
+    return SyntheticReID(
+        num_train_ids=24,
+        num_test_ids=10,
+        num_styles=4,
+        held_out_styles=(1, 3),
+        images_per_id_per_style=5,
+        cameras_per_style=3,
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +50,16 @@ def default():
 
 
 def test_determinism_same_seed_same_pixels(small):
-    other = SyntheticReID(num_train_ids=24, num_test_ids=10, num_styles=4, held_out_styles=(1, 3),
-                          images_per_id_per_style=5, cameras_per_style=3, seed=7, cache=False)
+    other = SyntheticReID(
+        num_train_ids=24,
+        num_test_ids=10,
+        num_styles=4,
+        held_out_styles=(1, 3),
+        images_per_id_per_style=5,
+        cameras_per_style=3,
+        seed=7,
+        cache=False,
+    )
     assert other.train == small.train and other.query == small.query and other.gallery == small.gallery
     items = small.train[::7] + small.query[3][:3] + small.gallery[1][:3]
     first = [small.render(it).copy() for it in items]
@@ -53,8 +68,15 @@ def test_determinism_same_seed_same_pixels(small):
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(first[0], f) for f in first[1:])
-    different = SyntheticReID(num_train_ids=24, num_test_ids=10, num_styles=4, held_out_styles=(1, 3),
-                              images_per_id_per_style=5, cameras_per_style=3, seed=8)
+    different = SyntheticReID(
+        num_train_ids=24,
+        num_test_ids=10,
+        num_styles=4,
+        held_out_styles=(1, 3),
+        images_per_id_per_style=5,
+        cameras_per_style=3,
+        seed=8,
+    )
     assert not np.array_equal(different.render(items[0]), first[0])
 
 
@@ -64,8 +86,15 @@ def test_item_counts(small):
     for s in (1, 3):
         assert len(small.query[s]) == 10
         assert len(small.gallery[s]) == 10 * (n - 1)
-    shared = SyntheticReID(num_train_ids=6, num_test_ids=3, num_styles=3, held_out_styles=(0,),
-                           images_per_id_per_style=4, shared_train_ids=True, num_distractor_ids=2)
+    shared = SyntheticReID(
+        num_train_ids=6,
+        num_test_ids=3,
+        num_styles=3,
+        held_out_styles=(0,),
+        images_per_id_per_style=4,
+        shared_train_ids=True,
+        num_distractor_ids=2,
+    )
     assert len(shared.train) == 6 * 4 * 2
     assert len(shared.gallery[0]) == 3 * 3 + 2 * 3
     assert Counter(it.pid for it in shared.train) == {pid: 8 for pid in range(6)}
@@ -197,7 +226,7 @@ def test_example_grid_png(tmp_path, small):
     loaded = np.asarray(Image.open(path).convert("RGB"))
     np.testing.assert_array_equal(loaded, grid)
     # cell (row 1, column 5) is identity num_train_ids + 1 under style 2, camera 1
-    cell = grid[::2, ::2][pad + (h + pad):pad + (h + pad) + h, pad + 5 * (w + pad):pad + 5 * (w + pad) + w]
+    cell = grid[::2, ::2][pad + (h + pad) : pad + (h + pad) + h, pad + 5 * (w + pad) : pad + 5 * (w + pad) + w]
     np.testing.assert_array_equal(cell, small.render_image(24 + 1, 2, 1, 5))
     grid2 = save_examples(tmp_path / "g2.png", dataset=small, num_ids=1, per_style=1, scale=1)
     assert grid2.shape == (h + 2 * pad, 4 * (w + pad) + pad, 3)
@@ -222,7 +251,9 @@ def test_transforms_accept_pil_numpy_and_tensor():
     torch.testing.assert_close(t(Image.fromarray(arr)), a)
     torch.testing.assert_close(t(torch.from_numpy(arr).permute(2, 0, 1)), a)
     # resize to the same size is the identity: ToTensor + Normalize only
-    ref = (torch.from_numpy(arr).permute(2, 0, 1) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    ref = (torch.from_numpy(arr).permute(2, 0, 1) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD
+    )[:, None, None]
     torch.testing.assert_close(a, ref.float(), atol=1e-5, rtol=0)
     # without flip and pad the train transform is the test transform
     torch.testing.assert_close(build_train_transform(64, 32, flip=False, pad=0)(arr), a)
@@ -245,8 +276,6 @@ def test_train_transform_flips_and_shifts():
         out = crop(arr)
         # the output is a 64x32 window of the zero-padded image
         padded = torch.nn.functional.pad(plain, (4, 4, 4, 4))
-        assert any(
-            torch.equal(out, padded[:, dy:dy + 64, dx:dx + 32]) for dy in range(9) for dx in range(9)
-        )
+        assert any(torch.equal(out, padded[:, dy : dy + 64, dx : dx + 32]) for dy in range(9) for dx in range(9))
     jitter = build_train_transform(64, 32, color_jitter=True)
     assert jitter(arr).shape == (3, 64, 32)

@@ -24,9 +24,7 @@ from metabin_layers.functional import _FusedBIN  # noqa: E402
 from metabin_layers.kernels import triton_bin as tb  # noqa: E402
 
 EPS = 1e-5
-needs_interpreter = pytest.mark.skipif(
-    not tb.INTERPRET, reason="Triton was imported without TRITON_INTERPRET=1 (compiled mode)"
-)
+needs_interpreter = pytest.mark.skipif(not tb.INTERPRET, reason="Triton was imported without TRITON_INTERPRET=1 (compiled mode)")
 needs_compiled_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or tb.INTERPRET, reason="needs CUDA and Triton in compiled mode"
 )

@@ -1,7 +1,8 @@
 """A custom MetaBIN training loop: a small timm CNN, synthetic multi-domain Re-ID data, CPU.
 
-    python docs/examples/custom_loop_timm.py --iters 5
+python docs/examples/custom_loop_timm.py --iters 5
 """
+
 import argparse
 from functools import partial
 
@@ -61,11 +62,15 @@ for it, (b, m) in enumerate(zip(base_loader, meta_loader), 1):
     opt.backward(base_loss)
     opt.step()
     split = opt.split(m["domain"])  # 2) meta step on rho: meta-train / meta-test domains
-    out = opt.meta_step(meta_train_loss=partial(meta_train_loss, m, split.train_mask),
-                        meta_test_loss=partial(meta_test_loss, m, split.test_mask))
+    out = opt.meta_step(
+        meta_train_loss=partial(meta_train_loss, m, split.train_mask), meta_test_loss=partial(meta_test_loss, m, split.test_mask)
+    )
     rho = torch.cat([r.detach().flatten() for r in rho_parameters(model)])
-    print(f"iter {it}: base {base_loss.item():.4f}  meta-train {out['meta_train_loss'].item():.4f}  "
-          f"meta-test {out['meta_test_loss'].item():.4f}  mean rho {rho.mean().item():.4f}", flush=True)
+    print(
+        f"iter {it}: base {base_loss.item():.4f}  meta-train {out['meta_train_loss'].item():.4f}  "
+        f"meta-test {out['meta_test_loss'].item():.4f}  mean rho {rho.mean().item():.4f}",
+        flush=True,
+    )
     if it == args.iters:
         break
 print("done")

@@ -8,6 +8,7 @@ folded for inference (metabin_layers.export) and optionally saved as TorchScript
     python docs/examples/finetune_torchvision_folder.py --make-demo-data /tmp/demo --epochs 1 --iters 3
     python docs/examples/finetune_torchvision_folder.py --root ROOT --arch resnet50 --weights DEFAULT --epochs 20
 """
+
 import argparse
 import random
 from functools import partial
@@ -29,8 +30,11 @@ from metabin_layers.reid.sampler import DomainBalancedSampler, RandomIdentitySam
 def make_demo_data(root, per_class=8, size=48, seed=0):
     """Write ROOT/<domain>/<class>/*.jpg: 3 shapes drawn in 3 styles (colour, background, blur)."""
     rng = random.Random(seed)
-    styles = {"photo": ((200, 60, 40), (235, 230, 220), 0), "sketch": ((30, 30, 30), (255, 255, 255), 1),
-              "night": ((90, 200, 255), (20, 25, 60), 2)}
+    styles = {
+        "photo": ((200, 60, 40), (235, 230, 220), 0),
+        "sketch": ((30, 30, 30), (255, 255, 255), 1),
+        "night": ((90, 200, 255), (20, 25, 60), 2),
+    }
     for domain, (fg, bg, blur) in styles.items():
         for cls in ("circle", "square", "triangle"):
             folder = Path(root) / domain / cls
@@ -152,13 +156,17 @@ def main():
             opt.backward(loss)
             opt.step()
             s = opt.split(m["domain"])  # meta-train / meta-test domains of this episode
-            out = opt.meta_step(meta_train_loss=partial(meta_train_loss, model, m, s.train_mask),
-                                meta_test_loss=partial(meta_test_loss, model, m, s.test_mask))
+            out = opt.meta_step(
+                meta_train_loss=partial(meta_train_loss, model, m, s.train_mask),
+                meta_test_loss=partial(meta_test_loss, model, m, s.test_mask),
+            )
             sched.step()
             rho = torch.cat([r.detach().flatten() for r in rho_parameters(model)]).mean().item()
-            print(f"epoch {epoch} iter {it}/{iters}: loss {loss.item():.4f}  meta-train "
-                  f"{out['meta_train_loss'].item():.4f}  meta-test {out['meta_test_loss'].item():.4f}  mean rho {rho:.4f}",
-                  flush=True)
+            print(
+                f"epoch {epoch} iter {it}/{iters}: loss {loss.item():.4f}  meta-train "
+                f"{out['meta_train_loss'].item():.4f}  meta-test {out['meta_test_loss'].item():.4f}  mean rho {rho:.4f}",
+                flush=True,
+            )
 
     model.eval()  # accuracy per domain (on the training folder here: keep a held-out domain for a real test)
     eval_data, *_ = load_domains(args.root, args.size, train=False)

@@ -367,7 +367,7 @@ def _num_warps(bc: int, bm: int) -> int:
     return max(1, min(8, (bc * bm) // 512))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -414,9 +414,7 @@ def _per_nc_reduce(
     counts = [min(per, m - s * per) for s in range(split)]
     grid = (n * n_cb, split)
     kern = _kernel(name, interpret)
-    meta = dict(
-        CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_M=bm, ACC=_acc(sd), num_warps=_num_warps(bc, bm)
-    )
+    meta = dict(CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_M=bm, ACC=_acc(sd), num_warps=_num_warps(bc, bm))
     if interpret:
         meta.pop("num_warps")
     if name == "stats":
@@ -601,9 +599,7 @@ class TritonBIN(torch.autograd.Function):
         var_b_fixed: Optional[Tensor],
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mu_b, var_b, mu_nc, inv_nc, scale = triton_bin_forward(
-            x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps
-        )
+        y, mu_b, var_b, mu_nc, inv_nc, scale = triton_bin_forward(x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps)
         sd = mu_nc.dtype
         use_batch = mu_b_fixed is None
         p = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]

@@ -37,7 +37,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metabin-reid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="metabin-reid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train one model and evaluate it")
     _add_common(p_train)
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) -> TrainConfig:
     overrides = parse_overrides(args.set)
-    for key, value in (("data_root", args.data_root), ("sources", args.sources), ("targets", args.targets), ("output", args.output)):
+    for key, value in (
+        ("data_root", args.data_root),
+        ("sources", args.sources),
+        ("targets", args.targets),
+        ("output", args.output),
+    ):
         if value is not None:
             overrides[key] = value
     overrides.update(extra or {})

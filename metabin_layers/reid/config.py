@@ -93,7 +93,16 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {self.norm!r}")
         if self.metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {self.metric!r}")
-        for name in ("batch_size", "num_instances", "meta_batch_size", "epochs", "height", "width", "log_every", "checkpoint_every"):
+        for name in (
+            "batch_size",
+            "num_instances",
+            "meta_batch_size",
+            "epochs",
+            "height",
+            "width",
+            "log_every",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.num_instances:

@@ -46,10 +46,14 @@ def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> Recip
         num_distractor_ids=cfg.syn_distractor_ids,
     )
     targets = {
-        f"style{s}": [TargetSplit(SyntheticReIDDataset(syn, syn.query[s], test_tf), SyntheticReIDDataset(syn, syn.gallery[s], test_tf))]
+        f"style{s}": [
+            TargetSplit(SyntheticReIDDataset(syn, syn.query[s], test_tf), SyntheticReIDDataset(syn, syn.gallery[s], test_tf))
+        ]
         for s in syn.held_out_styles
     }
-    return RecipeData(syn.train, SyntheticReIDDataset(syn, syn.train, train_tf), syn.num_train_pids, syn.num_domains, targets, repr(syn))
+    return RecipeData(
+        syn.train, SyntheticReIDDataset(syn, syn.train, train_tf), syn.num_train_pids, syn.num_domains, targets, repr(syn)
+    )
 
 
 def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:

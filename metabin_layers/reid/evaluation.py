@@ -282,11 +282,14 @@ def evaluate(
     gf, g_pids, g_camids = extract_features(model, gallery_loader, device, flip=flip)
     distmat = compute_distance(qf, gf, metric=metric)
     cmc, mAP, mINP = evaluate_rank(
-        distmat, q_pids, g_pids, q_camids, g_camids,
-        max_rank=min(max_rank, distmat.shape[1]), invalid_as_zero=invalid_as_zero,
+        distmat,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        max_rank=min(max_rank, distmat.shape[1]),
+        invalid_as_zero=invalid_as_zero,
     )
-    result: dict[str, Any] = {
-        f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)
-    }
+    result: dict[str, Any] = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
     result.update(mAP=float(mAP), mINP=float(mINP), cmc=cmc)
     return result

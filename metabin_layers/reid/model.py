@@ -42,10 +42,12 @@ def _set_last_stride_one(backbone: nn.Module) -> None:
 class _TorchvisionTrunk(nn.Module):
     """The feature-map part of a torchvision classifier (everything before pooling)."""
 
+    features: nn.Module
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if hasattr(model, "features"):  # mobilenet, efficientnet, densenet, vgg
-            self.features = model.features
+            self.features = model.features  # type: ignore[assignment]
         else:  # resnet / regnet / shufflenet: all children before the pooling
             names = [n for n, _ in model.named_children()]
             stop = next(i for i, n in enumerate(names) if n in ("avgpool", "fc", "classifier"))
@@ -55,8 +57,7 @@ class _TorchvisionTrunk(nn.Module):
             self.layer4 = model.layer4
 
     def forward(self, x: Tensor) -> Tensor:
-        features: nn.Module = self.features
-        return features(x)
+        return self.features(x)
 
 
 def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
@@ -140,8 +141,8 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0)
                 if variant == "bin-half":
                     m.rho[: math.ceil(m.num_features / 2)] = 1.0
             m.rho.requires_grad_(False)
-            if variant == "in" and m.affine:
-                m.weight.requires_grad_(False)
+            if variant == "in" and m.weight is not None and m.bias is not None:
+                m.weight.requires_grad_(False)  # the BN branch is unused
                 m.bias.requires_grad_(False)
     return backbone
 

@@ -109,9 +109,7 @@ class _IdentityBatchSampler(Sampler[list[int]]):
         if int(num_instances) != num_instances or num_instances <= 0:
             raise ValueError(f"num_instances must be a positive integer, got {num_instances}")
         if batch_size % num_instances:
-            raise ValueError(
-                f"batch_size={batch_size} must be a multiple of num_instances={num_instances}"
-            )
+            raise ValueError(f"batch_size={batch_size} must be a multiple of num_instances={num_instances}")
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         if num_batches is not None and (int(num_batches) != num_batches or num_batches <= 0):
@@ -119,9 +117,7 @@ class _IdentityBatchSampler(Sampler[list[int]]):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size % world_size:
-            raise ValueError(
-                f"batch_size={batch_size} must be divisible by world_size={world_size}"
-            )
+            raise ValueError(f"batch_size={batch_size} must be divisible by world_size={world_size}")
         self.num_items = len(items)
         self.batch_size = int(batch_size)
         self.num_instances = int(num_instances)
@@ -166,7 +162,7 @@ class _IdentityBatchSampler(Sampler[list[int]]):
     def _local(self, batch: list[int]) -> list[int]:
         """This rank's part of a global batch: the ``rank``-th contiguous chunk."""
         lo = self.rank * self.local_batch_size
-        return batch[lo:lo + self.local_batch_size]
+        return batch[lo : lo + self.local_batch_size]
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -389,7 +385,7 @@ class DomainBalancedSampler(_IdentityBatchSampler):
         per_rank = self.ids_per_domain // self.world_size * self.num_instances
         block = self.ids_per_domain * self.num_instances
         lo = self.rank * per_rank
-        return [i for start in range(0, len(batch), block) for i in batch[start + lo:start + lo + per_rank]]
+        return [i for start in range(0, len(batch), block) for i in batch[start + lo : start + lo + per_rank]]
 
     def batch_domains(self) -> list[Any]:
         """Domain label of every position of a global batch (domains are contiguous blocks)."""

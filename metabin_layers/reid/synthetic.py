@@ -314,14 +314,12 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     taps = (taps / taps.sum()).astype(np.float32)
     h, w = img.shape[:2]
     p = np.pad(img, ((rad, rad), (0, 0), (0, 0)), mode="edge")
-    img = sum(t * p[i:i + h] for i, t in enumerate(taps))
+    img = sum(t * p[i : i + h] for i, t in enumerate(taps))
     p = np.pad(img, ((0, 0), (rad, rad), (0, 0)), mode="edge")
-    return sum(t * p[:, i:i + w] for i, t in enumerate(taps))
+    return sum(t * p[:, i : i + w] for i, t in enumerate(taps))
 
 
-def _render(
-    ident: _Identity, st: _Style, cam: _Camera, height: int, width: int, r: np.random.Generator
-) -> np.ndarray:
+def _render(ident: _Identity, st: _Style, cam: _Camera, height: int, width: int, r: np.random.Generator) -> np.ndarray:
     """Render one uint8 (height, width, 3) image. ``r`` supplies the per-image randomness."""
     hs, ws = height * _SS, width * _SS
     yy = ((np.arange(hs, dtype=np.float32) + 0.5) / hs)[:, None]
@@ -368,7 +366,7 @@ def _render(
     elif pattern == "jacket":
         second = np.broadcast_to(au <= 0.035 * b, (hs, ws))
     elif pattern == "logo":
-        second = (u ** 2 + (v - 0.32) ** 2) <= 0.045 ** 2
+        second = (u**2 + (v - 0.32) ** 2) <= 0.045**2
     else:
         second = np.zeros((hs, ws), dtype=bool)
     shirt = np.where(np.broadcast_to(second, (hs, ws))[..., None], ident.shirt2, ident.shirt)
@@ -427,7 +425,7 @@ def _render(
     img = np.clip(img, 0.0, 1.0) ** st.gamma
     if st.vignette:
         ry_, rx_ = np.linspace(-1, 1, height)[:, None], np.linspace(-1, 1, width)[None, :]
-        img = img * (1.0 - st.vignette * 0.5 * (ry_ ** 2 + rx_ ** 2))[..., None]
+        img = img * (1.0 - st.vignette * 0.5 * (ry_**2 + rx_**2))[..., None]
     img = _blur(img.astype(np.float32), st.blur + cam.blur)
     img = img + st.noise * r.standard_normal(img.shape, dtype=np.float32)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -514,10 +512,7 @@ class SyntheticReID:
         n, c = self.images_per_id_per_style, self.cameras_per_style
         self.train: list[SyntheticItem] = []
         for gid in range(self.num_train_ids):
-            styles = (
-                self.source_styles if self.shared_train_ids
-                else [self.source_styles[gid % len(self.source_styles)]]
-            )
+            styles = self.source_styles if self.shared_train_ids else [self.source_styles[gid % len(self.source_styles)]]
             for s in styles:
                 c0 = int(layout.integers(c))
                 for k in range(n):
@@ -610,7 +605,7 @@ class SyntheticReID:
 
     def dataset(
         self, split: str = "train", style: int | None = None, transform: Callable[[Any], Any] | None = None
-    ) -> "SyntheticReIDDataset":
+    ) -> SyntheticReIDDataset:
         """A torch ``Dataset`` over ``"train"`` or over the ``"query"`` / ``"gallery"`` of a style.
 
         ``style`` defaults to the first held-out style for query / gallery.
@@ -639,14 +634,14 @@ class SyntheticReID:
         for col in range(cols):
             if col % per_style == 0 and col:
                 x = col * (w + pad)
-                grid[:, x:x + pad] = 128
+                grid[:, x : x + pad] = 128
         for row in range(num_ids):
             gid = self.num_train_ids + row
             for col in range(cols):
                 style, cam = divmod(col, per_style)
                 img = self.render_image(gid, style, cam % self.cameras_per_style, col)
                 y, x = pad + row * (h + pad), pad + col * (w + pad)
-                grid[y:y + h, x:x + w] = img
+                grid[y : y + h, x : x + w] = img
         if scale > 1:
             grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
         return grid
@@ -701,7 +696,9 @@ class SyntheticReIDDataset(Dataset):
         return {"img": out, "pid": int(item[1]), "camid": int(item[2]), "domain": int(item[3]), "path": item[0]}
 
 
-def save_examples(path: str | Path, dataset: SyntheticReID | None = None, num_ids: int = 6, per_style: int = 2, scale: int = 3) -> np.ndarray:
+def save_examples(
+    path: str | Path, dataset: SyntheticReID | None = None, num_ids: int = 6, per_style: int = 2, scale: int = 3
+) -> np.ndarray:
     """Write a PNG grid of a few identities under every style (default dataset if none given).
 
     Examples:

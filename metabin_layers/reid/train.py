@@ -84,7 +84,10 @@ class _Batches:
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run (which creates it later) would see different augmentations.
         self.loader = DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(sampler.seed),
         )
         self.device = device
@@ -119,8 +122,12 @@ class Trainer:
         seed_everything(cfg.seed)
         self.data = data if data is not None else build_data(cfg)
         self.model = ReIDModel(
-            cfg.backbone, self.data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride,
-            pretrained_path=cfg.pretrained, rho_init=cfg.rho_init,
+            cfg.backbone,
+            self.data.num_classes,
+            norm=cfg.norm,
+            last_stride=cfg.last_stride,
+            pretrained_path=cfg.pretrained,
+            rho_init=cfg.rho_init,
         ).to(self.device)
         base_sampler = RandomIdentitySampler(
             self.data.train_items, cfg.batch_size, cfg.num_instances, seed=cfg.seed, rank=self.rank, world_size=self.world_size
@@ -138,8 +145,12 @@ class Trainer:
                     f"loss needs >= 2: use meta_batch_size >= {2 * self.data.num_domains * cfg.num_instances}"
                 )
             meta_sampler = DomainBalancedSampler(
-                self.data.train_items, cfg.meta_batch_size, cfg.num_instances, seed=cfg.seed + 1,
-                rank=self.rank, world_size=self.world_size,
+                self.data.train_items,
+                cfg.meta_batch_size,
+                cfg.num_instances,
+                seed=cfg.seed + 1,
+                rank=self.rank,
+                world_size=self.world_size,
             )
             self.meta_batches = _Batches(self.data.train_set, meta_sampler, cfg.workers, self.device)
 
@@ -150,13 +161,25 @@ class Trainer:
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
         if cfg.norm == "metabin":
-            inner = cfg.inner_lr if cfg.inner_lr is not None else CyclicInnerLR(
-                iters_per_epoch=self.ipe, middle_lr=cfg.cyclic_middle_lr, ratio=cfg.cyclic_ratio,
-                period_per_epoch=cfg.cyclic_period_per_epoch, up_ratio=cfg.cyclic_up_ratio,
+            inner = (
+                cfg.inner_lr
+                if cfg.inner_lr is not None
+                else CyclicInnerLR(
+                    iters_per_epoch=self.ipe,
+                    middle_lr=cfg.cyclic_middle_lr,
+                    ratio=cfg.cyclic_ratio,
+                    period_per_epoch=cfg.cyclic_period_per_epoch,
+                    up_ratio=cfg.cyclic_up_ratio,
+                )
             )
             self.opt: torch.optim.Optimizer = MetaBINOptimizer(
-                self.model, base, rho_lr=rho_lr, inner_lr=inner, second_order=cfg.second_order,
-                grad_scaler=self.scaler, seed=cfg.seed,
+                self.model,
+                base,
+                rho_lr=rho_lr,
+                inner_lr=inner,
+                second_order=cfg.second_order,
+                grad_scaler=self.scaler,
+                seed=cfg.seed,
             )
         else:
             self.opt = base
@@ -290,7 +313,13 @@ class Trainer:
 
         cfg = self.cfg
         is_main = self.rank == 0
-        bar = tqdm(total=self.max_iters, initial=self.iteration, disable=not (progress and is_main), desc=f"train {cfg.norm}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_iters,
+            initial=self.iteration,
+            disable=not (progress and is_main),
+            desc=f"train {cfg.norm}",
+            dynamic_ncols=True,
+        )
         log = open(output / "log.txt", "a") if is_main else None
         start = time.perf_counter()
         try:

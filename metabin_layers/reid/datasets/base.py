@@ -69,9 +69,7 @@ def list_images(directory: PathLike) -> list[str]:
     """Image files directly inside ``directory``, sorted by file name (deterministic)."""
     directory = os.fspath(directory)
     with os.scandir(directory) as entries:
-        names = sorted(
-            e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()
-        )
+        names = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
     return [os.path.join(directory, name) for name in names]
 
 
@@ -147,9 +145,7 @@ class Layout:
         return base + "/{" + ",".join(entries) + "}"
 
 
-def search_layout(
-    root: str, layouts: Sequence[Layout]
-) -> tuple[Layout | None, str, list[tuple[str, list[str]]]]:
+def search_layout(root: str, layouts: Sequence[Layout]) -> tuple[Layout | None, str, list[tuple[str, list[str]]]]:
     """Return ``(layout, folder, malformed)``: the first complete layout under ``root`` and its
     folder (``None, ""`` if none), and the ``(folder, missing entries)`` of candidate folders
     that exist but are incomplete."""
@@ -167,9 +163,7 @@ def search_layout(
     return None, "", malformed
 
 
-def find_layout(
-    dataset: str, root: str, layouts: Sequence[Layout], expected: str | None = None
-) -> tuple[Layout, str]:
+def find_layout(dataset: str, root: str, layouts: Sequence[Layout], expected: str | None = None) -> tuple[Layout, str]:
     """Return the first layout in ``layouts`` that is complete under ``root`` and its folder.
 
     Raises:
@@ -184,8 +178,7 @@ def find_layout(
         expected = " or ".join(dict.fromkeys(layout.describe() for layout in layouts))
     if malformed:
         raise ValueError(
-            f"{dataset}: malformed layout under root {root!r}: {_describe_malformed(malformed)}; "
-            f"expected {expected}"
+            f"{dataset}: malformed layout under root {root!r}: {_describe_malformed(malformed)}; expected {expected}"
         )
     raise FileNotFoundError(f"{dataset}: no dataset found under root {root!r}; expected {expected}")
 
@@ -351,9 +344,7 @@ class SplitReIDDataset(ReIDDataset):
         verbose: bool = False,
     ) -> None:
         if not isinstance(split_id, int) or not 0 <= split_id < self.num_splits:
-            raise ValueError(
-                f"{self.name}: split_id must be an int in 0..{self.num_splits - 1}, got {split_id!r}"
-            )
+            raise ValueError(f"{self.name}: split_id must be an int in 0..{self.num_splits - 1}, got {split_id!r}")
         self.split_id = split_id
         self.seed = seed
         self.split_path = ""
@@ -380,11 +371,7 @@ class SplitReIDDataset(ReIDDataset):
                     splits = json.load(f)
             except (OSError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{self.name}: cannot read split file {split_path!r}: {exc}") from exc
-            if (
-                not isinstance(splits, list)
-                or len(splits) < min_entries
-                or not all(isinstance(s, dict) for s in splits)
-            ):
+            if not isinstance(splits, list) or len(splits) < min_entries or not all(isinstance(s, dict) for s in splits):
                 raise ValueError(
                     f"{self.name}: split file {split_path!r} must be a JSON list of at least "
                     f"{min_entries} objects; delete it to regenerate the splits"

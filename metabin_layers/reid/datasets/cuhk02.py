@@ -74,8 +74,7 @@ class CUHK02(ReIDDataset):
                         pid = int(pid_str)
                     except ValueError:
                         raise ValueError(
-                            f"{self.name}: cannot parse identity from file name {path!r}; "
-                            "expected '<pid>_<n>.png'"
+                            f"{self.name}: cannot parse identity from file name {path!r}; expected '<pid>_<n>.png'"
                         ) from None
                     (query if cam_idx == 0 else gallery).append((path, pid, camid))
         return train, query, gallery

@@ -144,9 +144,7 @@ class CUHK03(ReIDDataset):
             problems += [f"{d!r} lacks {', '.join(missing)}" for d, missing in malformed[:1]]
             if found is not None:
                 self.dataset_dir, self.used_layout = folder, "folder"
-                train, query, gallery = (
-                    parse_market_style(os.path.join(folder, s), self.name) for s in _SUBSETS
-                )
+                train, query, gallery = (parse_market_style(os.path.join(folder, s), self.name) for s in _SUBSETS)
                 return train, query, gallery
         if self.layout in ("auto", "images") and self.combine_all:
             for sub in _MAT_BASES:
@@ -158,22 +156,16 @@ class CUHK03(ReIDDataset):
             problems.append(f"{os.path.join(self.root, 'cuhk03')!r} holds no usable {self.mode} data")
         if self._missing_module:
             raise ImportError(
-                f"{self.name}: no usable layout under root {self.root!r}: {'; '.join(problems)}; "
-                f"expected {self._expected()}"
+                f"{self.name}: no usable layout under root {self.root!r}: {'; '.join(problems)}; expected {self._expected()}"
             )
         if problems:
             raise ValueError(
-                f"{self.name}: malformed layout under root {self.root!r}: {'; '.join(problems)}; "
-                f"expected {self._expected()}"
+                f"{self.name}: malformed layout under root {self.root!r}: {'; '.join(problems)}; expected {self._expected()}"
             )
-        raise FileNotFoundError(
-            f"{self.name}: no dataset found under root {self.root!r}; expected {self._expected()}"
-        )
+        raise FileNotFoundError(f"{self.name}: no dataset found under root {self.root!r}; expected {self._expected()}")
 
     # -- parsers --------------------------------------------------------------------------------
-    def _load_new_protocol(
-        self, cfg_path: str, img_dir: str
-    ) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
+    def _load_new_protocol(self, cfg_path: str, img_dir: str) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
         try:
             from scipy.io import loadmat
         except ImportError:
@@ -223,9 +215,7 @@ class CUHK03(ReIDDataset):
         for path in list_images(img_dir):
             match = _EXTRACTED_RE.match(os.path.basename(path))
             if match is None:
-                raise ValueError(
-                    f"{self.name}: cannot parse {path!r}; expected '<pair>_<person>_<view>_<n>.png'"
-                )
+                raise ValueError(f"{self.name}: cannot parse {path!r}; expected '<pair>_<person>_<view>_<n>.png'")
             pair, person, view = int(match.group(1)), int(match.group(2)), int(match.group(3))
             items.append((path, (pair, person), view - 1))
         if not items:

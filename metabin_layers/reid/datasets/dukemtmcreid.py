@@ -29,13 +29,10 @@ class DukeMTMCreID(ReIDDataset):
     name: ClassVar[str] = "DukeMTMCreID"
     junk_pids: ClassVar[frozenset[int]] = frozenset({-1})
     layouts: ClassVar[tuple[Layout, ...]] = tuple(
-        Layout(sub, _SUBSETS)
-        for sub in ("DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmcreid/DukeMTMC-reID", "")
+        Layout(sub, _SUBSETS) for sub in ("DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmcreid/DukeMTMC-reID", "")
     )
 
     def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
         _, self.dataset_dir = find_layout(self.name, self.root, self.layouts)
-        train, query, gallery = (
-            parse_market_style(os.path.join(self.dataset_dir, sub), self.name) for sub in _SUBSETS
-        )
+        train, query, gallery = (parse_market_style(os.path.join(self.dataset_dir, sub), self.name) for sub in _SUBSETS)
         return train, query, gallery

@@ -139,7 +139,5 @@ class GRID(SplitReIDDataset):
             parts = loadmat(mat_path)["trainIdxAll"][0]
             lists = [sorted(int(i) for i in parts[k][0][0][2][0]) for k in range(self.num_splits)]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{self.name}: {mat_path!r} has no usable trainIdxAll (10 partitions): {exc!r}"
-            ) from None
+            raise ValueError(f"{self.name}: {mat_path!r} has no usable trainIdxAll (10 partitions): {exc!r}") from None
         return lists

@@ -30,13 +30,10 @@ class Market1501(ReIDDataset):
     name: ClassVar[str] = "Market1501"
     junk_pids: ClassVar[frozenset[int]] = frozenset({0, -1})
     layouts: ClassVar[tuple[Layout, ...]] = tuple(
-        Layout(sub, _SUBSETS)
-        for sub in ("Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "")
+        Layout(sub, _SUBSETS) for sub in ("Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "")
     )
 
     def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
         _, self.dataset_dir = find_layout(self.name, self.root, self.layouts)
-        train, query, gallery = (
-            parse_market_style(os.path.join(self.dataset_dir, sub), self.name) for sub in _SUBSETS
-        )
+        train, query, gallery = (parse_market_style(os.path.join(self.dataset_dir, sub), self.name) for sub in _SUBSETS)
         return train, query, gallery

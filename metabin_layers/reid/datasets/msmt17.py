@@ -33,9 +33,7 @@ class MSMT17(ReIDDataset):
     """
 
     name: ClassVar[str] = "MSMT17"
-    layouts: ClassVar[tuple[Layout, ...]] = tuple(
-        Layout(main, version, _LISTS) for main in _MAIN_DIRS for version in _VERSIONS
-    )
+    layouts: ClassVar[tuple[Layout, ...]] = tuple(Layout(main, version, _LISTS) for main in _MAIN_DIRS for version in _VERSIONS)
     expected: ClassVar[str] = (
         "<root>/[msmt17/]MSMT17_V2/{mask_train_v2,mask_test_v2,list_train.txt,list_query.txt,"
         "list_gallery.txt} or <root>/[msmt17/]MSMT17_V1/{train,test,list_train.txt,"

@@ -46,9 +46,9 @@ class MultiSourceDataset:
         if names is not None and len(names) != len(sources):
             raise ValueError(f"MultiSourceDataset: {len(names)} names for {len(sources)} sources")
         self.sources = list(sources)
-        self.names = list(names) if names is not None else [
-            str(getattr(src, "name", f"source{i}")) for i, src in enumerate(sources)
-        ]
+        self.names = (
+            list(names) if names is not None else [str(getattr(src, "name", f"source{i}")) for i, src in enumerate(sources)]
+        )
         self.train: list[ReIDItem] = []
         self.query: list[ReIDItem] = []
         self.gallery: list[ReIDItem] = []
@@ -94,10 +94,7 @@ class MultiSourceDataset:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (
-            f"MultiSourceDataset(sources={self.names}, train={len(self.train)}, "
-            f"num_train_pids={self.num_train_pids})"
-        )
+        return f"MultiSourceDataset(sources={self.names}, train={len(self.train)}, num_train_pids={self.num_train_pids})"
 
 
 def combine_sources(

@@ -56,9 +56,7 @@ class PRID(SplitReIDDataset):
             [self._parse(p, camid) for p in list_images(os.path.join(self.dataset_dir, cam))]
             for camid, cam in enumerate(("cam_a", "cam_b"))
         )
-        paired = sorted(
-            i for i in {i for _, i, _ in cam_a} & {i for _, i, _ in cam_b} if 1 <= i <= self.num_paired
-        )
+        paired = sorted(i for i in {i for _, i, _ in cam_a} & {i for _, i, _ in cam_b} if 1 <= i <= self.num_paired)
         if not paired:
             raise ValueError(f"{self.name}: no ids 1..{self.num_paired} in both cam_a and cam_b of {self.dataset_dir!r}")
 

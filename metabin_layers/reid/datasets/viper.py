@@ -69,9 +69,7 @@ class VIPeR(SplitReIDDataset):
     """
 
     name: ClassVar[str] = "VIPeR"
-    layouts: ClassVar[tuple[Layout, ...]] = tuple(
-        Layout(sub, _CAMS) for sub in ("viper/VIPeR", "viper", "VIPeR", "")
-    )
+    layouts: ClassVar[tuple[Layout, ...]] = tuple(Layout(sub, _CAMS) for sub in ("viper/VIPeR", "viper", "VIPeR", ""))
 
     def __init__(
         self,
@@ -114,9 +112,7 @@ class VIPeR(SplitReIDDataset):
 
         splits = self._load_splits(os.path.join(split_dir, self.split_filename), generate)
         entry = splits[2 * self.split_id] if len(splits) >= 2 * self.num_splits else splits[self.split_id]
-        train_ids = {
-            _parse(item_name(item), 0, self.name)[1] for item in self._entry_list(entry, "train")
-        }
+        train_ids = {_parse(item_name(item), 0, self.name)[1] for item in self._entry_list(entry, "train")}
         test_ids = set(paired) - train_ids
         train = [(p, i, c) for p, i, c in (*cam_a, *cam_b) if i in train_ids]
         query = [(p, i, c) for p, i, c in cam_a if i in test_ids]
@@ -124,9 +120,7 @@ class VIPeR(SplitReIDDataset):
         return train, query, gallery
 
     @staticmethod
-    def _entries(
-        train_ids: set[int], paired: list[int], cam_a: list[RawItem], cam_b: list[RawItem]
-    ) -> list[dict[str, Any]]:
+    def _entries(train_ids: set[int], paired: list[int], cam_a: list[RawItem], cam_b: list[RawItem]) -> list[dict[str, Any]]:
         """torchreid's two entries per random half: cam_a->cam_b, then cam_b->cam_a."""
         label = {pid: i for i, pid in enumerate(sorted(train_ids))}
         test_ids = set(paired) - train_ids
