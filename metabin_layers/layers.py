@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
@@ -233,7 +234,7 @@ class _MetaBINBase(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
-        spatial = x[0, 0].numel()
+        spatial = math.prod(x.shape[2:])  # no indexing: that would add two tensor ops per call
         if self.training and x.shape[0] * spatial <= 1:
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input of "
