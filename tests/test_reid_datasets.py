@@ -11,10 +11,12 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.io import savemat
 from torch.utils.data import DataLoader
 
 from metabin_layers.reid.datasets import (
@@ -188,7 +190,6 @@ def _cuhk03_names() -> list[str]:
 
 
 def _write_new_protocol(path: Path, names: list[str]) -> None:
-    savemat = pytest.importorskip("scipy.io").savemat
     labels = [2 * (int(n.split("_")[0]) - 1) + int(n.split("_")[1]) for n in names]  # ids 1..4
     train_idx = [i + 1 for i, lab in enumerate(labels) if lab in (1, 2)]
     test = [i + 1 for i, lab in enumerate(labels) if lab in (3, 4)]
@@ -210,7 +211,6 @@ def _write_new_protocol(path: Path, names: list[str]) -> None:
 
 
 def test_cuhk03_new_protocol_mat_layout(tmp_path: Path) -> None:
-    pytest.importorskip("scipy.io")
     names = _cuhk03_names()
     touch(tmp_path / "cuhk03" / "images_detected", names)
     _write_new_protocol(tmp_path / "cuhk03" / "cuhk03_new_protocol_config_detected.mat", names)
@@ -228,7 +228,6 @@ def test_cuhk03_new_protocol_mat_layout(tmp_path: Path) -> None:
 
 
 def test_cuhk03_mat_layout_reports_missing_images(tmp_path: Path) -> None:
-    pytest.importorskip("scipy.io")
     names = _cuhk03_names()
     touch(tmp_path / "cuhk03" / "images_labeled", names[:-1])
     _write_new_protocol(tmp_path / "cuhk03" / "cuhk03_new_protocol_config_labeled.mat", names)
@@ -331,7 +330,6 @@ def test_cuhk03_extraction_from_raw_mat_structure(tmp_path: Path, monkeypatch: p
 
 
 def test_cuhk03_extraction_with_h5py(tmp_path: Path) -> None:
-    h5py = pytest.importorskip("h5py")
     img = np.full((4, 8, 3), 7, dtype=np.uint8)
     path = tmp_path / "cuhk-03.mat"
     with h5py.File(path, "w") as f:
@@ -507,12 +505,17 @@ def _pid_of(dataset: str, name: str) -> int:
 
 
 SPLIT_SETS = {
-    # name: (class, data folder (torchreid layout), maker, split file relative to root)
+    # name: (class, data folder (torchreid layout), maker, authors' split file name relative to root)
     "grid": (GRID, "grid/underground_reid", make_grid, "grid/splits.json"),
     "viper": (VIPeR, "viper/VIPeR", make_viper, "viper/splits.json"),
     "prid": (PRID, "prid2011/prid_2011/single_shot", make_prid, "prid2011/splits_single_shot.json"),
     "ilids": (iLIDS, "ilids/i-LIDS_Pedestrian/Persons", make_ilids, "ilids/splits.json"),
 }
+
+
+def generated_file(split_file: str, seed: int) -> str:
+    """Where generated splits are cached: ``<stem>_generated_seed<seed>.json`` next to the authors' name."""
+    return split_file.replace(".json", f"_generated_seed{seed}.json")
 
 
 def _signature(ds: object) -> tuple[list[str], list[str], list[str]]:
@@ -526,18 +529,21 @@ def test_split_sets_seeded_determinism(tmp_path: Path, dataset: str) -> None:
     for root in roots:
         make(root / sub, small=True)  # the protocol sizes are checked on full-size fakes below
     a0 = cls(roots[0], split_id=0)
-    assert (roots[0] / split_file).is_file()
-    splits = json.loads((roots[0] / split_file).read_text())
+    # generated splits get a file of their own; the authors' file name stays free
+    assert not (roots[0] / split_file).exists()
+    assert a0.split_origin == "generated" and not a0.uses_authors_splits
+    assert a0.split_path == str(roots[0] / generated_file(split_file, 0))
+    splits = json.loads((roots[0] / generated_file(split_file, 0)).read_text())
     assert len(splits) == (20 if dataset == "viper" else 10) and {s["seed"] for s in splits} == {0}
     b0 = cls(roots[1], split_id=0, seed=0)  # same seed, other folder -> same split
     assert _signature(a0) == _signature(b0)
     assert _signature(cls(roots[0], split_id=0)) == _signature(a0)  # re-read from the cache
     a1 = cls(roots[0], split_id=1)  # other split -> other train/test partition
     assert _signature(a1)[1] != _signature(a0)[1] and _signature(a1)[0] != _signature(a0)[0]
-    c0 = cls(roots[2], split_id=0, seed=1)  # other seed -> other split
+    c0 = cls(roots[2], split_id=0, seed=1)  # other seed -> other split, in its own file
     assert _signature(c0)[1] != _signature(a0)[1]
-    with pytest.raises(ValueError, match="seed"):
-        cls(roots[0], split_id=0, seed=1)  # cached file made with seed 0
+    assert (roots[2] / generated_file(split_file, 1)).is_file()
+    assert _signature(cls(roots[0], split_id=0, seed=1)) == _signature(c0)  # seeds do not clash
     with pytest.raises(ValueError, match="split_id"):
         cls(roots[0], split_id=10)
     # train and test identities never overlap; train ids relabelled 0..P-1
@@ -551,7 +557,7 @@ def test_split_sets_seeded_determinism(tmp_path: Path, dataset: str) -> None:
 def test_grid_protocol_sizes(tmp_path: Path) -> None:
     make_grid(tmp_path / "GRID")  # MetaBIN layout
     ds = GRID(tmp_path, split_id=4, domain=2)
-    assert (tmp_path / "GRID" / "splits.json").is_file()
+    assert (tmp_path / "GRID" / "splits_generated_seed0.json").is_file() and ds.split_origin == "generated"
     assert len(ds.query) == 125 and len(ds.gallery) == 900 and len(ds.train) == 250
     assert ds.num_train_pids == 125 and ds.num_query_pids == 125
     assert sum(it.pid == 0 for it in ds.gallery) == 775
@@ -564,7 +570,6 @@ def test_grid_protocol_sizes(tmp_path: Path) -> None:
 
 
 def test_grid_uses_features_and_partitions_mat(tmp_path: Path) -> None:
-    savemat = pytest.importorskip("scipy.io").savemat
     make_grid(tmp_path / "grid" / "underground_reid", small=True)  # paired ids 1..20
     rng = np.random.default_rng(0)
     partitions = [np.arange(1, 11), np.arange(11, 21)] + [
@@ -584,7 +589,10 @@ def test_grid_uses_features_and_partitions_mat(tmp_path: Path) -> None:
     assert {it.pid for it in ds0.query} == set(range(11, 21))
     assert {it.pid for it in ds1.query} == set(range(1, 11))
     assert {_pid_of("grid", n) for n in names(GRID(tmp_path, split_id=7).train)} == set(partitions[7].tolist())
-    assert "seed" not in json.loads((tmp_path / "grid" / "splits.json").read_text())[0]
+    # the official partitions are the authors' splits; read directly, nothing written
+    assert ds0.split_origin == "authors" and ds0.split_path.endswith("features_and_partitions.mat")
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["underground_reid"]
+    assert GRID(tmp_path, split_id=0, use_mat=False).split_origin == "generated"
 
 
 def test_grid_reads_foreign_torchreid_split_file(tmp_path: Path) -> None:
@@ -594,6 +602,7 @@ def test_grid_reads_foreign_torchreid_split_file(tmp_path: Path) -> None:
     ]
     (tmp_path / "GRID" / "splits.json").write_text(json.dumps([{"train": train_items, "query": [], "gallery": []}] * 10))
     ds = GRID(tmp_path, split_id=2)
+    assert ds.split_origin == "authors" and ds.split_path == str(tmp_path / "GRID" / "splits.json")
     assert {_pid_of("grid", n) for n in names(ds.train)} == set(range(6, 16))
     assert {it.pid for it in ds.query} == set(range(1, 6)) | set(range(16, 21))
     with pytest.warns(UserWarning, match="records no seed"):
@@ -607,7 +616,7 @@ def test_viper_protocol_and_metabin_split_folders(tmp_path: Path) -> None:
     assert {it.camid for it in ds.query} == {0} and {it.camid for it in ds.gallery} == {1}
     assert {it.pid for it in ds.query} == {it.pid for it in ds.gallery}
     assert {it.pid for it in ds.query} | {_pid_of("viper", n) for n in names(ds.train)} == set(ids)
-    splits = json.loads((tmp_path / "viper" / "splits.json").read_text())
+    splits = json.loads((tmp_path / "viper" / "splits_generated_seed0.json").read_text())
     assert "cam_a" in splits[6]["query"][0][0] and "cam_b" in splits[7]["query"][0][0]
     assert {it.pid for it in ds.query} == {_pid_of("viper", os.path.basename(q[0])) for q in splits[6]["query"]}
 
@@ -617,7 +626,7 @@ def test_viper_protocol_and_metabin_split_folders(tmp_path: Path) -> None:
     touch(folder / "query", ["p007_c1_d000.png"])
     touch(folder / "gallery", ["p007_c2_d090.png", "p009_c2_d090.png"])
     ds = VIPeR(tmp_path, split_id=3)
-    assert ds.split_path == str(folder)
+    assert ds.split_path == str(folder) and ds.split_origin == "authors"
     assert [(it.pid, it.camid) for it in ds.train] == [(0, 0), (0, 1)]
     assert [(it.pid, it.camid) for it in ds.query] == [(7, 0)]
     assert [(it.pid, it.camid) for it in ds.gallery] == [(7, 1), (9, 1)]
@@ -627,7 +636,8 @@ def test_viper_protocol_and_metabin_split_folders(tmp_path: Path) -> None:
 def test_prid_protocol_and_torchreid_split_file(tmp_path: Path) -> None:
     make_prid(tmp_path / "prid_2011" / "single_shot")  # MetaBIN layout
     ds = PRID(tmp_path, split_id=0)
-    assert (tmp_path / "prid_2011" / "splits_single_shot.json").is_file()
+    assert (tmp_path / "prid_2011" / "splits_single_shot_generated_seed0.json").is_file()
+    assert not (tmp_path / "prid_2011" / "splits_single_shot.json").exists()
     assert len(ds.query) == 100 and len(ds.gallery) == 649 and len(ds.train) == 200
     assert {it.camid for it in ds.query} == {0} and {it.camid for it in ds.gallery} == {1}
     q_ids = {it.pid for it in ds.query}
@@ -639,6 +649,7 @@ def test_prid_protocol_and_torchreid_split_file(tmp_path: Path) -> None:
         json.dumps([{"train": list(range(1, 101)), "test": list(range(101, 201))}] * 10)
     )
     ds = PRID(tmp_path, split_id=5)
+    assert ds.split_origin == "authors" and ds.split_path.endswith("splits_single_shot.json")
     assert {it.pid for it in ds.query} == set(range(101, 201))
     assert {_pid_of("prid", n) for n in names(ds.train)} == set(range(1, 101))
 
@@ -646,7 +657,7 @@ def test_prid_protocol_and_torchreid_split_file(tmp_path: Path) -> None:
 def test_ilids_protocol(tmp_path: Path) -> None:
     make_ilids(tmp_path / "QMUL-iLIDS" / "images")  # MetaBIN layout
     ds = iLIDS(tmp_path, split_id=2)
-    assert (tmp_path / "QMUL-iLIDS" / "splits.json").is_file()
+    assert (tmp_path / "QMUL-iLIDS" / "splits_generated_seed0.json").is_file()
     assert ds.num_train_pids == 59 and len(ds.train) == 236
     assert len(ds.query) == 60 and len(ds.gallery) == 60
     assert [it.pid for it in ds.query] == [it.pid for it in ds.gallery] and len(set(names(ds.query))) == 60

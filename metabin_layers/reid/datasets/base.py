@@ -6,7 +6,8 @@
   (sorted keys, so the labels do not depend on the file system), implements ``combine_all``
   and stamps every item with the dataset's ``domain``.
 * :class:`SplitReIDDataset`: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
-  come with 10 random train/test splits, cached in a JSON file next to the data.
+  come with 10 random train/test splits: the authors' split files when present, else seeded
+  splits generated under a file name of their own; ``split_origin`` says which.
 * :class:`Layout` / :func:`find_layout`: folder-layout search with error messages that name
   the dataset, the root searched and the expected layout.
 * :func:`list_images`: sorted (deterministic) listing of the image files of a folder.
@@ -25,6 +26,7 @@ from typing import Any, ClassVar, NamedTuple, Union
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "SPLIT_ORIGINS",
     "Layout",
     "PathLike",
     "RawItem",
@@ -311,22 +313,35 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Where the splits of a :class:`SplitReIDDataset` come from (``split_origin``).
+SPLIT_ORIGINS: tuple[str, ...] = ("authors", "torchreid", "generated")
+
+
 class SplitReIDDataset(ReIDDataset):
     """Base class of the small test sets with 10 random train/test splits (GRID, VIPeR, PRID,
     iLIDS).
 
-    The splits live in a JSON file next to the data (torchreid's file name and format). If the
-    file exists it is used as is (for example the one shipped with the MetaBIN test data, which
-    makes numbers comparable to the paper); image paths stored in it are matched by file name,
-    so a moved dataset still works. Otherwise the splits are generated from ``random.Random(seed)``
-    over *sorted* ids (deterministic) and written there, with the seed recorded in each entry.
+    Where the splits come from is recorded in ``split_origin`` and ``split_path``:
+
+    * ``"authors"``: the split files the MetaBIN authors distribute with their test data, read
+      under their names (``splits.json`` of GRID and iLIDS, ``splits_single_shot.json`` of PRID,
+      VIPeR's ``split_<k>a/`` folders, or GRID's ``features_and_partitions.mat``, from which the
+      authors derive theirs). Only these make numbers comparable to the paper's. Image paths
+      stored in a file are matched by file name, so a moved dataset still works.
+    * ``"torchreid"``: VIPeR's torchreid ``splits.json`` (the authors do not use it).
+    * ``"generated"``: 10 splits drawn by this library from ``random.Random(seed)`` over *sorted*
+      ids (deterministic), cached under a name of their own,
+      ``<stem>_generated_seed<seed>.json`` (e.g. ``splits_generated_seed0.json``), never under
+      the authors' names: the authors' files, put next to them later, take precedence.
+      A file under the authors' name whose entries record a ``seed`` was written by an earlier
+      version of this library and counts as generated.
 
     Args:
         root: see :class:`ReIDDataset`.
         split_id: which of the 10 splits, ``0..9``.
-        seed: seed used to generate the splits (``None`` means 0). If an existing split file
-            records a different seed, a ``ValueError`` is raised; if it records none (made by
-            torchreid or the authors), it is used and a warning says the seed was ignored.
+        seed: seed of generated splits (``None`` means 0). A split file that records no seed
+            (the authors' or torchreid's) is used as is, with a warning that the seed was
+            ignored; a legacy generated file with another seed raises a ``ValueError``.
         combine_all, domain, verbose: see :class:`ReIDDataset`.
     """
 
@@ -348,60 +363,81 @@ class SplitReIDDataset(ReIDDataset):
         self.split_id = split_id
         self.seed = seed
         self.split_path = ""
+        self.split_origin = ""
         super().__init__(root, combine_all=combine_all, domain=domain, verbose=verbose)
+
+    @property
+    def uses_authors_splits(self) -> bool:
+        """Whether this split was read from the authors' split files (comparable to the paper)."""
+        return self.split_origin == "authors"
+
+    @classmethod
+    def generated_filename(cls, seed: int | None) -> str:
+        """File name of generated splits: ``<stem>_generated_seed<seed>.json`` (never the authors')."""
+        stem = cls.split_filename.rsplit(".", 1)[0]
+        return f"{stem}_generated_seed{0 if seed is None else seed}.json"
+
+    def _read_split_file(self, path: str, min_entries: int) -> list[dict[str, Any]]:
+        try:
+            with open(path) as f:
+                splits = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.name}: cannot read split file {path!r}: {exc}") from exc
+        if not isinstance(splits, list) or len(splits) < min_entries or not all(isinstance(s, dict) for s in splits):
+            raise ValueError(
+                f"{self.name}: split file {path!r} must be a JSON list of at least "
+                f"{min_entries} objects; delete it to regenerate the splits"
+            )
+        return splits
 
     def _load_splits(
         self,
-        split_path: str,
+        known_path: str,
         generate: Callable[[random.Random], list[dict[str, Any]]],
         *,
-        seeded: bool = True,
+        origin: str = "authors",
         min_entries: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Read the split file at ``split_path``, or generate and write it.
-
-        ``generate(rng)`` returns the list of split entries. ``seeded=False`` means the
-        entries do not depend on the seed (e.g. GRID's official partition file).
-        """
-        self.split_path = split_path
+        """The split entries: the file at ``known_path`` (the authors' or torchreid's name, of
+        origin ``origin``) if it exists, else the generated file for ``self.seed`` next to it,
+        else ``generate(rng)`` written there. Sets ``split_path`` and ``split_origin``."""
         min_entries = self.num_splits if min_entries is None else min_entries
-        if os.path.isfile(split_path):
-            try:
-                with open(split_path) as f:
-                    splits = json.load(f)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{self.name}: cannot read split file {split_path!r}: {exc}") from exc
-            if not isinstance(splits, list) or len(splits) < min_entries or not all(isinstance(s, dict) for s in splits):
-                raise ValueError(
-                    f"{self.name}: split file {split_path!r} must be a JSON list of at least "
-                    f"{min_entries} objects; delete it to regenerate the splits"
-                )
-            if self.seed is not None:
-                recorded = {s.get("seed") for s in splits}
-                if recorded == {None}:
+        seed = 0 if self.seed is None else self.seed
+        if os.path.isfile(known_path):
+            splits = self._read_split_file(known_path, min_entries)
+            recorded = {s.get("seed") for s in splits}
+            self.split_path = known_path
+            if recorded == {None}:
+                self.split_origin = origin
+                if self.seed is not None:
                     warnings.warn(
-                        f"{self.name}: using the existing split file {split_path!r}, which records "
+                        f"{self.name}: using the existing split file {known_path!r}, which records "
                         f"no seed; seed={self.seed} is ignored",
                         stacklevel=4,
                     )
-                elif recorded != {self.seed}:
-                    raise ValueError(
-                        f"{self.name}: split file {split_path!r} was generated with seed "
-                        f"{sorted(recorded, key=str)}, not {self.seed}; delete it to regenerate, "
-                        "or pass seed=None to use it"
-                    )
+                return splits
+            # Written by an earlier version of this library under the authors' name.
+            if recorded != {seed}:
+                raise ValueError(
+                    f"{self.name}: split file {known_path!r} was generated with seed "
+                    f"{sorted(recorded, key=str)}, not {seed}; delete it to regenerate, "
+                    "or pass the seed it records"
+                )
+            self.split_origin = "generated"
             return splits
-        rng = random.Random(0 if self.seed is None else self.seed)
-        splits = generate(rng)
-        if seeded:
-            for entry in splits:
-                entry["seed"] = 0 if self.seed is None else self.seed
+        generated_path = os.path.join(os.path.dirname(known_path), self.generated_filename(self.seed))
+        self.split_path, self.split_origin = generated_path, "generated"
+        if os.path.isfile(generated_path):
+            return self._read_split_file(generated_path, min_entries)
+        splits = generate(random.Random(seed))
+        for entry in splits:
+            entry["seed"] = seed
         try:
-            os.makedirs(os.path.dirname(split_path), exist_ok=True)
-            _write_json_atomic(split_path, splits)
+            os.makedirs(os.path.dirname(generated_path), exist_ok=True)
+            _write_json_atomic(generated_path, splits)
         except OSError as exc:
             warnings.warn(
-                f"{self.name}: could not write split file {split_path!r} ({exc}); "
+                f"{self.name}: could not write split file {generated_path!r} ({exc}); "
                 "using the generated splits without caching them",
                 stacklevel=4,
             )

@@ -45,11 +45,16 @@ class GRID(SplitReIDDataset):
         <root>/GRID/{probe,gallery}                    (MetaBIN; splits in <root>/GRID/splits.json)
         <root>/grid/{probe,gallery}, <root>/underground_reid/{probe,gallery}, <root>/{probe,gallery}
 
-    Splits: an existing ``splits.json`` is used (torchreid/MetaBIN format: entries with
-    ``train``/``query``/``gallery`` item lists; only the training ids are read from it, by file
-    name). Otherwise the 10 partitions of ``features_and_partitions.mat`` (``trainIdxAll``, in
-    the data folder or next to ``splits.json``) are used when present (needs scipy), else 10
-    seeded random halves of the paired ids; the result is written to ``splits.json``.
+    Splits, in order of precedence (``split_origin`` says which was used):
+
+    1. ``splits.json`` (the authors' and torchreid's file: entries with ``train``/``query``/
+       ``gallery`` item lists; only the training ids are read from it, by file name).
+    2. The 10 official partitions of ``features_and_partitions.mat`` (``trainIdxAll``, in the
+       data folder or next to ``splits.json``; part of the GRID download), from which the
+       authors make their ``splits.json``; read directly (needs scipy), nothing is written.
+    3. Otherwise 10 seeded random halves of the paired ids, cached in
+       ``splits_generated_seed<seed>.json``: not comparable to the paper's numbers.
+
     ``combine_all`` drops the id-0 distractors.
 
     Args:
@@ -95,16 +100,19 @@ class GRID(SplitReIDDataset):
             if mat_path is None and self.use_mat:
                 raise FileNotFoundError(f"{self.name}: use_mat=True but no {_MAT_NAME} in {candidates}")
 
-        def generate(rng: random.Random) -> list[dict[str, Any]]:
-            if mat_path is not None:
-                train_lists = self._read_mat(mat_path)
-            else:
-                train_lists = [sorted(rng.sample(paired, len(paired) // 2)) for _ in range(self.num_splits)]
-            return [self._entry(set(ids), probe, gallery) for ids in train_lists]
+        authors_json = os.path.join(split_dir, self.split_filename)
+        if mat_path is not None and not os.path.isfile(authors_json):
+            # The official partitions: the authors derive their splits.json from this file.
+            self.split_path, self.split_origin = mat_path, "authors"
+            train_ids = set(self._read_mat(mat_path)[self.split_id])
+        else:
 
-        splits = self._load_splits(os.path.join(split_dir, self.split_filename), generate, seeded=mat_path is None)
-        entry = splits[self.split_id]
-        train_ids = {_parse(item_name(item), self.name)[1] for item in self._entry_list(entry, "train")}
+            def generate(rng: random.Random) -> list[dict[str, Any]]:
+                train_lists = [sorted(rng.sample(paired, len(paired) // 2)) for _ in range(self.num_splits)]
+                return [self._entry(set(ids), probe, gallery) for ids in train_lists]
+
+            entry = self._load_splits(authors_json, generate)[self.split_id]
+            train_ids = {_parse(item_name(item), self.name)[1] for item in self._entry_list(entry, "train")}
         train = [(p, i, c) for p, i, c in (*probe, *gallery) if i in train_ids]
         query = [(p, i, c) for p, i, c in probe if i not in train_ids]
         gal = [(p, i, c) for p, i, c in gallery if i not in train_ids]
@@ -136,7 +144,7 @@ class GRID(SplitReIDDataset):
                 "use_mat=False for seeded random splits"
             ) from None
         try:
-            parts = loadmat(mat_path)["trainIdxAll"][0]
+            parts = loadmat(mat_path, variable_names=["trainIdxAll"])["trainIdxAll"][0]
             lists = [sorted(int(i) for i in parts[k][0][0][2][0]) for k in range(self.num_splits)]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"{self.name}: {mat_path!r} has no usable trainIdxAll (10 partitions): {exc!r}") from None

@@ -24,8 +24,12 @@ class iLIDS(SplitReIDDataset):  # torchreid's class name
         <root>/QMUL_iLIDS/images/, <root>/i-LIDS_Pedestrian/Persons/
 
     File names ``<pid:4><seq:3>.jpg`` (e.g. ``0001001.jpg``); camid = the 3-digit sequence
-    index - 1, as torchreid and MetaBIN (iLIDS has no camera labels). ``splits.json`` uses
-    torchreid's format (image names per split).
+    index - 1, as torchreid and MetaBIN (iLIDS has no camera labels).
+
+    Splits: the authors' ``splits.json`` (torchreid's name and format: image names per split)
+    when present, next to ``images``; otherwise 10 seeded random splits cached in
+    ``splits_generated_seed<seed>.json`` (not comparable to the paper's numbers;
+    ``split_origin`` says which).
     """
 
     name: ClassVar[str] = "iLIDS"

@@ -27,9 +27,12 @@ class PRID(SplitReIDDataset):
         <root>/prid_2011/single_shot/{cam_a,cam_b}            (MetaBIN; splits in <root>/prid_2011/)
         <root>/prid2011/single_shot/{cam_a,cam_b}, <root>/single_shot/{cam_a,cam_b}
 
-    Splits are cached in ``splits_single_shot.json`` (torchreid's and MetaBIN's name and format:
-    ``{"train": [ids], "test": [ids]}`` per split); file names are ``person_<id:04d>.png``.
-    ``combine_all`` drops the distractors.
+    Splits: the authors' ``splits_single_shot.json`` (also torchreid's name and format:
+    ``{"train": [ids], "test": [ids]}`` per split) when present, next to ``single_shot``;
+    otherwise 10 seeded random halves of ids 1-200, cached in
+    ``splits_single_shot_generated_seed<seed>.json`` (not comparable to the paper's numbers;
+    ``split_origin`` says which). File names are ``person_<id:04d>.png``. ``combine_all`` drops
+    the distractors.
     """
 
     name: ClassVar[str] = "PRID"

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from .base import (
     Layout,
     PathLike,
     RawItem,
     SplitReIDDataset,
-    find_layout,
     item_name,
     list_images,
+    search_layout,
 )
 
 __all__ = ["VIPeR"]
 
 _CAMS = ("cam_a", "cam_b")
+_SUBSETS = ("train", "query", "gallery")
+#: Folders that may hold the authors' ``split_<k>a`` folders (``viper/`` in their download).
+_SPLIT_DIRS = ("viper", "VIPeR", "")
 
 
 def _parse(path: str, camid: int, dataset: str) -> tuple[str, int, int]:
@@ -51,19 +54,22 @@ class VIPeR(SplitReIDDataset):
 
     Accepted layouts (first match wins)::
 
-        <root>/viper/VIPeR/{cam_a,cam_b}   (torchreid; splits in <root>/viper/splits.json)
-        <root>/viper/{cam_a,cam_b}         (MetaBIN; splits in <root>/viper/splits.json)
+        <root>/viper/split_<k>a/{train,query,gallery}   (the authors' test download; cam_a/cam_b not needed)
+        <root>/viper/VIPeR/{cam_a,cam_b}   (torchreid; splits in <root>/viper/)
+        <root>/viper/{cam_a,cam_b}         (MetaBIN with the original images; splits in <root>/viper/)
         <root>/VIPeR/{cam_a,cam_b}, <root>/{cam_a,cam_b}
 
-    Splits, in order of precedence:
+    Splits, in order of precedence (``split_origin`` says which was used):
 
-    1. MetaBIN's pre-made folders ``<root>/viper/split_<k+1>a/{train,query,gallery}`` (file
-       names ``p000_c1_d045.png``, made by the authors' ``make_split.m``), if present and
-       ``use_split_folders`` is true; this reproduces the paper's splits.
+    1. The authors' pre-made folders ``split_<k+1>a/{train,query,gallery}`` in ``<root>/viper``
+       (or ``<root>/VIPeR``, ``<root>``; file names ``p000_c1_d045.png``, made by the authors'
+       ``make_split.m``), if present and ``use_split_folders`` is true: the paper's splits.
+       Their ``b``/``c``/``d`` variants are not used (``ALL_VIPER_only_10``).
     2. ``splits.json`` in torchreid's format: 20 entries alternating cam_a->cam_b and
        cam_b->cam_a query/gallery over 10 random halves (entry ``2 * split_id`` is used; a
        10-entry file uses entry ``split_id``). Only the training ids are read, by file name.
-    3. Otherwise 10 seeded random halves are generated and written in that format.
+    3. Otherwise 10 seeded random halves are generated and cached in that format in
+       ``splits_generated_seed<seed>.json``: not comparable to the paper's numbers.
 
     Identities are paired by the ``<id>`` prefix of the file names.
     """
@@ -85,16 +91,38 @@ class VIPeR(SplitReIDDataset):
         self.use_split_folders = use_split_folders
         super().__init__(root, split_id, seed=seed, combine_all=combine_all, domain=domain, verbose=verbose)
 
-    def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
-        layout, self.dataset_dir = find_layout(self.name, self.root, self.layouts)
-        split_dir = layout.split_dir(self.root)
-        folder = os.path.join(split_dir, f"split_{self.split_id + 1}a")
-        subsets = [os.path.join(folder, s) for s in ("train", "query", "gallery")]
-        if self.use_split_folders and all(os.path.isdir(d) for d in subsets):
-            self.split_path = folder
-            train, query, gallery = ([_parse_metabin(p, self.name) for p in list_images(d)] for d in subsets)
-            return train, query, gallery
+    def _split_folder(self) -> str | None:
+        """The authors' ``split_<k>a`` folder of this split, if ``use_split_folders`` and present.
 
+        Raises:
+            ValueError: the folder exists but lacks ``train``, ``query`` or ``gallery``.
+        """
+        if not self.use_split_folders:
+            return None
+        for sub in _SPLIT_DIRS:
+            folder = os.path.join(self.root, sub, f"split_{self.split_id + 1}a")
+            if not os.path.isdir(folder):
+                continue
+            missing = [s for s in _SUBSETS if not os.path.isdir(os.path.join(folder, s))]
+            if missing:
+                raise ValueError(f"{self.name}: malformed split folder {folder!r}: lacks {', '.join(missing)}")
+            return folder
+        return None
+
+    def _load(self) -> tuple[list[RawItem], list[RawItem], list[RawItem]]:
+        folder = self._split_folder()
+        if folder is not None:  # the authors' test download: the split folders alone suffice
+            self.dataset_dir = os.path.dirname(folder)
+            self.split_path, self.split_origin = folder, "authors"
+            train, query, gallery = (
+                [_parse_metabin(p, self.name) for p in list_images(os.path.join(folder, s))] for s in _SUBSETS
+            )
+            return train, query, gallery
+        layout, found, malformed = search_layout(self.root, self.layouts)
+        if layout is None:
+            self._raise_missing(malformed)
+        self.dataset_dir = found
+        split_dir = layout.split_dir(self.root)
         cam_a, cam_b = (
             [_parse(p, camid, self.name) for p in list_images(os.path.join(self.dataset_dir, cam))]
             for camid, cam in enumerate(_CAMS)
@@ -110,7 +138,7 @@ class VIPeR(SplitReIDDataset):
                 splits += self._entries(train_ids, paired, cam_a, cam_b)
             return splits
 
-        splits = self._load_splits(os.path.join(split_dir, self.split_filename), generate)
+        splits = self._load_splits(os.path.join(split_dir, self.split_filename), generate, origin="torchreid")
         entry = splits[2 * self.split_id] if len(splits) >= 2 * self.num_splits else splits[self.split_id]
         train_ids = {_parse(item_name(item), 0, self.name)[1] for item in self._entry_list(entry, "train")}
         test_ids = set(paired) - train_ids
@@ -118,6 +146,25 @@ class VIPeR(SplitReIDDataset):
         query = [(p, i, c) for p, i, c in cam_a if i in test_ids]
         gallery = [(p, i, c) for p, i, c in cam_b if i in test_ids]
         return train, query, gallery
+
+    def _raise_missing(self, malformed: list[tuple[str, list[str]]]) -> NoReturn:
+        expected = f"<root>/viper/split_{self.split_id + 1}a/{{train,query,gallery}} (the authors' test data) or " + " or ".join(
+            layout.describe() for layout in self.layouts
+        )
+        split_dirs = [os.path.join(self.root, sub) for sub in _SPLIT_DIRS]
+        others = sorted(n for d in split_dirs if os.path.isdir(d) for n in os.listdir(d) if n.startswith("split_"))
+        if others and self.use_split_folders:
+            raise ValueError(
+                f"{self.name}: no split_{self.split_id + 1}a folder under root {self.root!r} (found {', '.join(others[:4])}"
+                f"{', ...' if len(others) > 4 else ''}) and no cam_a/cam_b images; expected {expected}"
+            )
+        if malformed:
+            folder, missing = malformed[0]
+            raise ValueError(
+                f"{self.name}: malformed layout under root {self.root!r}: {folder!r} lacks {', '.join(missing)}; "
+                f"expected {expected}"
+            )
+        raise FileNotFoundError(f"{self.name}: no dataset found under root {self.root!r}; expected {expected}")
 
     @staticmethod
     def _entries(train_ids: set[int], paired: list[int], cam_a: list[RawItem], cam_b: list[RawItem]) -> list[dict[str, Any]]:
