@@ -163,12 +163,21 @@ def test_market_bad_file_name_is_reported(tmp_path: Path) -> None:
         Market1501(tmp_path)
 
 
+DUKE_TRAIN = ["0001_c2_f0046182.jpg", "0001_c8_f0046500.jpg", "0005_c1_f0000001.jpg"]
+DUKE_QUERY = ["0011_c1_f0000001.jpg"]
+DUKE_GALLERY = ["0011_c7_f0000001.jpg", "0013_c3_f0000001.jpg"]
+
+
+def make_duke(folder: Path) -> Path:
+    touch(folder / "bounding_box_train", DUKE_TRAIN)
+    touch(folder / "query", DUKE_QUERY)
+    touch(folder / "bounding_box_test", DUKE_GALLERY)
+    return folder
+
+
 @pytest.mark.parametrize("sub", ["DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID"])
 def test_duke(tmp_path: Path, sub: str) -> None:
-    base = tmp_path / sub
-    touch(base / "bounding_box_train", ["0001_c2_f0046182.jpg", "0001_c8_f0046500.jpg", "0005_c1_f0000001.jpg"])
-    touch(base / "query", ["0011_c1_f0000001.jpg"])
-    touch(base / "bounding_box_test", ["0011_c7_f0000001.jpg", "0013_c3_f0000001.jpg"])
+    make_duke(tmp_path / sub)
     ds = DukeMTMCreID(tmp_path, domain=1)
     assert [(it.pid, it.camid, it.domain) for it in ds.train] == [(0, 1, 1), (0, 7, 1), (1, 0, 1)]
     assert [(it.pid, it.camid) for it in ds.gallery] == [(11, 6), (13, 2)]

@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     saved = dict(state["config"])
-    saved.update({k: v for k, v in vars(_config(args)).items() if k in ("data_root", "targets") and v is not None})
+    saved.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets)) if v is not None})
     if args.output:
         saved["output"] = args.output
     cfg = TrainConfig(**saved)
@@ -97,6 +97,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": cfg.to_dict(), "seed": cfg.seed, "norm": cfg.norm, "iterations": state["iteration"], "targets": metrics}
+    results["test_splits"] = data.test_splits
     write_results(results, out)
     return results
 

@@ -25,6 +25,10 @@ class TrainConfig:
     data_root: Optional[str] = None  # None: the synthetic dataset
     sources: list[str] = field(default_factory=lambda: ["market1501", "dukemtmcreid", "cuhk02", "cuhk03_detected", "cuhksysu"])
     targets: list[str] = field(default_factory=lambda: ["grid", "viper", "prid", "ilids"])
+    # DATASETS.COMBINEALL, one value per source (a single value applies to all): train on every
+    # image of a source (train + query + gallery). None: the authors' choice, on with several
+    # sources (their DG_* datasets), off with one (M-resnet.yml, D-resnet.yml, supervised)
+    combine_all: Optional[list[bool]] = None
     num_splits: int = 10  # random query/gallery splits of the small test sets
     cameras_as_domains: bool = False  # single-source DG: cameras are the domains (CAMERA_TO_DOMAIN)
     height: int = 256
@@ -105,11 +109,29 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.combine_all = _per_source(self.combine_all, self.sources)
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances ({self.num_instances})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _per_source(combine_all: Any, sources: Sequence[str]) -> list[bool]:
+    """``combine_all`` as one bool per source: ``None`` -> the authors' rule, one value -> all."""
+    if combine_all is None:
+        return [len(sources) > 1] * len(sources)
+    values = [combine_all] if isinstance(combine_all, bool) else list(combine_all)
+    if not all(isinstance(v, bool) for v in values):
+        raise ValueError(f"combine_all must be booleans (one per source, or one for all), got {combine_all!r}")
+    if len(values) == 1:
+        return values * len(sources)
+    if len(values) != len(sources):
+        raise ValueError(
+            f"combine_all has {len(values)} values for {len(sources)} sources {list(sources)}; "
+            "give one value per source or a single value for all"
+        )
+    return values
 
 
 #: Settings replaced when training on the synthetic data (unless set explicitly).
@@ -165,15 +187,13 @@ def _coerce(name: str, value: Any) -> Any:
         text = value.strip()
         if text.lower() in ("none", "null"):
             return None
+        if name == "combine_all":
+            return [_boolean(name, t.strip()) for t in text.strip("[]").split(",") if t.strip()]
         if isinstance(default, list):
             items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
             return [int(t) for t in items] if default and isinstance(default[0], int) else items
         if isinstance(default, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name} expects a boolean, got {value!r}")
+            return _boolean(name, text)
         if isinstance(default, int) or name in ("iters_per_epoch", "max_iters", "num_meta_train_domains"):
             return int(text)
         if isinstance(default, float) or name == "inner_lr":
@@ -182,12 +202,22 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _boolean(name: str, text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} expects a boolean, got {text!r}")
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["lr=0.02", "sources=market1501,dukemtmcreid"]`` -> typed dict.
 
     Examples:
         >>> parse_overrides(["lr=0.02", "milestones=10,20", "amp=false"])
         {'lr': 0.02, 'milestones': [10, 20], 'amp': False}
+        >>> parse_overrides(["combine_all=true,false"])
+        {'combine_all': [True, False]}
     """
     out: dict[str, Any] = {}
     for pair in pairs:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from torch.utils.data import Dataset
 
 from .config import TrainConfig
-from .datasets import ImageDataset, build_dataset, cameras_as_domains, combine_sources
+from .datasets import ImageDataset, ReIDDataset, SplitReIDDataset, build_dataset, cameras_as_domains, combine_sources
 from .synthetic import SyntheticReID, SyntheticReIDDataset
 from .transforms import build_test_transform, build_train_transform
 
-__all__ = ["TargetSplit", "RecipeData", "build_data"]
+__all__ = ["TargetSplit", "RecipeData", "SplitProvenanceWarning", "build_data", "split_provenance"]
+
+
+class SplitProvenanceWarning(UserWarning):
+    """Test splits that are not the authors': the run's numbers are not comparable to the paper's."""
 
 
 @dataclass
@@ -25,12 +30,63 @@ class TargetSplit:
 
 @dataclass
 class RecipeData:
+    """Everything a run reads: training items and set, label and domain counts, the targets.
+
+    ``test_splits`` says, per target, where its query/gallery splits come from (see
+    :func:`split_provenance`); it goes into ``results.json`` and the printed table.
+    """
+
     train_items: Sequence[Sequence[Any]]
     train_set: Dataset
     num_classes: int
     num_domains: int
     targets: dict[str, list[TargetSplit]]
     description: str
+    test_splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def split_provenance(datasets: Sequence[ReIDDataset]) -> dict[str, Any]:
+    """Where the query/gallery splits of one target (all its split datasets) come from.
+
+    Returns ``{"authors_split_files": bool | None, "origin": str, "files": [paths]}``:
+    ``authors_split_files`` is True when every split was read from the authors' split files,
+    False when any was generated or read from another tool's file, and None for a dataset with a
+    fixed query/gallery (no split files involved; ``origin`` ``"fixed"``). ``origin`` is the
+    datasets' ``split_origin`` (``"authors"``, ``"torchreid"``, ``"generated"``), or
+    ``"mixed"`` when the splits disagree.
+
+    Examples:
+        >>> split_provenance([])
+        {'authors_split_files': None, 'origin': 'fixed', 'files': []}
+    """
+    split_sets = [d for d in datasets if isinstance(d, SplitReIDDataset)]
+    if not split_sets:
+        return {"authors_split_files": None, "origin": "fixed", "files": []}
+    origins = {d.split_origin for d in split_sets}
+    return {
+        "authors_split_files": origins == {"authors"},
+        "origin": origins.pop() if len(origins) == 1 else "mixed",
+        "files": sorted({d.split_path for d in split_sets}),
+    }
+
+
+def _warn_not_comparable(test_splits: dict[str, dict[str, Any]]) -> None:
+    """One loud warning per run naming every target whose splits are not the authors'."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    other = {name: p for name, p in test_splits.items() if p["authors_split_files"] is False}
+    if not other:
+        return
+    lines = [f"  {name}: {p['origin']} splits ({', '.join(p['files'])})" for name, p in other.items()]
+    warnings.warn(
+        "\n" + "!" * 88 + "\nTHE NUMBERS OF THIS RUN ARE NOT COMPARABLE TO THE PAPER'S: these test sets do not use "
+        "the authors' split files:\n" + "\n".join(lines) + "\nPut the authors' split files in place "
+        "(docs/recipe.md, 'Dataset preparation') to evaluate on the published splits.\n" + "!" * 88,
+        SplitProvenanceWarning,
+        stacklevel=3,
+    )
 
 
 def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
@@ -51,27 +107,54 @@ def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> Recip
         ]
         for s in syn.held_out_styles
     }
+    test_splits: dict[str, dict[str, Any]] = {
+        name: {"authors_split_files": None, "origin": "synthetic", "files": []} for name in targets
+    }
     return RecipeData(
-        syn.train, SyntheticReIDDataset(syn, syn.train, train_tf), syn.num_train_pids, syn.num_domains, targets, repr(syn)
+        syn.train,
+        SyntheticReIDDataset(syn, syn.train, train_tf),
+        syn.num_train_pids,
+        syn.num_domains,
+        targets,
+        repr(syn),
+        test_splits,
     )
 
 
 def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
     assert cfg.data_root is not None
-    # Multi-source DG uses every image of a source (train + query + gallery), one domain each.
-    sources = [build_dataset(name, cfg.data_root, combine_all=True) for name in cfg.sources]
+    # combine_all (the authors' DATASETS.COMBINEALL / DG_* names): every image of a source is
+    # training data in multi-source DG; single-source and supervised runs use the train split.
+    flags = cfg.combine_all or [False] * len(cfg.sources)
+    sources = [build_dataset(name, cfg.data_root, combine_all=flag) for name, flag in zip(cfg.sources, flags)]
     train = combine_sources(sources)
     items = train.train
     if cfg.cameras_as_domains:
         items = cameras_as_domains(items)
     num_domains = len({it[3] for it in items})
     targets: dict[str, list[TargetSplit]] = {}
+    test_splits: dict[str, dict[str, Any]] = {}
     for name in cfg.targets:
         probe = build_dataset(name, cfg.data_root)
-        splits = cfg.num_splits if hasattr(probe, "num_splits") else 1
+        _check_no_leak(name, probe, sources)
+        splits = cfg.num_splits if isinstance(probe, SplitReIDDataset) else 1
         sets = [probe] + [build_dataset(name, cfg.data_root, split_id=i) for i in range(1, splits)]
         targets[name] = [TargetSplit(ImageDataset(d.query, test_tf), ImageDataset(d.gallery, test_tf)) for d in sets]
-    return RecipeData(items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary())
+        test_splits[name] = split_provenance(sets)
+    _warn_not_comparable(test_splits)
+    return RecipeData(
+        items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary(), test_splits
+    )
+
+
+def _check_no_leak(name: str, target: ReIDDataset, sources: Sequence[ReIDDataset]) -> None:
+    """A source trained with combine_all holds the query/gallery images of the same dataset."""
+    for src in sources:
+        if src.combine_all and type(src) is type(target) and src.dataset_dir == target.dataset_dir:
+            raise ValueError(
+                f"target {name!r} is also a source with combine_all on: its query and gallery images would be "
+                "training data; set combine_all=false for that source (supervised protocol)"
+            )
 
 
 def build_data(cfg: TrainConfig) -> RecipeData:

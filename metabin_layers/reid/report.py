@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["write_results", "results_table", "comparison_table", "plot_rho", "plot_cmc"]
+__all__ = ["write_results", "results_table", "split_notice", "comparison_table", "plot_rho", "plot_cmc"]
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
@@ -17,19 +17,51 @@ def _pct(entry: Mapping[str, Any], key: str) -> str:
     return f"{value:.1f} ± {100 * std:.1f}" if std else f"{value:.1f}"
 
 
-def results_table(targets: Mapping[str, Mapping[str, Any]]) -> str:
+def _split_cell(provenance: Optional[Mapping[str, Any]]) -> str:
+    if provenance is None or provenance.get("authors_split_files") is None:
+        return "n/a"
+    return "yes" if provenance["authors_split_files"] else f"NO ({provenance.get('origin', 'unknown')})"
+
+
+def results_table(targets: Mapping[str, Mapping[str, Any]], test_splits: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
     """Markdown table: one row per target (percentages; ± is the std over splits).
+
+    With ``test_splits`` (``results["test_splits"]``, see :func:`metabin_layers.reid.data.split_provenance`)
+    a last column says whether the target's splits are the authors' (``yes``), not theirs
+    (``NO (generated)``, ...), or ``n/a`` (a fixed query/gallery, the synthetic data).
 
     Examples:
         >>> print(results_table({"style4": {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2}}))
         | target | rank1 | rank5 | rank10 | mAP | mINP |
         |---|---|---|---|---|---|
         | style4 | 50.0 | 70.0 | 80.0 | 40.0 | 20.0 |
+        >>> m = {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.4}
+        >>> print(results_table({"prid": m}, {"prid": {"authors_split_files": False, "origin": "generated"}}))
+        | target | rank1 | rank5 | rank10 | mAP | mINP | authors' splits |
+        |---|---|---|---|---|---|---|
+        | prid | 50.0 | 70.0 | 80.0 | 40.0 | 40.0 | NO (generated) |
     """
-    lines = ["| target | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    columns = ["target", *METRICS] + (["authors' splits"] if test_splits is not None else [])
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, entry in targets.items():
-        lines.append(f"| {name} | " + " | ".join(_pct(entry, k) for k in METRICS) + " |")
+        cells = [name, *(_pct(entry, k) for k in METRICS)]
+        if test_splits is not None:
+            cells.append(_split_cell(test_splits.get(name)))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def split_notice(test_splits: Optional[Mapping[str, Mapping[str, Any]]]) -> str:
+    """A line naming the targets whose splits are not the authors' ("" when there are none).
+
+    Examples:
+        >>> split_notice({"grid": {"authors_split_files": True}, "viper": {"authors_split_files": False}})
+        "NOT COMPARABLE TO THE PAPER: viper not evaluated on the authors' split files."
+    """
+    other = [name for name, p in (test_splits or {}).items() if p.get("authors_split_files") is False]
+    if not other:
+        return ""
+    return f"NOT COMPARABLE TO THE PAPER: {', '.join(other)} not evaluated on the authors' split files."
 
 
 def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str] = ("rank1", "mAP")) -> str:
@@ -115,10 +147,17 @@ def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int
 
 
 def write_results(results: Mapping[str, Any], output: Path) -> None:
-    """``results.json``, ``results.md`` and the plots of one run, printed table included."""
+    """``results.json``, ``results.md`` and the plots of one run, printed table included.
+
+    ``results["test_splits"]`` (optional) adds the "authors' splits" column and, when a target's
+    splits are not the authors', a line saying the numbers are not comparable to the paper's.
+    """
     output = Path(output)
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    table = results_table(results["targets"])
+    table = results_table(results["targets"], results.get("test_splits"))
+    notice = split_notice(results.get("test_splits"))
+    if notice:
+        table += "\n\n" + notice
     header = f"# {results['norm']} (seed {results['seed']}, {results['iterations']} iterations)\n\n"
     (output / "results.md").write_text(header + table + "\n")
     print(table, flush=True)

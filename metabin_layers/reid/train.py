@@ -406,6 +406,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
             "iterations": trainer.iteration,
             "train_seconds": round(getattr(trainer, "train_seconds", 0.0), 2),
             "targets": metrics,
+            "test_splits": trainer.data.test_splits,
             "rho_per_layer": [
                 {"layer": i, "mean": float(m.rho.mean()), "min": float(m.rho.min()), "max": float(m.rho.max())}
                 for i, m in enumerate(metabin_modules(trainer.model.backbone))
