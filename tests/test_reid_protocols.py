@@ -466,3 +466,15 @@ def test_viper_split_folders_alone_errors_name_what_is_missing(tmp_path: Path) -
     make_viper(tmp_path / "viper" / "VIPeR", small=True)
     assert VIPeR(tmp_path, split_id=1).split_origin == "generated"
     assert VIPeR(tmp_path, split_id=0).split_origin == "authors"
+
+
+def test_viper_torchreid_split_file_is_used_but_not_reported_as_the_authors(tmp_path: Path) -> None:
+    ids = make_viper(tmp_path / "viper" / "VIPeR", small=True)  # torchreid layout, ids sorted
+    train_ids = ids[::2]
+    train = [[f"/x/viper/VIPeR/cam_a/{i:03d}_0.bmp", k, 0] for k, i in enumerate(train_ids)]
+    (tmp_path / "viper" / "splits.json").write_text(json.dumps([{"train": train, "query": [], "gallery": []}] * 20))
+    ds = VIPeR(tmp_path, split_id=4)
+    assert ds.split_origin == "torchreid" and not ds.uses_authors_splits
+    assert ds.split_path == str(tmp_path / "viper" / "splits.json")
+    assert {it.pid for it in ds.query} == set(ids[1::2]) == {it.pid for it in ds.gallery}
+    assert not (tmp_path / "viper" / "splits_generated_seed0.json").exists()

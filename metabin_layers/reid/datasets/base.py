@@ -26,7 +26,6 @@ from typing import Any, ClassVar, NamedTuple, Union
 
 __all__ = [
     "IMG_EXTENSIONS",
-    "SPLIT_ORIGINS",
     "Layout",
     "PathLike",
     "RawItem",
@@ -311,10 +310,6 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-#: Where the splits of a :class:`SplitReIDDataset` come from (``split_origin``).
-SPLIT_ORIGINS: tuple[str, ...] = ("authors", "torchreid", "generated")
 
 
 class SplitReIDDataset(ReIDDataset):
