@@ -20,6 +20,14 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd[0] in ci_lines
 
 
+def test_ci_runs_inside_a_fresh_virtual_environment():
+    """Users install into a venv; CI does the same so that a venv-only breakage cannot hide."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    create, activate = lines.index("python3 -m venv .venv"), lines.index("source .venv/bin/activate")
+    first_install = next(i for i, line in enumerate(lines) if line.startswith("pip install"))
+    assert create < activate < first_install
+
+
 def test_readme_gives_exactly_two_setup_commands():
     assert len(_bash_blocks((ROOT / "README.md").read_text())) == 2
 
