@@ -14,7 +14,7 @@ __all__ = ["DomainSplit", "split_domains", "CyclicInnerLR", "ConstantInnerLR", "
 class DomainSplit(NamedTuple):
     """Meta-train / meta-test domains of one episode, and the matching masks over the batch.
 
-    ``train_mask``/``test_mask`` are None when :func:`split_domains` was given a list of domains
+    ``train_mask``/``test_mask`` are None when ``split_domains`` was given a list of domains
     rather than the per-sample domain labels of a batch.
     """
 

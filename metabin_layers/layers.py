@@ -21,15 +21,15 @@ __all__ = [
     "stats_mode",
 ]
 
-#: Statistics modes of a MetaBIN layer (the authors' ``type_running_stats``):
-#: ``"update"`` normalises with batch statistics and updates the running ones (normal training),
-#: ``"hold"`` normalises with batch statistics and leaves the running ones untouched (meta steps),
-#: ``"eval"`` normalises the BN branch with the running statistics.
 STATS_MODES = ("update", "hold", "eval")
+"""Statistics modes of a MetaBIN layer (the authors' ``type_running_stats``): ``"update"`` normalises
+with batch statistics and updates the running ones (normal training), ``"hold"`` normalises with
+batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` normalises the BN
+branch with the running statistics."""
 
 
 class _MetaBINBase(nn.Module):
-    """Shared implementation of :class:`MetaBIN1d`, :class:`MetaBIN2d` and :class:`MetaBIN3d`.
+    """Shared implementation of ``MetaBIN1d``, ``MetaBIN2d`` and ``MetaBIN3d``.
 
     Tensors: ``weight``, ``bias`` (BN-branch affine), ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (same names and semantics as ``nn.BatchNorm``), ``in_weight``,
@@ -105,7 +105,7 @@ class _MetaBINBase(nn.Module):
     # -- state -----------------------------------------------------------------------------
     @property
     def stats_mode(self) -> str:
-        """``"update"``, ``"hold"`` or ``"eval"``; see :data:`STATS_MODES`."""
+        """``"update"``, ``"hold"`` or ``"eval"``; see ``STATS_MODES``."""
         return self._stats_mode
 
     @stats_mode.setter
@@ -366,7 +366,7 @@ class MetaBIN3d(_MetaBINBase):
 class MetaBINAct2d(MetaBIN2d):
     """MetaBIN2d followed by ``drop`` and ``act``, the counterpart of timm's ``BatchNormAct2d``.
 
-    State-dict keys are those of :class:`MetaBIN2d` (plus whatever ``act``/``drop`` hold), so a
+    State-dict keys are those of ``MetaBIN2d`` (plus whatever ``act``/``drop`` hold), so a
     ``BatchNormAct2d`` checkpoint loads into it.
 
     Examples:

@@ -322,7 +322,7 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
 
 
 class TripletLoss(nn.Module):
-    """Module form of :func:`triplet_loss`.
+    """Module form of ``triplet_loss``.
 
     Examples:
         >>> import torch
@@ -345,7 +345,7 @@ class TripletLoss(nn.Module):
 
 
 class CrossEntropyLabelSmooth(nn.Module):
-    """Module form of :func:`cross_entropy_label_smooth`.
+    """Module form of ``cross_entropy_label_smooth``.
 
     Examples:
         >>> import torch
@@ -367,7 +367,7 @@ class CrossEntropyLabelSmooth(nn.Module):
 
 
 class IntraDomainScatterLoss(nn.Module):
-    """Module form of :func:`intra_domain_scatter_loss`.
+    """Module form of ``intra_domain_scatter_loss``.
 
     Examples:
         >>> import torch
@@ -389,7 +389,7 @@ class IntraDomainScatterLoss(nn.Module):
 
 
 class InterDomainShuffleLoss(nn.Module):
-    """Module form of :func:`inter_domain_shuffle_loss`.
+    """Module form of ``inter_domain_shuffle_loss``.
 
     Examples:
         >>> import torch

@@ -41,16 +41,3 @@ def test_every_public_name_has_a_docstring_and_an_api_entry():
         if not isinstance(obj, (str, tuple)):
             assert obj.__doc__, f"{name} has no docstring"
         assert f"`{name}" in api, f"{name} is missing from docs/api.md"
-
-
-def test_docs_site_builds_with_warnings_as_errors(tmp_path):
-    import shutil
-    import subprocess
-
-    import pytest
-
-    if shutil.which("mkdocs") is None:
-        pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
-    run = subprocess.run(["mkdocs", "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert (tmp_path / "site" / "reference" / "index.html").exists()

@@ -24,7 +24,7 @@ Splits (multi-source domain generalisation):
   image per identity from one camera and the gallery images from the style's other cameras,
   plus optional gallery-only distractor identities. ``domain`` = the global style index.
 
-Items are :class:`SyntheticItem` ``(img_path, pid, camid, domain)`` (field-compatible with the
+Items are ``SyntheticItem`` ``(img_path, pid, camid, domain)`` (field-compatible with the
 recipe's ``ReIDItem``); ``img_path`` is ``"synthetic://style{s}/id{identity}/{instance}"`` and
 ``camid`` is global: ``style * cameras_per_style + camera``.
 
@@ -647,7 +647,7 @@ class SyntheticReID:
         return grid
 
     def save_examples(self, path: str | Path, num_ids: int = 6, per_style: int = 2, scale: int = 3) -> np.ndarray:
-        """Write :meth:`example_grid` as a PNG (PIL) and return the grid array."""
+        """Write ``example_grid`` as a PNG (PIL) and return the grid array."""
         from PIL import Image
 
         grid = self.example_grid(num_ids=num_ids, per_style=per_style, scale=scale)
@@ -670,7 +670,7 @@ class SyntheticReIDDataset(Dataset):
     """Torch dataset over synthetic items; returns ``{img, pid, camid, domain, path}``.
 
     ``img`` is ``transform(uint8 HWC numpy array)`` if a transform is given (e.g.
-    :func:`metabin_layers.reid.transforms.build_train_transform`), else a uint8 tensor
+    ``metabin_layers.reid.transforms.build_train_transform``), else a uint8 tensor
     ``(3, H, W)``.
 
     Examples:

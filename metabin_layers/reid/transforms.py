@@ -11,7 +11,7 @@ The authors keep pixels in ``[0, 255]`` and normalise inside the model with ``me
 ``std * 255``; ``ToTensor`` (``[0, 1]``) followed by ``Normalize(mean, std)`` is the same map.
 
 Both builders accept PIL images, ``uint8`` numpy arrays of shape ``(H, W, 3)`` or ``(H, W)``
-(what :class:`metabin_layers.reid.synthetic.SyntheticReID` renders) and ``uint8`` torch tensors
+(what ``metabin_layers.reid.synthetic.SyntheticReID`` renders) and ``uint8`` torch tensors
 of shape ``(3, H, W)``.
 
 Examples:

@@ -1,15 +1,15 @@
 """Shared pieces of the Re-ID dataset parsers.
 
-* :class:`ReIDItem`: one image, ``(img_path, pid, camid, domain)`` (torchreid's 4-tuple order).
-* :class:`ReIDDataset`: base class. A subclass only parses its folder into *raw* lists
+* ``ReIDItem``: one image, ``(img_path, pid, camid, domain)`` (torchreid's 4-tuple order).
+* ``ReIDDataset``: base class. A subclass only parses its folder into *raw* lists
   ``(path, identity_key, camid)``; the base class relabels training identities to ``0..P-1``
   (sorted keys, so the labels do not depend on the file system), implements ``combine_all``
   and stamps every item with the dataset's ``domain``.
-* :class:`SplitReIDDataset`: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
+* ``SplitReIDDataset``: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
   come with 10 random train/test splits, cached in a JSON file next to the data.
-* :class:`Layout` / :func:`find_layout`: folder-layout search with error messages that name
+* ``Layout`` / ``find_layout``: folder-layout search with error messages that name
   the dataset, the root searched and the expected layout.
-* :func:`list_images`: sorted (deterministic) listing of the image files of a folder.
+* ``list_images``: sorted (deterministic) listing of the image files of a folder.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: File extensions (lower case) treated as images by :func:`list_images`.
+#: File extensions (lower case) treated as images by ``list_images``.
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -201,11 +201,11 @@ class ReIDDataset:
             multi-source domain generalisation (MetaBIN's ``DG_*`` sources). Query and gallery
             identities get labels after the training ones (``P..``); junk/distractor ids are
             dropped. ``query`` and ``gallery`` keep their content (torchreid's ``combineall``).
-        domain: domain id stamped on every item (see :func:`combine_sources` for several).
-        verbose: print :meth:`summary` after loading.
+        domain: domain id stamped on every item (see ``combine_sources`` for several).
+        verbose: print ``summary`` after loading.
 
     Attributes:
-        train, query, gallery: lists of :class:`ReIDItem`.
+        train, query, gallery: lists of ``ReIDItem``.
         root: absolute root; dataset_dir: the data folder found under it.
     """
 
@@ -322,12 +322,12 @@ class SplitReIDDataset(ReIDDataset):
     over *sorted* ids (deterministic) and written there, with the seed recorded in each entry.
 
     Args:
-        root: see :class:`ReIDDataset`.
+        root: see ``ReIDDataset``.
         split_id: which of the 10 splits, ``0..9``.
         seed: seed used to generate the splits (``None`` means 0). If an existing split file
             records a different seed, a ``ValueError`` is raised; if it records none (made by
             torchreid or the authors), it is used and a warning says the seed was ignored.
-        combine_all, domain, verbose: see :class:`ReIDDataset`.
+        combine_all, domain, verbose: see ``ReIDDataset``.
     """
 
     num_splits: ClassVar[int] = 10
