@@ -207,6 +207,12 @@ def convert_bn_to_metabin(
 def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
     """All MetaBIN layers of ``model``, in ``model.modules()`` order.
 
+    Args:
+        model: any module.
+
+    Returns:
+        The MetaBIN layers (plain and synchronised), each once.
+
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8), nn.ReLU())
         >>> [type(m).__name__ for m in metabin_modules(model)]
@@ -217,6 +223,12 @@ def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
 
 def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The ``rho`` Parameters of every MetaBIN layer (each once, in module order).
+
+    Args:
+        model: any module.
+
+    Returns:
+        The ``rho`` Parameters: what ``MetaBINOptimizer`` meta-learns.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
@@ -234,6 +246,12 @@ def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def base_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` except the MetaBIN ``rho`` (what the base optimizer steps).
+
+    Args:
+        model: any module.
+
+    Returns:
+        Every Parameter of ``model`` that is not a ``rho``, in ``model.parameters()`` order.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))

@@ -73,6 +73,12 @@ def active_group(process_group: Any = None) -> Optional[Any]:
     None when ``torch.distributed`` is unavailable or not initialised, when the group has a single
     rank, or when this process is not a member of it. ``process_group=None`` is the default group.
 
+    Args:
+        process_group: a group of ``torch.distributed``, or None for the default group.
+
+    Returns:
+        The group, or None.
+
     Examples:
         >>> active_group() is None   # no init_process_group in this process
         True
@@ -308,6 +314,19 @@ class SyncMetaBIN(_MetaBINBase):
 
     Every rank must call a synchronised layer the same number of times in the same order, in
     forward and in backward; see ``docs/distributed.md``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        rho_init: initial per-channel balance in [0, 1].
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        process_group: the group to synchronise over (None: the default group).
 
     Examples:
         >>> m = SyncMetaBIN(8, rho_init=0.5)

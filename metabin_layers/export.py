@@ -175,6 +175,16 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
     ``drop`` and ``act`` are the layer's own modules (copied by ``fold_metabin_for_inference``
     unless ``inplace=True``).
 
+    Args:
+        scale: BN-branch scale, ``(C,)`` (see ``FoldedMetaBIN``).
+        shift: shift, ``(C,)``.
+        in_scale: weight of the normalised instance term, ``(C,)``.
+        eps: the layer's eps.
+        instance_stats: None (default) decides from ``in_scale``.
+        batch_stats: the layer tracks no running statistics.
+        drop: module applied after the normalization (default ``nn.Identity``).
+        act: module applied last (default ``nn.Identity``).
+
     Examples:
         >>> from metabin_layers.export import FoldedMetaBINAct2d
         >>> layer = MetaBINAct2d(4, act_layer=nn.ReLU, rho_init=0.5).eval()

@@ -68,6 +68,16 @@ def resolve_backend(x: Tensor, backend: str = "auto") -> str:
     ``"auto"`` picks ``$METABIN_BACKEND`` when set, else ``"triton"`` for CUDA tensors when
     Triton is installed, else ``"fused"``. Any other value is returned as it is (validated).
 
+    Args:
+        x: the input the layer is about to normalise (its device decides ``"auto"``).
+        backend: ``"auto"`` or one of ``BACKENDS``.
+
+    Returns:
+        One of ``BACKENDS``.
+
+    Raises:
+        ValueError: ``backend`` is neither ``"auto"`` nor one of ``BACKENDS``.
+
     Examples:
         >>> resolve_backend(torch.zeros(2, 3, 4))
         'fused'

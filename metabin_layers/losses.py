@@ -324,6 +324,10 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
 class TripletLoss(nn.Module):
     """Module form of ``triplet_loss``.
 
+    Args:
+        margin: hinge margin; 0 gives the soft-margin form ``softplus(d_ap - d_an)``.
+        normalize: L2-normalise the features before the distances.
+
     Examples:
         >>> import torch
         >>> loss_fn = TripletLoss(margin=0.3)
@@ -347,6 +351,9 @@ class TripletLoss(nn.Module):
 class CrossEntropyLabelSmooth(nn.Module):
     """Module form of ``cross_entropy_label_smooth``.
 
+    Args:
+        epsilon: smoothing mass in [0, 1).
+
     Examples:
         >>> import torch
         >>> loss_fn = CrossEntropyLabelSmooth(epsilon=0.1)
@@ -369,6 +376,9 @@ class CrossEntropyLabelSmooth(nn.Module):
 class IntraDomainScatterLoss(nn.Module):
     """Module form of ``intra_domain_scatter_loss``.
 
+    Args:
+        normalize: L2-normalise the features first (the authors' setting).
+
     Examples:
         >>> import torch
         >>> loss_fn = IntraDomainScatterLoss()
@@ -390,6 +400,9 @@ class IntraDomainScatterLoss(nn.Module):
 
 class InterDomainShuffleLoss(nn.Module):
     """Module form of ``inter_domain_shuffle_loss``.
+
+    Args:
+        margin: hinge margin; 0 gives the soft-margin form.
 
     Examples:
         >>> import torch
