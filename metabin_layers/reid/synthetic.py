@@ -70,7 +70,19 @@ _PATH_RE = re.compile(r"^synthetic://style(\d+)/id(\d+)/(\d+)$")
 
 
 class SyntheticItem(NamedTuple):
-    """One image: ``(img_path, pid, camid, domain)``, the recipe's item layout."""
+    """One image: ``(img_path, pid, camid, domain)``, the recipe's item layout.
+
+    Attributes:
+        img_path: ``synthetic://style<s>/id<p>/<k>``, a key for the image (rendered, not read).
+        pid: identity label.
+        camid: camera (style) id.
+        domain: source-domain index (one domain per style).
+
+    Examples:
+        >>> item = SyntheticItem("synthetic://style1/id0/0", pid=0, camid=1, domain=1)
+        >>> item.pid, item.domain
+        (0, 1)
+    """
 
     img_path: str
     pid: int
@@ -673,6 +685,11 @@ class SyntheticReIDDataset(Dataset):
     ``metabin_layers.reid.transforms.build_train_transform``), else a uint8 tensor
     ``(3, H, W)``.
 
+    Args:
+        source: the ``SyntheticReID`` that renders the images.
+        items: the items to serve (e.g. ``source.train`` or ``source.query[style]``).
+        transform: applied to the uint8 ``(H, W, 3)`` array; None returns a uint8 tensor.
+
     Examples:
         >>> ds = SyntheticReID(num_train_ids=4, num_test_ids=2, num_styles=2, held_out_styles=(1,))
         >>> SyntheticReIDDataset(ds, ds.query[1])[0]["img"].shape
@@ -700,6 +717,16 @@ def save_examples(
     path: str | Path, dataset: SyntheticReID | None = None, num_ids: int = 6, per_style: int = 2, scale: int = 3
 ) -> np.ndarray:
     """Write a PNG grid of a few identities under every style (default dataset if none given).
+
+    Args:
+        path: where to write the PNG.
+        dataset: the dataset to draw from (default: ``SyntheticReID()``).
+        num_ids: identities (rows).
+        per_style: images per identity and style.
+        scale: integer upscaling of each image.
+
+    Returns:
+        The grid as a uint8 ``(H, W, 3)`` array (what was written).
 
     Examples:
         >>> import tempfile, os

@@ -144,6 +144,15 @@ def build_test_transform(
 ) -> T.Compose:
     """Test transform: bicubic resize, tensor, normalise (deterministic).
 
+    Args:
+        height: output height (the paper: 256).
+        width: output width (the paper: 128).
+        mean: per-channel normalisation mean; ``None`` (with ``std=None``) leaves ``[0, 1]`` values.
+        std: per-channel normalisation standard deviation.
+
+    Returns:
+        A ``torchvision.transforms.Compose`` mapping an image to a float tensor ``(3, H, W)``.
+
     Examples:
         >>> t = build_test_transform(64, 32, mean=None, std=None)
         >>> float(t(np.full((8, 4, 3), 255, dtype=np.uint8)).max())
