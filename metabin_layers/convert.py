@@ -125,8 +125,8 @@ def convert_bn_to_metabin(
 ) -> nn.Module:
     """Replace the BatchNorm layers of ``module`` by MetaBIN layers, recursively.
 
-    Converted: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (to :class:`MetaBIN2d`) and timm's
-    ``BatchNormAct2d`` / ``SyncBatchNormAct`` (to :class:`MetaBINAct2d`, keeping ``act`` and
+    Converted: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (to ``MetaBIN2d``) and timm's
+    ``BatchNormAct2d`` / ``SyncBatchNormAct`` (to ``MetaBINAct2d``, keeping ``act`` and
     ``drop``). Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
     ``FrozenBatchNormAct2d``: fixed statistics are a choice of the model's author, and they have no
     batch branch to mix), other ``_BatchNorm`` subclasses such as timm's ``SplitBatchNorm2d`` (their
@@ -153,7 +153,7 @@ def convert_bn_to_metabin(
             authors' default (``LOAD_IN_AFFINE=False``).
         strict: raise instead of warning when nothing was converted.
         sync: then make every MetaBIN layer of the model a synchronised one
-            (:func:`~metabin_layers.distributed.convert_sync_metabin`: BN-branch statistics over
+            (``convert_sync_metabin``: BN-branch statistics over
             the whole process group, for multi-GPU training; see ``docs/distributed.md``).
         process_group: the group ``sync`` synchronises over; None is the default group.
 
@@ -207,6 +207,12 @@ def convert_bn_to_metabin(
 def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
     """All MetaBIN layers of ``model``, in ``model.modules()`` order.
 
+    Args:
+        model: any module.
+
+    Returns:
+        The MetaBIN layers (plain and synchronised), each once.
+
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8), nn.ReLU())
         >>> [type(m).__name__ for m in metabin_modules(model)]
@@ -217,6 +223,12 @@ def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
 
 def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The ``rho`` Parameters of every MetaBIN layer (each once, in module order).
+
+    Args:
+        model: any module.
+
+    Returns:
+        The ``rho`` Parameters: what ``MetaBINOptimizer`` meta-learns.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
@@ -234,6 +246,12 @@ def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def base_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` except the MetaBIN ``rho`` (what the base optimizer steps).
+
+    Args:
+        model: any module.
+
+    Returns:
+        Every Parameter of ``model`` that is not a ``rho``, in ``model.parameters()`` order.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))

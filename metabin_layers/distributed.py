@@ -1,6 +1,6 @@
 """Multi-GPU and multi-node MetaBIN on ``torch.distributed``: synchronised layers and helpers.
 
-:class:`SyncMetaBIN` is to the MetaBIN layers what ``torch.nn.SyncBatchNorm`` is to BatchNorm: in
+``SyncMetaBIN`` is to the MetaBIN layers what ``torch.nn.SyncBatchNorm`` is to BatchNorm: in
 training its BN branch normalises with the statistics of the *global* batch (every rank of the
 process group), while the IN branch stays per instance, so nothing about it is communicated.
 
@@ -13,7 +13,7 @@ What crosses the wire, per layer and per training step (all in the statistics dt
   batches are fine);
 * backward: one ``all_reduce`` (sum) of ``(sum dy, sum dy * x_hat_B)`` per channel, ``2C`` numbers,
   the only global quantities the input gradient needs. Parameter gradients stay local, as in
-  ``SyncBatchNorm``: DDP (or :class:`~metabin_layers.MetaBINOptimizer` for rho) averages them.
+  ``SyncBatchNorm``: DDP (or ``MetaBINOptimizer`` for rho) averages them.
 
 With the differentiable ``"composite"`` backend (second-order meta steps) the forward gathers the
 same ``2C + 1`` numbers through an autograd-aware gather whose backward is one ``all_reduce``, so
@@ -72,6 +72,12 @@ def active_group(process_group: Any = None) -> Optional[Any]:
 
     None when ``torch.distributed`` is unavailable or not initialised, when the group has a single
     rank, or when this process is not a member of it. ``process_group=None`` is the default group.
+
+    Args:
+        process_group: a group of ``torch.distributed``, or None for the default group.
+
+    Returns:
+        The group, or None.
 
     Examples:
         >>> active_group() is None   # no init_process_group in this process
@@ -297,8 +303,8 @@ class SyncMetaBIN(_MetaBINBase):
     Same tensors, state-dict keys, statistics modes, backends and errors as the plain layers; on
     top, ``process_group`` (None: the default group). Accepts ``(N, C)``, ``(N, C, L)``,
     ``(N, C, H, W)`` and ``(N, C, D, H, W)`` like ``nn.SyncBatchNorm``; the dimension-checked
-    variants :class:`SyncMetaBIN1d` / ``2d`` / ``3d`` / :class:`SyncMetaBINAct2d` are what
-    :func:`convert_sync_metabin` produces (they are also instances of ``MetaBIN1d`` / ...).
+    variants ``SyncMetaBIN1d`` / ``2d`` / ``3d`` / ``SyncMetaBINAct2d`` are what
+    ``convert_sync_metabin`` produces (they are also instances of ``MetaBIN1d`` / ...).
 
     Synchronisation happens in training mode with batch statistics (``stats_mode`` ``"update"``
     and ``"hold"``), when ``torch.distributed`` is initialised and the group has more than one
@@ -308,6 +314,19 @@ class SyncMetaBIN(_MetaBINBase):
 
     Every rank must call a synchronised layer the same number of times in the same order, in
     forward and in backward; see ``docs/distributed.md``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        rho_init: initial per-channel balance in [0, 1].
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        process_group: the group to synchronise over (None: the default group).
 
     Examples:
         >>> m = SyncMetaBIN(8, rho_init=0.5)
@@ -378,7 +397,7 @@ class SyncMetaBIN(_MetaBINBase):
 
 
 class SyncMetaBIN1d(MetaBIN1d, SyncMetaBIN):
-    """:class:`SyncMetaBIN` with the input checks of :class:`~metabin_layers.MetaBIN1d`.
+    """``SyncMetaBIN`` with the input checks of ``MetaBIN1d``.
 
     Examples:
         >>> SyncMetaBIN1d(4)(torch.randn(2, 4, 6)).shape
@@ -387,7 +406,7 @@ class SyncMetaBIN1d(MetaBIN1d, SyncMetaBIN):
 
 
 class SyncMetaBIN2d(MetaBIN2d, SyncMetaBIN):
-    """:class:`SyncMetaBIN` with the input checks of :class:`~metabin_layers.MetaBIN2d`.
+    """``SyncMetaBIN`` with the input checks of ``MetaBIN2d``.
 
     Examples:
         >>> isinstance(SyncMetaBIN2d(4), MetaBIN2d)
@@ -396,7 +415,7 @@ class SyncMetaBIN2d(MetaBIN2d, SyncMetaBIN):
 
 
 class SyncMetaBIN3d(MetaBIN3d, SyncMetaBIN):
-    """:class:`SyncMetaBIN` with the input checks of :class:`~metabin_layers.MetaBIN3d`.
+    """``SyncMetaBIN`` with the input checks of ``MetaBIN3d``.
 
     Examples:
         >>> SyncMetaBIN3d(4)(torch.randn(2, 4, 3, 3, 3)).shape
@@ -405,7 +424,7 @@ class SyncMetaBIN3d(MetaBIN3d, SyncMetaBIN):
 
 
 class SyncMetaBINAct2d(MetaBINAct2d, SyncMetaBIN):
-    """:class:`~metabin_layers.MetaBINAct2d` (MetaBIN, ``drop``, ``act``) with synchronised statistics.
+    """``MetaBINAct2d`` (MetaBIN, ``drop``, ``act``) with synchronised statistics.
 
     Examples:
         >>> m = SyncMetaBINAct2d(8, act_layer=nn.ReLU)
@@ -451,10 +470,10 @@ def convert_sync_metabin(module: nn.Module, process_group: Any = None) -> nn.Mod
     """Replace every MetaBIN layer of ``module`` by its synchronised counterpart, recursively.
 
     The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: ``MetaBIN1d/2d/3d`` become
-    :class:`SyncMetaBIN1d` / ``2d`` / ``3d`` and ``MetaBINAct2d`` becomes :class:`SyncMetaBINAct2d`
+    ``SyncMetaBIN1d`` / ``2d`` / ``3d`` and ``MetaBINAct2d`` becomes ``SyncMetaBINAct2d``
     (keeping its ``act`` and ``drop`` modules). Parameters (``rho`` included) and buffers are
     shared by identity, so state-dict keys, ``requires_grad``, existing optimizers (also a
-    :class:`~metabin_layers.MetaBINOptimizer`, which finds the new layers itself) and devices stay
+    ``MetaBINOptimizer``, which finds the new layers itself) and devices stay
     valid. Layers that are already synchronised are kept (their ``process_group`` is replaced when
     one is given). Plain BatchNorm is not touched: call ``convert_bn_to_metabin(model, sync=True)``
     to do both. Other ``_MetaBINBase`` subclasses are left alone with a warning.

@@ -14,8 +14,19 @@ __all__ = ["DomainSplit", "split_domains", "CyclicInnerLR", "ConstantInnerLR", "
 class DomainSplit(NamedTuple):
     """Meta-train / meta-test domains of one episode, and the matching masks over the batch.
 
-    ``train_mask``/``test_mask`` are None when :func:`split_domains` was given a list of domains
+    ``train_mask``/``test_mask`` are None when ``split_domains`` was given a list of domains
     rather than the per-sample domain labels of a batch.
+
+    Attributes:
+        train_domains: the meta-train domain ids, in the order drawn.
+        test_domains: the meta-test domain ids, in the order drawn.
+        train_mask: boolean ``(N,)`` mask of the batch samples from meta-train domains, or None.
+        test_mask: boolean ``(N,)`` mask of the batch samples from meta-test domains, or None.
+
+    Examples:
+        >>> s = split_domains(torch.tensor([0, 0, 1, 1, 2, 2]), num_meta_train=2, generator=torch.Generator().manual_seed(0))
+        >>> int(s.train_mask.sum()), int(s.test_mask.sum())
+        (4, 2)
     """
 
     train_domains: Tensor
@@ -88,6 +99,19 @@ class InnerLR:
 
     ``relative`` says whether the value multiplies the current rho learning rate (the authors'
     ``beta = lr_rho * meta_ratio``) or is the step size itself.
+
+    Subclasses implement ``step`` (and ``state_dict`` / ``load_state_dict`` when they hold state).
+
+    Examples:
+        >>> class Halving(InnerLR):
+        ...     def __init__(self):
+        ...         self.value = 0.2
+        ...     def step(self):
+        ...         self.value /= 2
+        ...         return self.value
+        >>> sched = Halving()
+        >>> sched.step(), sched.step()
+        (0.1, 0.05)
     """
 
     relative: bool = False

@@ -10,7 +10,7 @@ fixed per-channel affine map ``a_c * x + b_c``. The layer then reduces to
 with ``g_c = (1 - rho_c) * w_I``, ``b'_c = b_c + (1 - rho_c) * b_I``: per-(n, c) statistics over
 the spatial dimensions, then one affine pass. Layers whose IN branch vanishes (``g_c == 0`` in
 every channel, e.g. ``rho == 1``) become a pure per-channel affine, like a BatchNorm folded for
-inference. :class:`FoldedMetaBIN` holds only buffers and uses only standard ops (no custom
+inference. ``FoldedMetaBIN`` holds only buffers and uses only standard ops (no custom
 autograd function, no Python-only control flow), so the folded model exports to ONNX with either
 exporter, scripts with ``torch.jit.script`` and compiles with ``torch.compile``. See
 ``docs/export.md``.
@@ -38,8 +38,8 @@ def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
 class FoldedMetaBIN(nn.Module):
     """Inference-only MetaBIN layer: per-(n, c) instance statistics and one affine map.
 
-    Built from an eval-mode MetaBIN layer by :meth:`from_metabin` (or, for a whole model, by
-    :func:`fold_metabin_for_inference`). It computes the eval-mode output of that layer,
+    Built from an eval-mode MetaBIN layer by ``from_metabin`` (or, for a whole model, by
+    ``fold_metabin_for_inference``). It computes the eval-mode output of that layer,
 
     ``y = scale * x + shift + in_scale * (x - mu_nc) / sqrt(var_nc + eps)``,
 
@@ -170,10 +170,20 @@ class FoldedMetaBIN(nn.Module):
 
 
 class FoldedMetaBINAct2d(FoldedMetaBIN):
-    """:class:`FoldedMetaBIN` followed by ``drop`` and ``act``: the folded :class:`MetaBINAct2d`.
+    """``FoldedMetaBIN`` followed by ``drop`` and ``act``: the folded ``MetaBINAct2d``.
 
-    ``drop`` and ``act`` are the layer's own modules (copied by :func:`fold_metabin_for_inference`
+    ``drop`` and ``act`` are the layer's own modules (copied by ``fold_metabin_for_inference``
     unless ``inplace=True``).
+
+    Args:
+        scale: BN-branch scale, ``(C,)`` (see ``FoldedMetaBIN``).
+        shift: shift, ``(C,)``.
+        in_scale: weight of the normalised instance term, ``(C,)``.
+        eps: the layer's eps.
+        instance_stats: None (default) decides from ``in_scale``.
+        batch_stats: the layer tracks no running statistics.
+        drop: module applied after the normalization (default ``nn.Identity``).
+        act: module applied last (default ``nn.Identity``).
 
     Examples:
         >>> from metabin_layers.export import FoldedMetaBINAct2d
@@ -201,7 +211,7 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
 
     @classmethod
     def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBINAct2d:
-        """The folded form of an eval-mode :class:`MetaBINAct2d` (sharing its ``drop`` and ``act``)."""
+        """The folded form of an eval-mode ``MetaBINAct2d`` (sharing its ``drop`` and ``act``)."""
         return cls(**_folded_tensors(layer), drop=getattr(layer, "drop", None), act=getattr(layer, "act", None))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -256,13 +266,13 @@ def _fold_one(layer: _MetaBINBase) -> FoldedMetaBIN:
 
 
 def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every MetaBIN layer of an eval-mode ``model`` by its :class:`FoldedMetaBIN` form.
+    """Replace every MetaBIN layer of an eval-mode ``model`` by its ``FoldedMetaBIN`` form.
 
     The result computes what ``model`` computes in eval mode (up to rounding), with standard ops
     only: export it with ``torch.onnx.export``, script it with ``torch.jit.script``, or compile it
     (per-(n, c) statistics and one affine map per layer; layers with ``rho == 1`` in every channel
     become a pure per-channel affine). ``MetaBINAct2d`` becomes
-    :class:`FoldedMetaBINAct2d`, keeping ``drop`` and ``act``. Each layer is folded with its
+    ``FoldedMetaBINAct2d``, keeping ``drop`` and ``act``. Each layer is folded with its
     current ``rho``, affines and running statistics: fold again after further training.
 
     Args:

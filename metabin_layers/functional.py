@@ -14,7 +14,7 @@ the memory traffic of BatchNorm.
 
 Two implementations share these formulas:
 
-* ``"fused"``: a custom :class:`torch.autograd.Function` with a hand-written backward. It is the
+* ``"fused"``: a custom ``torch.autograd.Function`` with a hand-written backward. It is the
   fast path; its backward is ``once_differentiable`` (double backward raises).
 * ``"composite"``: the same formulas as ordinary differentiable torch ops. Autograd derives its
   backward, so double backward works (second-order meta steps use it).
@@ -53,13 +53,13 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["batch_instance_norm", "BACKENDS", "BACKEND_ENV", "resolve_backend"]
 
-#: Names accepted by ``batch_instance_norm(..., backend=...)``: ``"fused"`` (plain PyTorch with a
-#: hand-written backward; the CPU path), ``"composite"`` (differentiable twice; the reference) and
-#: ``"triton"`` (Triton kernels; CUDA, or CPU under ``TRITON_INTERPRET=1`` for testing).
 BACKENDS = ("fused", "composite", "triton")
+"""Names accepted by ``batch_instance_norm(..., backend=...)``: ``"fused"`` (plain PyTorch with a
+hand-written backward; the CPU path), ``"composite"`` (differentiable twice; the reference) and
+``"triton"`` (Triton kernels; CUDA, or CPU under ``TRITON_INTERPRET=1`` for testing)."""
 
-#: Environment variable that forces the backend chosen by ``"auto"`` (e.g. ``METABIN_BACKEND=fused``).
 BACKEND_ENV = "METABIN_BACKEND"
+"""Environment variable that forces the backend chosen by ``"auto"`` (e.g. ``METABIN_BACKEND=fused``)."""
 
 
 def resolve_backend(x: Tensor, backend: str = "auto") -> str:
@@ -67,6 +67,16 @@ def resolve_backend(x: Tensor, backend: str = "auto") -> str:
 
     ``"auto"`` picks ``$METABIN_BACKEND`` when set, else ``"triton"`` for CUDA tensors when
     Triton is installed, else ``"fused"``. Any other value is returned as it is (validated).
+
+    Args:
+        x: the input the layer is about to normalise (its device decides ``"auto"``).
+        backend: ``"auto"`` or one of ``BACKENDS``.
+
+    Returns:
+        One of ``BACKENDS``.
+
+    Raises:
+        ValueError: ``backend`` is neither ``"auto"`` nor one of ``BACKENDS``.
 
     Examples:
         >>> resolve_backend(torch.zeros(2, 3, 4))
@@ -550,7 +560,7 @@ def batch_instance_norm(
         momentum: weight of the new batch statistics in the running average.
         eps: added to the variances.
         backend: ``"fused"`` (custom backward, fast), ``"composite"`` (plain autograd ops,
-            supports double backward) or ``"triton"`` (CUDA kernels); see :data:`BACKENDS`.
+            supports double backward) or ``"triton"`` (CUDA kernels); see ``BACKENDS``.
 
     Returns:
         A tensor like ``x``.

@@ -21,15 +21,15 @@ __all__ = [
     "stats_mode",
 ]
 
-#: Statistics modes of a MetaBIN layer (the authors' ``type_running_stats``):
-#: ``"update"`` normalises with batch statistics and updates the running ones (normal training),
-#: ``"hold"`` normalises with batch statistics and leaves the running ones untouched (meta steps),
-#: ``"eval"`` normalises the BN branch with the running statistics.
 STATS_MODES = ("update", "hold", "eval")
+"""Statistics modes of a MetaBIN layer (the authors' ``type_running_stats``): ``"update"`` normalises
+with batch statistics and updates the running ones (normal training), ``"hold"`` normalises with
+batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` normalises the BN
+branch with the running statistics."""
 
 
 class _MetaBINBase(nn.Module):
-    """Shared implementation of :class:`MetaBIN1d`, :class:`MetaBIN2d` and :class:`MetaBIN3d`.
+    """Shared implementation of ``MetaBIN1d``, ``MetaBIN2d`` and ``MetaBIN3d``.
 
     Tensors: ``weight``, ``bias`` (BN-branch affine), ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (same names and semantics as ``nn.BatchNorm``), ``in_weight``,
@@ -65,6 +65,26 @@ class _MetaBINBase(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """Create a MetaBIN layer.
+
+        Args:
+            num_features: number of channels ``C`` of the input.
+            eps: added to the variances for numerical stability (as in ``nn.BatchNorm2d``).
+            momentum: running-statistics update factor; ``None`` gives a cumulative average.
+            affine: learn the BN-branch affine (``weight``, ``bias``) and the IN-branch affine
+                (``in_weight``, ``in_bias``).
+            track_running_stats: keep ``running_mean`` / ``running_var`` for the BN branch; without
+                them the BN branch always uses batch statistics.
+            rho_init: initial per-channel balance in [0, 1]; 1 computes exactly BatchNorm.
+            stats_mode: ``"update"``, ``"hold"`` or ``"eval"`` (see ``STATS_MODES``).
+            backend: ``"auto"`` or one of ``BACKENDS``: which implementation of the math runs.
+            device: device of the parameters and buffers.
+            dtype: dtype of the parameters and buffers.
+
+        Shape:
+            Input and output have the same shape: ``(N, C)`` or ``(N, C, L)`` (1d),
+            ``(N, C, H, W)`` (2d), ``(N, C, D, H, W)`` (3d).
+        """
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -105,7 +125,7 @@ class _MetaBINBase(nn.Module):
     # -- state -----------------------------------------------------------------------------
     @property
     def stats_mode(self) -> str:
-        """``"update"``, ``"hold"`` or ``"eval"``; see :data:`STATS_MODES`."""
+        """``"update"``, ``"hold"`` or ``"eval"``; see ``STATS_MODES``."""
         return self._stats_mode
 
     @stats_mode.setter
@@ -366,8 +386,27 @@ class MetaBIN3d(_MetaBINBase):
 class MetaBINAct2d(MetaBIN2d):
     """MetaBIN2d followed by ``drop`` and ``act``, the counterpart of timm's ``BatchNormAct2d``.
 
-    State-dict keys are those of :class:`MetaBIN2d` (plus whatever ``act``/``drop`` hold), so a
+    State-dict keys are those of ``MetaBIN2d`` (plus whatever ``act``/``drop`` hold), so a
     ``BatchNormAct2d`` checkpoint loads into it.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        apply_act: apply ``act_layer`` after the normalization (else ``act`` is ``nn.Identity``).
+        act_layer: activation class or instance (built with ``inplace`` when it accepts it).
+        inplace: passed to ``act_layer``.
+        drop_layer: optional dropout / drop-block class or instance, applied before ``act``.
+        rho_init: initial per-channel balance in [0, 1]; 1 computes exactly ``BatchNormAct2d``.
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+
+    Shape:
+        Input and output: ``(N, C, H, W)``.
 
     Examples:
         >>> m = MetaBINAct2d(8, act_layer=nn.ReLU)
@@ -419,6 +458,13 @@ def _metabin_layers(model: nn.Module) -> list[_MetaBINBase]:
 def set_stats_mode(model: nn.Module, mode: str) -> None:
     """Set the statistics mode of every MetaBIN layer in ``model``.
 
+    Args:
+        model: any module; its MetaBIN layers (at any depth) are set.
+        mode: one of ``STATS_MODES``.
+
+    Raises:
+        ValueError: ``mode`` is not one of ``STATS_MODES``.
+
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> set_stats_mode(model, "hold")
@@ -436,6 +482,13 @@ def stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Context manager: every MetaBIN layer of ``model`` uses ``mode`` inside the block.
 
     Each layer's previous mode is restored on exit, also when the block raises.
+
+    Args:
+        model: any module; its MetaBIN layers (at any depth) are switched.
+        mode: one of ``STATS_MODES``.
+
+    Yields:
+        Nothing; the layers are in ``mode`` inside the ``with`` block.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))

@@ -322,7 +322,11 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
 
 
 class TripletLoss(nn.Module):
-    """Module form of :func:`triplet_loss`.
+    """Module form of ``triplet_loss``.
+
+    Args:
+        margin: hinge margin; 0 gives the soft-margin form ``softplus(d_ap - d_an)``.
+        normalize: L2-normalise the features before the distances.
 
     Examples:
         >>> import torch
@@ -345,7 +349,10 @@ class TripletLoss(nn.Module):
 
 
 class CrossEntropyLabelSmooth(nn.Module):
-    """Module form of :func:`cross_entropy_label_smooth`.
+    """Module form of ``cross_entropy_label_smooth``.
+
+    Args:
+        epsilon: smoothing mass in [0, 1).
 
     Examples:
         >>> import torch
@@ -367,7 +374,10 @@ class CrossEntropyLabelSmooth(nn.Module):
 
 
 class IntraDomainScatterLoss(nn.Module):
-    """Module form of :func:`intra_domain_scatter_loss`.
+    """Module form of ``intra_domain_scatter_loss``.
+
+    Args:
+        normalize: L2-normalise the features first (the authors' setting).
 
     Examples:
         >>> import torch
@@ -389,7 +399,10 @@ class IntraDomainScatterLoss(nn.Module):
 
 
 class InterDomainShuffleLoss(nn.Module):
-    """Module form of :func:`inter_domain_shuffle_loss`.
+    """Module form of ``inter_domain_shuffle_loss``.
+
+    Args:
+        margin: hinge margin; 0 gives the soft-margin form.
 
     Examples:
         >>> import torch

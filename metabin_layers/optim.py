@@ -34,10 +34,10 @@ def _check_loss(value: Any, name: str) -> Tensor:
 class MetaBINOptimizer(torch.optim.Optimizer):
     """The whole MetaBIN iteration in one object: base update of the weights, meta update of rho.
 
-    * :meth:`step` is the base update (Algorithm 1, line 8): it steps ``base_optimizer``, which
-      must not hold any rho. rho is frozen (``requires_grad=False``) outside :meth:`meta_step`, so
+    * ``step`` is the base update (Algorithm 1, line 8): it steps ``base_optimizer``, which
+      must not hold any rho. rho is frozen (``requires_grad=False``) outside ``meta_step``, so
       the base backward spends nothing on it.
-    * :meth:`meta_step` is the episode (lines 9-15): every MetaBIN layer in ``hold`` mode (batch
+    * ``meta_step`` is the episode (lines 9-15): every MetaBIN layer in ``hold`` mode (batch
       statistics, running statistics untouched); ``L_mtr = meta_train_loss()``; the inner gradient
       with respect to rho only (no weight gradients are computed); ``rho' = clamp(rho - beta * g)``
       (first order: ``g`` detached and the clamp straight-through, as the authors; second order:
@@ -47,23 +47,23 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
     LR schedulers attached to this object (or to ``base_optimizer``) scale the base parameter
     groups only: ``param_groups`` is the base optimizer's list. A scheduler on
-    :attr:`rho_optimizer` scales the rho learning rate and, with the default cyclic schedule, the
+    ``rho_optimizer`` scales the rho learning rate and, with the default cyclic schedule, the
     inner step size too (``beta = lr_rho * ratio``); the authors keep it constant.
 
     Args:
         model: the converted model (anything containing MetaBIN layers).
-        base_optimizer: optimizer over :func:`~metabin_layers.base_parameters` (never rho).
+        base_optimizer: optimizer over ``base_parameters`` (never rho).
         rho_lr: learning rate of the default rho optimizer (plain SGD, no momentum, no weight
             decay). The authors use 10x the base lr (0.1 for base lr 0.01).
-        inner_lr: inner step size ``beta``: an :class:`~metabin_layers.episode.InnerLR` schedule,
-            a float (constant ``beta``), or None for the authors' :class:`CyclicInnerLR` (pass
+        inner_lr: inner step size ``beta``: an ``InnerLR`` schedule,
+            a float (constant ``beta``), or None for the authors' ``CyclicInnerLR`` (pass
             ``CyclicInnerLR(iters_per_epoch=...)`` for your epoch length).
         second_order: differentiate through the inner step (double backward); default first order.
         rho_optimizer: replaces the default rho optimizer (must hold exactly the rho parameters).
         grad_scaler: a ``torch.amp.GradScaler``; losses are scaled, non-finite steps skipped in
-            both phases. Use :meth:`backward` for the base loss then.
-        seed: seed of the generator used by :meth:`split` for the meta-train / meta-test domains.
-            Under ``torch.distributed`` every rank must use the same seed (checked by :meth:`split`).
+            both phases. Use ``backward`` for the base loss then.
+        seed: seed of the generator used by ``split`` for the meta-train / meta-test domains.
+            Under ``torch.distributed`` every rank must use the same seed (checked by ``split``).
         process_group: the group over which rho's meta gradients are averaged and the domain split
             is agreed; None: the DDP model's group if ``model`` is a DDP, else the default group.
         distributed: average rho's inner and outer gradients over the group (one ``all_reduce``
@@ -201,7 +201,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     def split(self, domains: Tensor, num_meta_train: Optional[int] = None) -> DomainSplit:
         """Draw this episode's meta-train / meta-test domains from a batch's domain labels.
 
-        Uses the optimizer's own seeded generator (saved in :meth:`state_dict`). Under
+        Uses the optimizer's own seeded generator (saved in ``state_dict``). Under
         ``torch.distributed`` (see ``distributed``) ``domains`` are this rank's labels: the
         domains of the whole group are gathered first, so every rank draws the same split that a
         single process would draw from the global batch (the masks select this rank's samples),

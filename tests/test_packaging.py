@@ -20,6 +20,48 @@ def test_version_is_single_sourced():
     assert (ROOT / "metabin_layers" / "py.typed").exists()
 
 
+def _venv_seeing_this_interpreters_packages(env_dir: Path) -> Path:
+    """A fresh venv whose interpreter also sees the packages this interpreter sees (torch & co.).
+
+    ``system_site_packages=True`` is not enough: run from inside a venv it points at the *base*
+    interpreter's packages, not the active venv's. A ``.pth`` file listing this interpreter's
+    site-packages directories works inside and outside a venv. They become plain path entries
+    after the venv's own site-packages (their ``.pth`` files, such as an editable install of this
+    project, are not run), so a wheel installed in the new venv wins.
+    """
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    seen = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(purelib) / "_outer_site_packages.pth").write_text("\n".join(dict.fromkeys(seen)) + "\n")
+    return py
+
+
+def test_venv_from_inside_a_venv_sees_the_outer_venvs_packages(tmp_path):
+    """The README's test command run inside a user's venv: the wheel test's venv must see that venv's packages."""
+    outer_py = _venv_seeing_this_interpreters_packages(tmp_path / "outer")
+    outer_purelib = subprocess.run(
+        [str(outer_py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # A package only the outer venv has (as torch is, for a user whose base interpreter has none).
+    (Path(outer_purelib) / "only_in_outer_venv.py").write_text("VALUE = 42\n")
+    code = (
+        "import pathlib, subprocess, sys; sys.path.insert(0, sys.argv[1]); import test_packaging as t;"
+        "py = t._venv_seeing_this_interpreters_packages(pathlib.Path(sys.argv[2]));"
+        "probe = 'import sys, torch, only_in_outer_venv as m; print(sys.prefix, m.VALUE)';"
+        "out = subprocess.run([str(py), '-c', probe], capture_output=True, text=True);"
+        "print(out.stdout.strip() or out.stderr[-500:])"
+    )
+    inner = tmp_path / "inner"
+    out = subprocess.run([str(outer_py), "-c", code, str(ROOT / "tests"), str(inner)], capture_output=True, text=True)
+    assert out.stdout.split() == [str(inner), "42"], out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_wheel_builds_and_runs_in_a_fresh_venv(tmp_path):
     pytest.importorskip("build")
@@ -35,8 +77,7 @@ def test_wheel_builds_and_runs_in_a_fresh_venv(tmp_path):
     assert twine.returncode == 0, twine.stdout + twine.stderr
     # A venv that sees torch & co. from this interpreter, but gets metabin_layers only from the wheel.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
-    py = env_dir / "bin" / "python"
+    py = _venv_seeing_this_interpreters_packages(env_dir)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -2,7 +2,7 @@
 
 Nothing here imports Triton until a kernel is used, so the CPU and plain-PyTorch paths never
 need it. ``from metabin_layers.kernels import TritonBIN`` (or ``triton_bin_forward``,
-``triton_bin_backward``, ``instance_stats``) imports :mod:`metabin_layers.kernels.triton_bin`;
+``triton_bin_backward``, ``instance_stats``) imports ``metabin_layers.kernels.triton_bin``;
 ``is_available`` and ``triton_importable`` do not.
 """
 

@@ -1,6 +1,6 @@
 """Triton kernels for Batch-Instance Normalization as one affine map per (sample, channel).
 
-The math is the one of :class:`metabin_layers.functional._FusedBIN` (see its docstring and
+The math is the one of ``metabin_layers.functional._FusedBIN`` (see its docstring and
 ``docs/DESIGN.md``, "The layer: one affine map per (sample, channel)")::
 
     y = A[n, c] * x + B[n, c]
@@ -529,7 +529,7 @@ def triton_bin_backward(
     use_batch: bool,
     needs: Sequence[bool] = (True,) * 6,
 ) -> tuple[Optional[Tensor], ...]:
-    """Backward of :func:`triton_bin_forward`.
+    """Backward of ``triton_bin_forward``.
 
     ``mu_b, var_b, mu_nc, inv_nc, scale`` are the forward's outputs, ``eps`` and ``use_batch``
     (``mu_b_fixed is None``) its arguments. ``needs`` = which of ``(x, rho, w_b, b_b, w_i, b_i)``

@@ -2,7 +2,7 @@
 
 Defaults reproduce the paper's multi-source DG setting (ResNet-50, 256x128, batches of 80 = 20
 identities x 4, SGD lr 0.01, 100 epochs, ...). Without ``data_root`` the recipe trains on the
-built-in synthetic dataset and :data:`SYNTHETIC_PRESET` replaces the settings that only make sense
+built-in synthetic dataset and ``SYNTHETIC_PRESET`` replaces the settings that only make sense
 for real data (a ResNet-18 on 64x32 images, smaller batches, a few epochs), unless you set them.
 """
 

@@ -33,7 +33,7 @@ class RecipeData:
     """Everything a run reads: training items and set, label and domain counts, the targets.
 
     ``test_splits`` says, per target, where its query/gallery splits come from (see
-    :func:`split_provenance`); it goes into ``results.json`` and the printed table.
+    ``split_provenance``); it goes into ``results.json`` and the printed table.
     """
 
     train_items: Sequence[Sequence[Any]]

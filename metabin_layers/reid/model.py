@@ -1,7 +1,7 @@
 """Re-ID model: a timm/torchvision backbone, global average pooling, a BN neck and a classifier.
 
 The backbone's BatchNorms become MetaBIN layers (the neck and classifier stay plain, as in the
-paper); :data:`NORM_VARIANTS` selects the normalization of the comparison table of the paper.
+paper); ``NORM_VARIANTS`` selects the normalization of the comparison table of the paper.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
     """Build a feature-map backbone by name: ``"resnet50"`` (timm) or ``"tv:resnet50"`` (torchvision).
 
     Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
-    No weights are downloaded; load them with :func:`load_pretrained`.
+    No weights are downloaded; load them with ``load_pretrained``.
 
     Examples:
         >>> net, channels = build_backbone("resnet18")
@@ -117,7 +117,7 @@ def load_pretrained(module: nn.Module, path: str) -> list[str]:
 
 
 def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0) -> nn.Module:
-    """Convert ``backbone``'s BatchNorms for one of :data:`NORM_VARIANTS`.
+    """Convert ``backbone``'s BatchNorms for one of ``NORM_VARIANTS``.
 
     ``in`` and ``bin-half`` are MetaBIN layers with a fixed rho (0, or 1 on the first
     ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the

@@ -26,7 +26,7 @@ def _split_cell(provenance: Optional[Mapping[str, Any]]) -> str:
 def results_table(targets: Mapping[str, Mapping[str, Any]], test_splits: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
     """Markdown table: one row per target (percentages; ± is the std over splits).
 
-    With ``test_splits`` (``results["test_splits"]``, see :func:`metabin_layers.reid.data.split_provenance`)
+    With ``test_splits`` (``results["test_splits"]``, see ``metabin_layers.reid.data.split_provenance``)
     a last column says whether the target's splits are the authors' (``yes``), not theirs
     (``NO (generated)``, ...), or ``n/a`` (a fixed query/gallery, the synthetic data).
 

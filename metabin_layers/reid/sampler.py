@@ -5,10 +5,10 @@ Both samplers are *batch samplers*: they yield lists of dataset indices, to be p
 ``(img_path_or_index, pid, camid, domain)`` (e.g. ``ReIDItem`` or ``SyntheticItem``); only
 ``pid`` (position 1) and ``domain`` (position 3) are read.
 
-* :class:`RandomIdentitySampler` is the authors' ``NaiveIdentitySampler`` (base loader):
+* ``RandomIdentitySampler`` is the authors' ``NaiveIdentitySampler`` (base loader):
   ``P = batch_size / num_instances`` identities drawn uniformly across all domains, ``K =
   num_instances`` images each.
-* :class:`DomainBalancedSampler` is the authors' ``DomainSuffleSampler`` (meta loader): every
+* ``DomainBalancedSampler`` is the authors' ``DomainSuffleSampler`` (meta loader): every
   batch holds every domain, ``batch_size / (D * K)`` identities x ``K`` images per domain,
   grouped by domain in ascending domain order; smaller domains are recycled.
 
@@ -35,7 +35,7 @@ in ``state["position"]`` before saving.
 
 DDP: with ``world_size > 1`` every rank builds the same global batch (same seed) and yields its
 ``rank``-th contiguous chunk of ``batch_size / world_size`` indices, so the union over ranks is
-the single-process batch. (For :class:`DomainBalancedSampler` a contiguous chunk covers whole
+the single-process batch. (For ``DomainBalancedSampler`` a contiguous chunk covers whole
 domains when ``world_size`` divides the number of domains.)
 
 Examples:
@@ -291,7 +291,7 @@ class DomainBalancedSampler(_IdentityBatchSampler):
     each domain, laid out domain by domain in ascending domain order (positions
     ``[d*m*K, (d+1)*m*K)`` belong to the d-th domain). For each domain in turn, m identities are
     drawn uniformly without replacement from those with chunks left and one K-chunk is popped
-    from each (chunks built as in :class:`RandomIdentitySampler`); a domain with fewer than m
+    from each (chunks built as in ``RandomIdentitySampler``); a domain with fewer than m
     identities left is regenerated (re-shuffled), so smaller domains are recycled while every
     domain contributes equally to every batch. Identities are keyed by ``(domain, pid)``.
 
@@ -299,7 +299,7 @@ class DomainBalancedSampler(_IdentityBatchSampler):
         items: sequence of ``(img, pid, camid, domain)``.
         batch_size: global batch size, a multiple of ``D * num_instances`` (paper: 80 = 5 x 4 x 4).
         num_instances: K (paper: 4).
-        seed, num_batches, rank, world_size: as in :class:`RandomIdentitySampler`.
+        seed, num_batches, rank, world_size: as in ``RandomIdentitySampler``.
         num_domains: if given, domain labels must be the integers ``0 .. num_domains-1`` and
             every one of them must have enough identities; if None the distinct labels of
             ``items`` (sorted) are the domains.

@@ -24,7 +24,7 @@ Splits (multi-source domain generalisation):
   image per identity from one camera and the gallery images from the style's other cameras,
   plus optional gallery-only distractor identities. ``domain`` = the global style index.
 
-Items are :class:`SyntheticItem` ``(img_path, pid, camid, domain)`` (field-compatible with the
+Items are ``SyntheticItem`` ``(img_path, pid, camid, domain)`` (field-compatible with the
 recipe's ``ReIDItem``); ``img_path`` is ``"synthetic://style{s}/id{identity}/{instance}"`` and
 ``camid`` is global: ``style * cameras_per_style + camera``.
 
@@ -70,7 +70,19 @@ _PATH_RE = re.compile(r"^synthetic://style(\d+)/id(\d+)/(\d+)$")
 
 
 class SyntheticItem(NamedTuple):
-    """One image: ``(img_path, pid, camid, domain)``, the recipe's item layout."""
+    """One image: ``(img_path, pid, camid, domain)``, the recipe's item layout.
+
+    Attributes:
+        img_path: ``synthetic://style<s>/id<p>/<k>``, a key for the image (rendered, not read).
+        pid: identity label.
+        camid: camera (style) id.
+        domain: source-domain index (one domain per style).
+
+    Examples:
+        >>> item = SyntheticItem("synthetic://style1/id0/0", pid=0, camid=1, domain=1)
+        >>> item.pid, item.domain
+        (0, 1)
+    """
 
     img_path: str
     pid: int
@@ -647,7 +659,7 @@ class SyntheticReID:
         return grid
 
     def save_examples(self, path: str | Path, num_ids: int = 6, per_style: int = 2, scale: int = 3) -> np.ndarray:
-        """Write :meth:`example_grid` as a PNG (PIL) and return the grid array."""
+        """Write ``example_grid`` as a PNG (PIL) and return the grid array."""
         from PIL import Image
 
         grid = self.example_grid(num_ids=num_ids, per_style=per_style, scale=scale)
@@ -670,8 +682,13 @@ class SyntheticReIDDataset(Dataset):
     """Torch dataset over synthetic items; returns ``{img, pid, camid, domain, path}``.
 
     ``img`` is ``transform(uint8 HWC numpy array)`` if a transform is given (e.g.
-    :func:`metabin_layers.reid.transforms.build_train_transform`), else a uint8 tensor
+    ``metabin_layers.reid.transforms.build_train_transform``), else a uint8 tensor
     ``(3, H, W)``.
+
+    Args:
+        source: the ``SyntheticReID`` that renders the images.
+        items: the items to serve (e.g. ``source.train`` or ``source.query[style]``).
+        transform: applied to the uint8 ``(H, W, 3)`` array; None returns a uint8 tensor.
 
     Examples:
         >>> ds = SyntheticReID(num_train_ids=4, num_test_ids=2, num_styles=2, held_out_styles=(1,))
@@ -700,6 +717,16 @@ def save_examples(
     path: str | Path, dataset: SyntheticReID | None = None, num_ids: int = 6, per_style: int = 2, scale: int = 3
 ) -> np.ndarray:
     """Write a PNG grid of a few identities under every style (default dataset if none given).
+
+    Args:
+        path: where to write the PNG.
+        dataset: the dataset to draw from (default: ``SyntheticReID()``).
+        num_ids: identities (rows).
+        per_style: images per identity and style.
+        scale: integer upscaling of each image.
+
+    Returns:
+        The grid as a uint8 ``(H, W, 3)`` array (what was written).
 
     Examples:
         >>> import tempfile, os

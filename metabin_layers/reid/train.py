@@ -113,7 +113,7 @@ class _Batches:
 
 
 class Trainer:
-    """Holds the model, the optimizers and the data streams of one run; :meth:`run` trains."""
+    """Holds the model, the optimizers and the data streams of one run; ``run`` trains."""
 
     def __init__(self, cfg: TrainConfig, data: Optional[RecipeData] = None) -> None:
         self.cfg = cfg

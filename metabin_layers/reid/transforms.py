@@ -11,7 +11,7 @@ The authors keep pixels in ``[0, 255]`` and normalise inside the model with ``me
 ``std * 255``; ``ToTensor`` (``[0, 1]``) followed by ``Normalize(mean, std)`` is the same map.
 
 Both builders accept PIL images, ``uint8`` numpy arrays of shape ``(H, W, 3)`` or ``(H, W)``
-(what :class:`metabin_layers.reid.synthetic.SyntheticReID` renders) and ``uint8`` torch tensors
+(what ``metabin_layers.reid.synthetic.SyntheticReID`` renders) and ``uint8`` torch tensors
 of shape ``(3, H, W)``.
 
 Examples:
@@ -143,6 +143,15 @@ def build_test_transform(
     std: Sequence[float] | None = IMAGENET_STD,
 ) -> T.Compose:
     """Test transform: bicubic resize, tensor, normalise (deterministic).
+
+    Args:
+        height: output height (the paper: 256).
+        width: output width (the paper: 128).
+        mean: per-channel normalisation mean; ``None`` (with ``std=None``) leaves ``[0, 1]`` values.
+        std: per-channel normalisation standard deviation.
+
+    Returns:
+        A ``torchvision.transforms.Compose`` mapping an image to a float tensor ``(3, H, W)``.
 
     Examples:
         >>> t = build_test_transform(64, 32, mean=None, std=None)

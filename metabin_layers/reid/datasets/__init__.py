@@ -102,7 +102,7 @@ _DG_SOURCES = frozenset({"market1501", "dukemtmcreid", "cuhk02", "cuhk03", "cuhk
 
 
 def register_dataset(name: str, cls: type[ReIDDataset], *, overwrite: bool = False) -> None:
-    """Add ``cls`` to :data:`DATASETS` under ``name`` (lower-cased)."""
+    """Add ``cls`` to ``DATASETS`` under ``name`` (lower-cased)."""
     key = name.lower()
     if key in DATASETS and not overwrite:
         raise ValueError(f"dataset {name!r} is already registered ({DATASETS[key].__name__}); pass overwrite=True")

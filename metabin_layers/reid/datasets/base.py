@@ -1,16 +1,16 @@
 """Shared pieces of the Re-ID dataset parsers.
 
-* :class:`ReIDItem`: one image, ``(img_path, pid, camid, domain)`` (torchreid's 4-tuple order).
-* :class:`ReIDDataset`: base class. A subclass only parses its folder into *raw* lists
+* ``ReIDItem``: one image, ``(img_path, pid, camid, domain)`` (torchreid's 4-tuple order).
+* ``ReIDDataset``: base class. A subclass only parses its folder into *raw* lists
   ``(path, identity_key, camid)``; the base class relabels training identities to ``0..P-1``
   (sorted keys, so the labels do not depend on the file system), implements ``combine_all``
   and stamps every item with the dataset's ``domain``.
-* :class:`SplitReIDDataset`: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
+* ``SplitReIDDataset``: base class of the small test sets (GRID, VIPeR, PRID, iLIDS) that
   come with 10 random train/test splits: the authors' split files when present, else seeded
   splits generated under a file name of their own; ``split_origin`` says which.
-* :class:`Layout` / :func:`find_layout`: folder-layout search with error messages that name
+* ``Layout`` / ``find_layout``: folder-layout search with error messages that name
   the dataset, the root searched and the expected layout.
-* :func:`list_images`: sorted (deterministic) listing of the image files of a folder.
+* ``list_images``: sorted (deterministic) listing of the image files of a folder.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: File extensions (lower case) treated as images by :func:`list_images`.
+#: File extensions (lower case) treated as images by ``list_images``.
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -202,11 +202,11 @@ class ReIDDataset:
             multi-source domain generalisation (MetaBIN's ``DG_*`` sources). Query and gallery
             identities get labels after the training ones (``P..``); junk/distractor ids are
             dropped. ``query`` and ``gallery`` keep their content (torchreid's ``combineall``).
-        domain: domain id stamped on every item (see :func:`combine_sources` for several).
-        verbose: print :meth:`summary` after loading.
+        domain: domain id stamped on every item (see ``combine_sources`` for several).
+        verbose: print ``summary`` after loading.
 
     Attributes:
-        train, query, gallery: lists of :class:`ReIDItem`.
+        train, query, gallery: lists of ``ReIDItem``.
         root: absolute root; dataset_dir: the data folder found under it.
     """
 
@@ -332,12 +332,12 @@ class SplitReIDDataset(ReIDDataset):
       version of this library and counts as generated.
 
     Args:
-        root: see :class:`ReIDDataset`.
+        root: see ``ReIDDataset``.
         split_id: which of the 10 splits, ``0..9``.
         seed: seed of generated splits (``None`` means 0). A split file that records no seed
             (the authors' or torchreid's) is used as is, with a warning that the seed was
             ignored; a legacy generated file with another seed raises a ``ValueError``.
-        combine_all, domain, verbose: see :class:`ReIDDataset`.
+        combine_all, domain, verbose: see ``ReIDDataset``.
     """
 
     num_splits: ClassVar[int] = 10

@@ -58,7 +58,7 @@ class CUHK03(ReIDDataset):
             as torchreid and MetaBIN).
         layout: force one layout instead of ``"auto"``.
         extract: allow extracting ``images_<mode>`` from ``cuhk-03.mat``.
-        combine_all, domain, verbose: see :class:`ReIDDataset`.
+        combine_all, domain, verbose: see ``ReIDDataset``.
     """
 
     name: ClassVar[str] = "CUHK03"

@@ -58,7 +58,7 @@ class GRID(SplitReIDDataset):
     ``combine_all`` drops the id-0 distractors.
 
     Args:
-        split_id: ``0..9``. seed: see :class:`SplitReIDDataset`.
+        split_id: ``0..9``. seed: see ``SplitReIDDataset``.
         use_mat: ``None`` (use ``features_and_partitions.mat`` when present), ``True``
             (require it) or ``False`` (ignore it, use seeded random splits).
     """

@@ -1,4 +1,4 @@
-"""A ``torch.utils.data.Dataset`` over :class:`ReIDItem` lists."""
+"""A ``torch.utils.data.Dataset`` over ``ReIDItem`` lists."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class ImageDataset(Dataset[dict[str, Any]]):
     Without a transform ``img`` is an RGB PIL image.
 
     Args:
-        items: :class:`ReIDItem` s or tuples ``(img_path, pid, camid[, domain])``.
+        items: ``ReIDItem`` s or tuples ``(img_path, pid, camid[, domain])``.
         transform: applied to the PIL image.
         check_files: verify at construction that every file exists (a
             ``FileNotFoundError`` lists the first missing ones), instead of failing later in a

@@ -30,8 +30,11 @@ class MultiSourceDataset:
         offset_camids: shift camera ids per source.
 
     Attributes:
-        train: the combined :class:`ReIDItem` list. query, gallery: empty lists.
-        num_train_pids, num_train_cams, num_domains, pid_offsets, camid_offsets, names.
+        train: the combined ``ReIDItem`` list (``query`` and ``gallery`` are empty lists).
+        num_train_pids: identities over all sources (each source's ids shifted by ``pid_offsets``).
+        num_train_cams: cameras over all sources (shifted by ``camid_offsets`` when ``offset_camids``).
+        num_domains: number of sources; an item's domain is its source's index.
+        names: the source names.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ def combine_sources(
     datasets: Sequence[Any], names: Sequence[str] | None = None, *, offset_camids: bool = True
 ) -> MultiSourceDataset:
     """Combine the training sets of ``datasets``, one domain per dataset; see
-    :class:`MultiSourceDataset`."""
+    ``MultiSourceDataset``."""
     return MultiSourceDataset(datasets, names, offset_camids=offset_camids)
 
 
