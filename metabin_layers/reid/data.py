@@ -17,12 +17,39 @@ __all__ = ["TargetSplit", "RecipeData", "SplitProvenanceWarning", "build_data", 
 
 
 class SplitProvenanceWarning(UserWarning):
-    """Test splits that are not the authors': the run's numbers are not comparable to the paper's."""
+    """Test splits that are not the authors': the run's numbers are not comparable to the paper's.
+
+    ``build_data`` warns once per run with this category; turn it into an error to refuse such
+    runs.
+
+    Examples:
+        >>> import warnings
+        >>> from metabin_layers.reid.data import SplitProvenanceWarning
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", SplitProvenanceWarning)
+        ...     try:
+        ...         warnings.warn("GRID: generated splits", SplitProvenanceWarning)
+        ...     except SplitProvenanceWarning as exc:
+        ...         print("refused:", exc)
+        refused: GRID: generated splits
+    """
 
 
 @dataclass
 class TargetSplit:
-    """One query/gallery evaluation set (one random split of a small test set, or a held-out style)."""
+    """One query/gallery evaluation set (one random split of a small test set, or a held-out style).
+
+    Attributes:
+        query: the query images, a dataset of ``{"img", "pid", "camid", ...}`` dicts.
+        gallery: the gallery images, searched for each query.
+
+    Examples:
+        >>> from metabin_layers.reid.data import TargetSplit
+        >>> from metabin_layers.reid.datasets import ImageDataset
+        >>> split = TargetSplit(ImageDataset([("q.jpg", 1, 0)]), ImageDataset([("g1.jpg", 1, 1), ("g2.jpg", 7, 1)]))
+        >>> len(split.query), len(split.gallery)
+        (1, 2)
+    """
 
     query: Dataset
     gallery: Dataset
@@ -34,6 +61,26 @@ class RecipeData:
 
     ``test_splits`` says, per target, where its query/gallery splits come from (see
     ``split_provenance``); it goes into ``results.json`` and the printed table.
+
+    Attributes:
+        train_items: the training items ``(img_path, pid, camid, domain)``, all sources.
+        train_set: the dataset serving ``train_items`` with the training transforms.
+        num_classes: training identities (the classifier's outputs), labelled ``0..num_classes-1``.
+        num_domains: distinct domains among ``train_items`` (sources, cameras or styles).
+        targets: per target name, its ``TargetSplit`` s (``num_splits`` for the small split test
+            sets, one otherwise).
+        description: a printable summary of the training data.
+        test_splits: per target name, ``split_provenance`` of its splits.
+
+    Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2], syn_images_per_id=2)
+        >>> data = build_data(cfg)
+        >>> data.num_classes, data.num_domains, len(data.train_items), len(data.targets["style2"])
+        (4, 2, 8, 1)
+        >>> data.test_splits
+        {'style2': {'authors_split_files': None, 'origin': 'synthetic', 'files': []}}
     """
 
     train_items: Sequence[Sequence[Any]]
@@ -48,14 +95,20 @@ class RecipeData:
 def split_provenance(datasets: Sequence[ReIDDataset]) -> dict[str, Any]:
     """Where the query/gallery splits of one target (all its split datasets) come from.
 
-    Returns ``{"authors_split_files": bool | None, "origin": str, "files": [paths]}``:
-    ``authors_split_files`` is True when every split was read from the authors' split files,
-    False when any was generated or read from another tool's file, and None for a dataset with a
-    fixed query/gallery (no split files involved; ``origin`` ``"fixed"``). ``origin`` is the
-    datasets' ``split_origin`` (``"authors"``, ``"torchreid"``, ``"generated"``), or
-    ``"mixed"`` when the splits disagree.
+    Args:
+        datasets: the datasets of one target, one per split (``SplitReIDDataset`` s), or a
+            dataset with a fixed query/gallery.
+
+    Returns:
+        ``{"authors_split_files": bool | None, "origin": str, "files": [paths]}``:
+        ``authors_split_files`` is True when every split was read from the authors' split files,
+        False when any was generated or read from another tool's file, and None for a dataset with a
+        fixed query/gallery (no split files involved; ``origin`` ``"fixed"``). ``origin`` is the
+        datasets' ``split_origin`` (``"authors"``, ``"torchreid"``, ``"generated"``), or
+        ``"mixed"`` when the splits disagree. ``files`` are the split files read, sorted.
 
     Examples:
+        >>> from metabin_layers.reid.data import split_provenance
         >>> split_provenance([])
         {'authors_split_files': None, 'origin': 'fixed', 'files': []}
     """
@@ -158,7 +211,36 @@ def _check_no_leak(name: str, target: ReIDDataset, sources: Sequence[ReIDDataset
 
 
 def build_data(cfg: TrainConfig) -> RecipeData:
-    """The training set (with the paper's transforms) and every evaluation target of ``cfg``."""
+    """The training set (with the paper's transforms) and every evaluation target of ``cfg``.
+
+    Without ``cfg.data_root`` the data are synthetic (``SyntheticReID`` with the ``syn_*``
+    settings; each held-out style is a target). Otherwise every name of ``cfg.sources`` is built
+    under ``cfg.data_root`` with its ``combine_all`` flag and combined, one domain per source (one
+    per camera with ``cfg.cameras_as_domains``), and every name of ``cfg.targets`` is built with
+    ``cfg.num_splits`` splits if it is a split test set.
+
+    Args:
+        cfg: the run's settings (data, image size and augmentation fields are read).
+
+    Returns:
+        A ``RecipeData``: the training items and set, the targets, and where each target's
+        splits come from.
+
+    Raises:
+        ValueError: a target is also a source built with ``combine_all`` (its query and gallery
+            images would be training data).
+
+    Warns:
+        SplitProvenanceWarning: once, naming every target whose splits are not the authors'.
+
+    Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2], height=16, width=8)
+        >>> data = build_data(cfg)  # no data_root: synthetic data
+        >>> list(data.targets), data.train_set[0]["img"].shape
+        (['style2'], torch.Size([3, 16, 8]))
+    """
     train_tf = build_train_transform(cfg.height, cfg.width, flip=cfg.flip, pad=cfg.pad, color_jitter=cfg.color_jitter)
     test_tf = build_test_transform(cfg.height, cfg.width)
     return _synthetic(cfg, train_tf, test_tf) if cfg.data_root is None else _real(cfg, train_tf, test_tf)

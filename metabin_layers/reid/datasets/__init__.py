@@ -102,7 +102,29 @@ _DG_SOURCES = frozenset({"market1501", "dukemtmcreid", "cuhk02", "cuhk03", "cuhk
 
 
 def register_dataset(name: str, cls: type[ReIDDataset], *, overwrite: bool = False) -> None:
-    """Add ``cls`` to ``DATASETS`` under ``name`` (lower-cased)."""
+    """Add ``cls`` to ``DATASETS`` under ``name`` (lower-cased).
+
+    Args:
+        name: the registry key (case-insensitive, as in ``build_dataset``).
+        cls: the dataset class, built as ``cls(root, **kwargs)``.
+        overwrite: replace a class already registered under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered and ``overwrite`` is false.
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import DATASETS, Market1501, register_dataset
+        >>> class MyMarket(Market1501):
+        ...     name = "MyMarket"
+        >>> register_dataset("MyMarket", MyMarket)
+        >>> DATASETS["mymarket"].__name__
+        'MyMarket'
+        >>> register_dataset("market1501", MyMarket)
+        Traceback (most recent call last):
+        ...
+        ValueError: dataset 'market1501' is already registered (Market1501); pass overwrite=True
+        >>> del DATASETS["mymarket"]  # leave the registry as it was
+    """
     key = name.lower()
     if key in DATASETS and not overwrite:
         raise ValueError(f"dataset {name!r} is already registered ({DATASETS[key].__name__}); pass overwrite=True")
@@ -110,7 +132,16 @@ def register_dataset(name: str, cls: type[ReIDDataset], *, overwrite: bool = Fal
 
 
 def dataset_names() -> list[str]:
-    """Registered names and accepted aliases."""
+    """Registered names and accepted aliases.
+
+    Returns:
+        The names ``build_dataset`` accepts (without the ``DG_`` prefixed forms), sorted.
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import dataset_names
+        >>> [name for name in dataset_names() if name.startswith("cuhk03")]
+        ['cuhk03', 'cuhk03_detected', 'cuhk03_labeled']
+    """
     return sorted({*DATASETS, *_ALIASES})
 
 
@@ -124,8 +155,28 @@ def build_dataset(name: str, root: PathLike, **kwargs: Any) -> ReIDDataset:
     ``"DG_GRID"``, ``"DG_VIPeR"``, ``"DG_PRID"``, ``"DG_iLIDS"`` are the split test sets.
     Keyword arguments override alias defaults.
 
+    Args:
+        name: a registered name, an alias or a ``DG_`` name (see ``dataset_names``).
+        root: the dataset root, passed to the class.
+        **kwargs: keyword arguments of the class (e.g. ``split_id``, ``combine_all``, ``domain``).
+
+    Returns:
+        The dataset, parsed.
+
     Raises:
         ValueError: unknown name (the message lists the accepted names).
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import build_dataset
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     os.makedirs(os.path.join(root, "cuhksysu", "cropped_images"))
+        ...     Image.new("RGB", (8, 16)).save(os.path.join(root, "cuhksysu", "cropped_images", "p00005_s00001_1.jpg"))
+        ...     sysu = build_dataset("cuhk-sysu", root)
+        ...     dg_sysu = build_dataset("DG_CUHK_SYSU", root, domain=1)
+        >>> type(sysu).__name__, len(sysu.train), sysu.combine_all, dg_sysu.combine_all, dg_sysu.domain
+        ('CUHKSYSU', 1, False, True, 1)
     """
     key = name.strip().lower()
     dg = key.startswith("dg_")

@@ -53,6 +53,14 @@ class ReIDItem(NamedTuple):
         pid: identity label (``0..P-1`` in a training set; the dataset's own id in query/gallery).
         camid: 0-based camera id.
         domain: domain (source dataset) index; 0 for a single dataset.
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import ReIDItem
+        >>> item = ReIDItem("query/0002_c1s1_000451_03.jpg", pid=2, camid=0)
+        >>> item.domain
+        0
+        >>> item._replace(domain=1)
+        ReIDItem(img_path='query/0002_c1s1_000451_03.jpg', pid=2, camid=0, domain=1)
     """
 
     img_path: str
@@ -67,7 +75,29 @@ RawItem = tuple[str, Any, int]
 
 
 def list_images(directory: PathLike) -> list[str]:
-    """Image files directly inside ``directory``, sorted by file name (deterministic)."""
+    """Image files directly inside ``directory``, sorted by file name (deterministic).
+
+    A file counts as an image when its lower-cased name ends with one of ``IMG_EXTENSIONS``;
+    sub-folders are not searched.
+
+    Args:
+        directory: the folder to list.
+
+    Returns:
+        The paths (``directory`` joined with each file name) of the image files.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from metabin_layers.reid.datasets import list_images
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     for name in ("b.png", "a.JPG", "notes.txt"):
+        ...         open(os.path.join(d, name), "w").close()
+        ...     [os.path.basename(p) for p in list_images(d)]
+        ['a.JPG', 'b.png']
+    """
     directory = os.fspath(directory)
     with os.scandir(directory) as entries:
         names = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
@@ -110,6 +140,16 @@ class Layout:
         dirs: required sub-folders (relative to ``subdir``).
         files: required files (relative to ``subdir``).
         desc: human-readable description used in error messages (default: derived).
+
+    Examples:
+        >>> import tempfile
+        >>> from metabin_layers.reid.datasets import Layout
+        >>> layout = Layout("Market-1501-v15.09.15", ("bounding_box_train", "query", "bounding_box_test"))
+        >>> layout.describe()
+        '<root>/Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}'
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     layout.missing(root)
+        ['bounding_box_train', 'query', 'bounding_box_test']
     """
 
     subdir: str
@@ -206,8 +246,27 @@ class ReIDDataset:
         verbose: print ``summary`` after loading.
 
     Attributes:
-        train, query, gallery: lists of ``ReIDItem``.
-        root: absolute root; dataset_dir: the data folder found under it.
+        train: training ``ReIDItem`` s, identities relabelled ``0..P-1`` (with ``combine_all``, the
+            query and gallery identities follow as ``P..``).
+        query: query ``ReIDItem`` s with the dataset's own identity ids.
+        gallery: gallery ``ReIDItem`` s with the dataset's own identity ids.
+        root: absolute path of ``root``.
+        dataset_dir: the data folder found under ``root``.
+
+    Examples:
+        A parser implements ``_load``, which returns raw ``(path, identity key, camid)`` lists;
+        the base class relabels the training keys in sorted order:
+
+        >>> from metabin_layers.reid.datasets import ReIDDataset
+        >>> class Tiny(ReIDDataset):
+        ...     name = "Tiny"
+        ...     def _load(self):
+        ...         train = [("a.jpg", "bob", 0), ("b.jpg", "alice", 1)]
+        ...         return train, [("c.jpg", 7, 0)], [("d.jpg", 7, 1)]
+        >>> [item.pid for item in Tiny(".").train]
+        [1, 0]
+        >>> Tiny(".", combine_all=True, domain=2).train[-1]
+        ReIDItem(img_path='d.jpg', pid=2, camid=1, domain=2)
     """
 
     #: Display name, used in messages.
@@ -337,7 +396,25 @@ class SplitReIDDataset(ReIDDataset):
         seed: seed of generated splits (``None`` means 0). A split file that records no seed
             (the authors' or torchreid's) is used as is, with a warning that the seed was
             ignored; a legacy generated file with another seed raises a ``ValueError``.
-        combine_all, domain, verbose: see ``ReIDDataset``.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Attributes:
+        split_id: the split in use.
+        seed: the ``seed`` argument.
+        split_origin: ``"authors"``, ``"torchreid"`` or ``"generated"`` (see above).
+        split_path: the split file (or the authors' split folder) the split was read from.
+
+    Examples:
+        Generated splits are cached under names of their own (full examples: ``GRID``,
+        ``VIPeR``, ``PRID``, ``iLIDS``):
+
+        >>> from metabin_layers.reid.datasets import PRID, SplitReIDDataset
+        >>> SplitReIDDataset.generated_filename(None)
+        'splits_generated_seed0.json'
+        >>> PRID.generated_filename(3)
+        'splits_single_shot_generated_seed3.json'
     """
 
     num_splits: ClassVar[int] = 10

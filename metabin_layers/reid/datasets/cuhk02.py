@@ -30,7 +30,29 @@ class CUHK02(ReIDDataset):
     ``DG_CUHK02``) puts all 5 pairs into ``train``.
 
     Args:
+        root: folder searched for the layouts above.
         test_pair: camera pair used for query/gallery (default ``"P5"``).
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Raises:
+        ValueError: ``test_pair`` is not one of ``"P1"`` .. ``"P5"``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import CUHK02
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for pair in ("P1", "P2", "P3", "P4", "P5"):
+        ...         for n, cam in enumerate(("cam1", "cam2"), 1):
+        ...             os.makedirs(os.path.join(root, "cuhk02", pair, cam))
+        ...             Image.new("RGB", (8, 16)).save(os.path.join(root, "cuhk02", pair, cam, f"001_{n}.png"))
+        ...     ds = CUHK02(root)
+        >>> ds.num_train_pids, len(ds.train)  # "001" of P1..P4: four people
+        (4, 8)
+        >>> ds.query[0].camid, ds.gallery[0].camid  # P5's two cameras
+        (8, 9)
     """
 
     name: ClassVar[str] = "CUHK02"

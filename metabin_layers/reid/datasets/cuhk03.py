@@ -54,11 +54,39 @@ class CUHK03(ReIDDataset):
     Only the new protocol is supported (not the 20 classic splits).
 
     Args:
+        root: folder searched for the layouts above.
         labeled: use the hand-labeled boxes instead of the detected ones (default detected,
             as torchreid and MetaBIN).
-        layout: force one layout instead of ``"auto"``.
+        layout: ``"auto"`` (try the layouts in the order above), or ``"mat"``, ``"folder"`` or
+            ``"images"`` to use that one only.
         extract: allow extracting ``images_<mode>`` from ``cuhk-03.mat``.
-        combine_all, domain, verbose: see ``ReIDDataset``.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Attributes:
+        mode: ``"labeled"`` or ``"detected"``.
+        used_layout: the layout found: ``"mat"``, ``"folder"`` or ``"images"``.
+
+    Raises:
+        ValueError: ``layout`` is not one of the four names, ``layout="images"`` without
+            ``combine_all``, or a malformed layout.
+        FileNotFoundError: no layout found under ``root``.
+        ImportError: the only data found needs scipy or h5py, which is not installed.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import CUHK03
+        >>> files = ["bounding_box_train/0001_c1_1.png", "query/0002_c1_1.png", "bounding_box_test/0002_c2_1.png"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "cuhk03-np", "detected", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = CUHK03(root)
+        >>> ds.used_layout, ds.mode, len(ds.train), ds.gallery[0].camid
+        ('folder', 'detected', 1, 1)
     """
 
     name: ClassVar[str] = "CUHK03"
@@ -246,8 +274,38 @@ def extract_cuhk03_images(raw_mat_path: PathLike, image_type: str, out_dir: Path
     ``cuhk-03.mat`` (MATLAB v7.3, read with h5py) into ``out_dir`` with torchreid's names
     ``<pair>_<person:03d>_<view>_<n:02d>.png`` (view 1 for images 1-5, 2 for 6-10).
 
-    The folder is written under a temporary name and renamed when complete. Returns the
-    number of images written.
+    The folder is written under a temporary name and renamed when complete.
+
+    Args:
+        raw_mat_path: the original ``cuhk-03.mat``.
+        image_type: ``"detected"`` or ``"labeled"``, the MATLAB variable to read.
+        out_dir: the folder to create (``images_<image_type>`` in the ``"mat"`` layout of
+            ``CUHK03``); an existing folder of that name is replaced.
+
+    Returns:
+        The number of images written (empty cells of the file are skipped).
+
+    Raises:
+        ImportError: h5py is not installed.
+
+    Examples:
+        A file with one camera pair and one person, who has images 1 and 6 only (stored
+        transposed, as MATLAB writes them):
+
+        >>> import os, tempfile
+        >>> import h5py, numpy as np
+        >>> from metabin_layers.reid.datasets import extract_cuhk03_images
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     raw = os.path.join(d, "cuhk-03.mat")
+        ...     with h5py.File(raw, "w") as mat:
+        ...         image = mat.create_dataset("image", data=np.zeros((3, 8, 16), np.uint8))
+        ...         empty = mat.create_dataset("empty", data=np.zeros(2, np.uint64))
+        ...         refs = [[image.ref if n in (0, 5) else empty.ref] for n in range(10)]
+        ...         pair = mat.create_dataset("pair1", data=np.array(refs, dtype=h5py.ref_dtype))
+        ...         _ = mat.create_dataset("detected", data=np.array([[pair.ref]], dtype=h5py.ref_dtype))
+        ...     out = os.path.join(d, "images_detected")
+        ...     extract_cuhk03_images(raw, "detected", out), sorted(os.listdir(out))
+        (2, ['1_001_1_01.png', '1_001_2_06.png'])
     """
     try:
         import h5py

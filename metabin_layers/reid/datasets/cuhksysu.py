@@ -27,6 +27,25 @@ class CUHKSYSU(ReIDDataset):
     The identity is the ``p<number>`` prefix of the file name (pid -1 dropped); every image
     has camid 0 (the crops carry no camera). ``query`` and ``gallery`` are empty (fast-reid
     convention for training-only sources); ``combine_all`` therefore changes nothing.
+
+    Args:
+        root: folder searched for the layouts above.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import CUHKSYSU
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     folder = os.path.join(root, "cuhksysu", "cropped_images")
+        ...     os.makedirs(folder)
+        ...     for name in ("p11422_s16929_1.jpg", "p11422_s16930_2.jpg", "p00005_s00001_1.jpg"):
+        ...         Image.new("RGB", (8, 16)).save(os.path.join(folder, name))
+        ...     ds = CUHKSYSU(root)
+        >>> [item.pid for item in ds.train], ds.query
+        ([0, 1, 1], [])
     """
 
     name: ClassVar[str] = "CUHKSYSU"

@@ -24,6 +24,27 @@ class DukeMTMCreID(ReIDDataset):
         <root>/{...}                                                         (root is the dataset folder)
 
     File names ``<pid>_c<cam>_f<frame>.jpg`` (Market-style regex); camids are 0-based.
+
+    Args:
+        root: folder searched for the layouts above.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import DukeMTMCreID
+        >>> files = ["bounding_box_train/0001_c2_f0046182.jpg", "query/0005_c1_f0051781.jpg",
+        ...          "bounding_box_test/0005_c5_f0051000.jpg"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "DukeMTMC-reID", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = DukeMTMCreID(root, combine_all=True)
+        >>> [(item.pid, item.camid) for item in ds.train]  # id 5 (query + gallery) is label 1
+        [(0, 1), (1, 0), (1, 4)]
     """
 
     name: ClassVar[str] = "DukeMTMCreID"

@@ -58,9 +58,32 @@ class GRID(SplitReIDDataset):
     ``combine_all`` drops the id-0 distractors.
 
     Args:
-        split_id: ``0..9``. seed: see ``SplitReIDDataset``.
+        root: folder searched for the layouts above.
+        split_id: which of the 10 splits, ``0..9``.
+        seed: seed of generated splits; see ``SplitReIDDataset``.
         use_mat: ``None`` (use ``features_and_partitions.mat`` when present), ``True``
             (require it) or ``False`` (ignore it, use seeded random splits).
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import GRID
+        >>> files = ["probe/0001_1_25004_107_32_130.jpeg", "probe/0002_1_25010_45_20_118.jpeg",
+        ...          "gallery/0001_5_25012_87_40_113.jpeg", "gallery/0002_5_25020_52_33_117.jpeg",
+        ...          "gallery/0000_3_25103_110_28_96.jpeg"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "GRID", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = GRID(root, split_id=0)
+        ...     os.path.basename(ds.split_path)
+        'splits_generated_seed0.json'
+        >>> ds.split_origin, len(ds.query), len(ds.gallery)  # one paired id for testing + the distractor
+        ('generated', 1, 2)
     """
 
     name: ClassVar[str] = "GRID"

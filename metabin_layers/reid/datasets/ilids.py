@@ -30,6 +30,27 @@ class iLIDS(SplitReIDDataset):  # torchreid's class name
     when present, next to ``images``; otherwise 10 seeded random splits cached in
     ``splits_generated_seed<seed>.json`` (not comparable to the paper's numbers;
     ``split_origin`` says which).
+
+    Args:
+        root: folder searched for the layouts above.
+        split_id: which of the 10 splits, ``0..9``.
+        seed: seed of generated splits; see ``SplitReIDDataset``.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import iLIDS
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     folder = os.path.join(root, "QMUL-iLIDS", "images")
+        ...     os.makedirs(folder)
+        ...     for name in ("0001001.jpg", "0001002.jpg", "0002001.jpg", "0002002.jpg"):
+        ...         Image.new("RGB", (8, 16)).save(os.path.join(folder, name))
+        ...     ds = iLIDS(root, split_id=0)
+        >>> ds.split_origin, len(ds.train), len(ds.query), len(ds.gallery)
+        ('generated', 2, 1, 1)
     """
 
     name: ClassVar[str] = "iLIDS"

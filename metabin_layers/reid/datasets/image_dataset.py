@@ -15,7 +15,25 @@ __all__ = ["ImageDataset", "UnreadableImageError", "read_image"]
 
 
 class UnreadableImageError(OSError):
-    """An image file is missing, truncated or not an image; ``path`` holds its path."""
+    """An image file is missing, truncated or not an image; ``path`` holds its path.
+
+    Args:
+        message: the error message (``read_image`` names the path and PIL's error).
+        path: the image file that could not be read.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from metabin_layers.reid.datasets import UnreadableImageError, read_image
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "0001_c1_1.jpg")
+        ...     with open(path, "w") as f:
+        ...         _ = f.write("not an image")
+        ...     try:
+        ...         read_image(path)
+        ...     except UnreadableImageError as err:
+        ...         os.path.basename(err.path), isinstance(err, OSError)
+        ('0001_c1_1.jpg', True)
+    """
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
@@ -25,8 +43,25 @@ class UnreadableImageError(OSError):
 def read_image(path: str) -> Image.Image:
     """Open ``path`` as an RGB PIL image.
 
+    Args:
+        path: the image file.
+
+    Returns:
+        The decoded image, converted to RGB (and detached from the file, which is closed).
+
     Raises:
         UnreadableImageError: naming the path, if the file cannot be read or decoded.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import read_image
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "gray.png")
+        ...     Image.new("L", (8, 16)).save(path)
+        ...     img = read_image(path)
+        >>> img.mode, img.size
+        ('RGB', (8, 16))
     """
     try:
         with Image.open(path) as img:
@@ -52,6 +87,17 @@ class ImageDataset(Dataset[dict[str, Any]]):
     Raises:
         UnreadableImageError: from ``__getitem__``, naming the path of an image that cannot be
             read (in a ``DataLoader`` worker the message reaches the main process unchanged).
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import ImageDataset
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "0002_c1s1_000451_03.jpg")
+        ...     Image.new("RGB", (64, 128)).save(path)
+        ...     sample = ImageDataset([(path, 2, 0)], transform=lambda img: img.size)[0]
+        >>> sample["img"], sample["pid"], sample["camid"], sample["domain"]
+        ((64, 128), 2, 0, 0)
     """
 
     def __init__(

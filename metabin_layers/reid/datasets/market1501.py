@@ -25,6 +25,29 @@ class Market1501(ReIDDataset):
 
     File names ``<pid>_c<cam>s<seq>_<frame>_<box>.jpg``: pid -1 (junk) is dropped, pid 0
     (distractors) stays in the gallery and is dropped by ``combine_all``; camids are 0-based.
+
+    Args:
+        root: folder searched for the layouts above.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import Market1501
+        >>> files = ["bounding_box_train/0001_c1s1_000151_01.jpg", "query/0002_c1s1_000451_03.jpg",
+        ...          "bounding_box_test/0002_c2s1_000301_01.jpg", "bounding_box_test/-1_c3s1_000001_00.jpg"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "Market-1501-v15.09.15", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = Market1501(root)
+        >>> len(ds.train), len(ds.query), len(ds.gallery)  # the junk image (pid -1) is dropped
+        (1, 1, 1)
+        >>> ds.query[0].pid, ds.gallery[0].camid
+        (2, 1)
     """
 
     name: ClassVar[str] = "Market1501"

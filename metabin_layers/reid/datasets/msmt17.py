@@ -30,6 +30,30 @@ class MSMT17(ReIDDataset):
     file name - 1. ``list_val.txt`` (optional) is added to ``train`` only with ``combine_all``
     (torchreid). Train and test ids are numbered separately in MSMT17; ``combine_all`` keeps
     them apart (test labels follow the training ones). Query/gallery pids are the list's ids.
+
+    Args:
+        root: folder searched for the layouts above.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import MSMT17
+        >>> lists = [("list_train.txt", "train", "0000/0000_000_01_0303morning_0015_0.jpg"),
+        ...          ("list_query.txt", "test", "0000/0000_000_01_0303morning_0036_0.jpg"),
+        ...          ("list_gallery.txt", "test", "0000/0000_001_07_0303noon_0011_1.jpg")]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for list_name, folder, name in lists:
+        ...         path = os.path.join(root, "MSMT17_V1", folder, name)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...         with open(os.path.join(root, "MSMT17_V1", list_name), "w") as f:
+        ...             print(name, 0, file=f)
+        ...     ds = MSMT17(root)
+        >>> [(item.pid, item.camid) for item in (*ds.train, *ds.query, *ds.gallery)]
+        [(0, 0), (0, 0), (0, 6)]
     """
 
     name: ClassVar[str] = "MSMT17"

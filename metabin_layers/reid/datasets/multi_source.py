@@ -35,6 +35,22 @@ class MultiSourceDataset:
         num_train_cams: cameras over all sources (shifted by ``camid_offsets`` when ``offset_camids``).
         num_domains: number of sources; an item's domain is its source's index.
         names: the source names.
+        pid_offsets: per source, the label of its first identity.
+        camid_offsets: per source, the id of its first camera (all 0 without ``offset_camids``).
+
+    Raises:
+        ValueError: no sources, a source without training items, or ``names`` of another
+            length than ``sources``.
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import MultiSourceDataset
+        >>> market = [("m1.jpg", 5, 0), ("m2.jpg", 9, 3)]
+        >>> duke = [("d1.jpg", 5, 0)]
+        >>> ms = MultiSourceDataset([market, duke], names=["market", "duke"])
+        >>> [(item.pid, item.camid, item.domain) for item in ms.train]
+        [(0, 0, 0), (1, 1, 0), (2, 2, 1)]
+        >>> ms.num_train_pids, ms.num_domains, ms.pid_offsets
+        (3, 2, [0, 2])
     """
 
     def __init__(
@@ -104,12 +120,44 @@ def combine_sources(
     datasets: Sequence[Any], names: Sequence[str] | None = None, *, offset_camids: bool = True
 ) -> MultiSourceDataset:
     """Combine the training sets of ``datasets``, one domain per dataset; see
-    ``MultiSourceDataset``."""
+    ``MultiSourceDataset``.
+
+    Args:
+        datasets: datasets (anything with a ``train`` list) or plain item sequences
+            ``(img_path, pid, camid[, domain])``.
+        names: optional source names (default: the datasets' ``name`` or ``source<i>``).
+        offset_camids: shift camera ids per source, so that a camera id names one camera of
+            one source.
+
+    Returns:
+        ``MultiSourceDataset(datasets, names, offset_camids=offset_camids)``.
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import combine_sources
+        >>> train = combine_sources([[("a.jpg", 3, 1)], [("b.jpg", 3, 1)]], offset_camids=False)
+        >>> train.train
+        [ReIDItem(img_path='a.jpg', pid=0, camid=1, domain=0), ReIDItem(img_path='b.jpg', pid=1, camid=1, domain=1)]
+        >>> train.names
+        ['source0', 'source1']
+    """
     return MultiSourceDataset(datasets, names, offset_camids=offset_camids)
 
 
 def cameras_as_domains(items: Sequence[ReIDItem]) -> list[ReIDItem]:
     """Items with one domain per camera (MetaBIN's ``CAMERA_TO_DOMAIN``, for single-source DG):
-    ``domain`` = rank of ``camid`` among the sorted camera ids present (0..C-1)."""
+    ``domain`` = rank of ``camid`` among the sorted camera ids present (0..C-1).
+
+    Args:
+        items: the training items (e.g. ``dataset.train`` of one source).
+
+    Returns:
+        New items, in the same order, with ``domain`` replaced (paths, pids and camids kept).
+
+    Examples:
+        >>> from metabin_layers.reid.datasets import ReIDItem, cameras_as_domains
+        >>> items = [ReIDItem("a.jpg", 0, 5), ReIDItem("b.jpg", 0, 2), ReIDItem("c.jpg", 1, 5)]
+        >>> [item.domain for item in cameras_as_domains(items)]
+        [1, 0, 1]
+    """
     rank = {cam: i for i, cam in enumerate(sorted({it.camid for it in items}))}
     return [it._replace(domain=rank[it.camid]) for it in items]

@@ -33,6 +33,29 @@ class PRID(SplitReIDDataset):
     ``splits_single_shot_generated_seed<seed>.json`` (not comparable to the paper's numbers;
     ``split_origin`` says which). File names are ``person_<id:04d>.png``. ``combine_all`` drops
     the distractors.
+
+    Args:
+        root: folder searched for the layouts above.
+        split_id: which of the 10 splits, ``0..9``.
+        seed: seed of generated splits; see ``SplitReIDDataset``.
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import PRID
+        >>> files = ["cam_a/person_0001.png", "cam_a/person_0002.png", "cam_b/person_0001.png",
+        ...          "cam_b/person_0002.png", "cam_b/person_0201.png"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "prid_2011", "single_shot", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = PRID(root, split_id=0)
+        >>> ds.split_origin, len(ds.train), len(ds.query), len(ds.gallery)  # gallery: test id + distractor 201
+        ('generated', 2, 1, 2)
     """
 
     name: ClassVar[str] = "PRID"

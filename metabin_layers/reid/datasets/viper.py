@@ -72,6 +72,35 @@ class VIPeR(SplitReIDDataset):
        ``splits_generated_seed<seed>.json``: not comparable to the paper's numbers.
 
     Identities are paired by the ``<id>`` prefix of the file names.
+
+    Args:
+        root: folder searched for the layouts above.
+        split_id: which of the 10 splits, ``0..9``.
+        seed: seed of generated splits; see ``SplitReIDDataset``.
+        use_split_folders: read the authors' ``split_<k>a`` folders when present; ``False``
+            ignores them (``cam_a``/``cam_b`` images with ``splits.json`` or generated splits).
+        combine_all: see ``ReIDDataset``.
+        domain: see ``ReIDDataset``.
+        verbose: see ``ReIDDataset``.
+
+    Examples:
+        The authors' split folders alone (here a one-image-per-subset ``split_1a``):
+
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from metabin_layers.reid.datasets import VIPeR
+        >>> files = ["train/p000_c1_d045.png", "train/p000_c2_d090.png", "query/p001_c1_d000.png",
+        ...          "gallery/p001_c2_d180.png"]
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for f in files:
+        ...         path = os.path.join(root, "viper", "split_1a", f)
+        ...         os.makedirs(os.path.dirname(path), exist_ok=True)
+        ...         Image.new("RGB", (8, 16)).save(path)
+        ...     ds = VIPeR(root, split_id=0)
+        >>> ds.split_origin, ds.uses_authors_splits, len(ds.train)
+        ('authors', True, 2)
+        >>> ds.query[0].pid, ds.query[0].camid, ds.gallery[0].camid
+        (1, 0, 1)
     """
 
     name: ClassVar[str] = "VIPeR"
