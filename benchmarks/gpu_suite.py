@@ -164,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             base = ["--device", "cpu", "--shapes", "small", "--batch", "2", "--repeats", "2", "--warmup", "0"]
             base += ["--compile-naive", "dynamic", "--compile-backend", "eager"]
         else:
-            base = ["--device", "cuda", "--batch", "64", "--repeats", "30", "--warmup", "5", "--compile-naive", "dynamic"]
+            base = ["--device", "cuda", "--batch", "64", "--repeats", "20", "--warmup", "3", "--compile-naive", "dynamic"]
         for layout in ("nchw", "channels_last"):
             dtypes = ("float32" if layout == "nchw" else "bfloat16") if args.dry_run else "float32,bfloat16"
             cmd = [py, os.path.join(HERE, "bench_layer.py"), *base, "--dtypes", dtypes]

@@ -90,14 +90,14 @@ def test_gpu_training_dry_run_writes_every_table(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "training.json").read_text())
     speed = report["speed"]
-    assert set(speed) == {"bn-bf16", "metabin-fp16", "metabin-bf16-compile"}
+    assert set(speed) == {"bn-fp16", "metabin-bf16", "metabin-bf16-compile"}
     for key, r in speed.items():
         assert r["status"] == "passed" and r["finite"] is True, key
         assert r["it_per_s"] > 0 and r["first_mark"][0] == 1, key
-    for key in ("metabin-fp16", "metabin-bf16-compile"):
+    for key in ("metabin-bf16", "metabin-bf16-compile"):
         assert 0.0 <= speed[key]["rho_min"] <= speed[key]["rho_max"] <= 1.0
         assert set(speed[key]["rho_groups"]) == {"stem", "layer1", "layer2", "layer3", "layer4"}
-    assert "rho_min" not in speed["bn-bf16"]  # plain BN has no rho
+    assert "rho_min" not in speed["bn-fp16"]  # plain BN has no rho
     long = report["long"]
     assert set(long) == {"bn", "bin", "bin-half", "metabin"}
     for norm, runs in long.items():
