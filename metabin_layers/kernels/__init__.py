@@ -43,8 +43,8 @@ def cuda_validated() -> bool:
     """Whether :data:`CUDA_VALIDATION` holds a passing CUDA run for this library version.
 
     Examples:
-        >>> cuda_validated()  # no GPU run recorded for this release
-        False
+        >>> cuda_validated() == (CUDA_VALIDATION is not None and CUDA_VALIDATION["version"] == __version__)
+        True
     """
     record = CUDA_VALIDATION
     if not record:
