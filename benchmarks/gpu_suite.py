@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -142,7 +143,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # 1. correctness on CUDA
     pytest_ok = False
-    if "pytest" not in skip:
+    if "pytest" not in skip and importlib.util.find_spec("pytest") is None:
+        suite.steps.append(
+            {"step": "pytest -m gpu", "command": "-", "log": "-", "seconds": 0.0,
+             "status": "failed (pytest is not installed: pip install --no-index --find-links WHEEL_DIR pytest)"}
+        )  # fmt: skip
+    elif "pytest" not in skip:
         targets = ["tests/test_cuda.py"] if args.dry_run else ["tests"]
         cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rs"]
         cmd += ["--junitxml", o("pytest_gpu.xml"), *targets]
