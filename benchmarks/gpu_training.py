@@ -282,6 +282,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,long")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
     args = p.parse_args(argv)
+    if args.long_iters < 6 or args.long_iters % 6:
+        p.error(f"--long-iters must be a positive multiple of 6 (6 epochs), got {args.long_iters}")
 
     import torch
 
