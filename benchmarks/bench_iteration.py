@@ -53,7 +53,7 @@ import common  # noqa: E402
 #: which statistic of the repeats the tables use (``--stat``): "median" or "min"
 STAT = "median"
 
-from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin  # noqa: E402
+from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin, metabin_modules  # noqa: E402
 from metabin_layers.losses import (  # noqa: E402
     cross_entropy_label_smooth,
     inter_domain_shuffle_loss,
@@ -307,6 +307,8 @@ class Ours:
     def __init__(self, args, data, device):
         torch.manual_seed(0)
         self.model = convert_bn_to_metabin(ReIDNet(args.arch, data["num_classes"]), exclude="neck").to(device).train()
+        for m in metabin_modules(self.model):
+            m.backend = args.backend
         base = torch.optim.SGD(base_parameters(self.model), lr=LR, momentum=0.9, weight_decay=5e-4)
         self.opt = MetaBINOptimizer(self.model, base, rho_lr=RHO_LR, inner_lr=0.001)
         self.data, self.device, self.autocast = data, device, args.autocast
@@ -389,7 +391,8 @@ def memory_in_subprocesses(args, configs) -> dict[str, Optional[float]]:
             str(args.ids_per_domain),
         ]
         + (["--threads", str(args.threads)] if args.threads else [])
-        + (["--amp"] if args.amp else [])
+        + (["--amp", "--amp-dtype", args.amp_dtype] if args.amp else [])
+        + ["--backend", args.backend]
     )
     for config in configs:
         a = list(env_args)
@@ -441,8 +444,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "sizes": sizes,
             "repeats": args.repeats,
             "warmup": args.warmup,
-            "amp": args.amp,
+            "amp": args.amp_dtype if args.amp else False,
             "device": args.device,
+            "backend": args.backend,
         },
         "results": {c: {"timing": stats[c], "peak_mib": memory.get(c)} for c in configs},
     }
@@ -467,6 +471,22 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         if c is not None and b is not None:
             s[f"c_over_b_{size}"] = c / b
     return s
+
+
+def cuda_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CUDA iteration targets for (c), split meta batch: total <= 1.6x (a) and <= 0.6x (b);
+    peak memory <= 1.2x (a)."""
+    res = payload["results"]
+    a, b, c = _t(res, "a_plain"), _t(res, "b_naive_split"), _t(res, "c_ours_split")
+    out: list[dict[str, Any]] = []
+    if c is not None and a is not None:
+        out.append({"target": "(c) iteration <= 1.6x plain (a)", "met": c / a <= 1.6, "figure": f"{c / a:.2f}x"})
+    if c is not None and b is not None:
+        out.append({"target": "(c) iteration <= 0.6x the authors' structure (b)", "met": c / b <= 0.6, "figure": f"{c / b:.2f}x"})
+    ma, mc = (res.get(k, {}).get("peak_mib") for k in ("a_plain", "c_ours_split"))
+    if ma and mc:
+        out.append({"target": "(c) peak memory <= 1.2x plain (a)", "met": mc / ma <= 1.2, "figure": f"{mc / ma:.2f}x"})
+    return out
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -543,9 +563,14 @@ def render(payload: dict[str, Any]) -> str:
         if f"c_over_a_{size}" in summ:
             q = summ[f"c_over_a_{size}"]
             extra = f"; (c)/(b) = {summ[f'c_over_b_{size}']:.2f}x" if f"c_over_b_{size}" in summ else ""
-            target = f" (target <= 2.2x: **{'met' if q <= 2.2 else 'not met'}**)" if size == "split" else ""
+            cpu_target = size == "split" and env["device"] != "cuda"
+            target = f" (target <= 2.2x: **{'met' if q <= 2.2 else 'not met'}**)" if cpu_target else ""
             lines.append(f"- {size} meta batch: (c)/(a) = {q:.2f}x{target}{extra}.")
     lines.append("")
+    if env["device"] == "cuda":
+        for t in cuda_targets(payload):
+            lines.append(f"- {t['target']}: **{'met' if t['met'] else 'not met'}** ({t['figure']})")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -561,7 +586,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 7 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--amp", action="store_true", help="autocast (dtype: --amp-dtype)")
+    p.add_argument(
+        "--amp-dtype",
+        default=None,
+        choices=["float16", "bfloat16"],
+        help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)",
+    )
+    p.add_argument("--backend", default="auto", help="MetaBIN backend of configuration (c) (default auto)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-configuration memory subprocesses")
     p.add_argument(
         "--stat",
@@ -590,7 +622,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     dev_type = "cuda" if cuda else "cpu"
-    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    args.amp_dtype = args.amp_dtype or ("float16" if cuda else "bfloat16")
+    amp_dtype = getattr(torch, args.amp_dtype)
     args.autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if args.amp else (lambda: _null())
     return args
 

@@ -80,6 +80,41 @@ class NaiveBIN(nn.Module):
         return r.to(bn.dtype) * bn + (1 - r).to(inorm.dtype) * inorm
 
 
+def naive_mix(
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor,
+) -> torch.Tensor:
+    """The naive composition as one function (what ``torch.compile`` gets to fuse)."""
+    bn = torch.nn.functional.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, True, 0.1, 1e-5)
+    inorm = torch.nn.functional.instance_norm(x, weight=in_weight, bias=in_bias, eps=1e-5)
+    r = rho.view(1, -1, 1, 1)
+    return r.to(bn.dtype) * bn + (1 - r).to(inorm.dtype) * inorm
+
+
+class CompiledNaiveBIN(NaiveBIN):
+    """NaiveBIN whose forward is ``torch.compile(naive_mix)``; one compiled function per process
+    and setting, shared by every layer shape (``dynamic=True``) or specialised per shape."""
+
+    _compiled: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
+
+    def __init__(self, c: int, mode: str, backend: str, rho: float = 0.5):
+        super().__init__(c, rho)
+        key = (mode, backend)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(naive_mix, dynamic=mode == "dynamic", backend=backend)
+        self.fn = self._compiled[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn, inorm = self.bn, self.inorm
+        return self.fn(x, self.rho, bn.weight, bn.bias, bn.running_mean, bn.running_var, inorm.weight, inorm.bias)
+
+
 def metabin_backends(device: torch.device) -> list[str]:
     """The backends of functional.BACKENDS that run on ``device`` (a tiny smoke call decides)."""
     out = []
@@ -94,13 +129,20 @@ def metabin_backends(device: torch.device) -> list[str]:
     return out
 
 
-def build_candidates(c: int, device: torch.device, backends: list[str]) -> dict[str, Optional[nn.Module]]:
+COMPILED_NAIVE = "naive BN+IN mix (torch.compile)"
+
+
+def build_candidates(
+    c: int, device: torch.device, backends: list[str], compile_naive: str = "off", compile_backend: str = "inductor"
+) -> dict[str, Optional[nn.Module]]:
     cands: dict[str, Optional[nn.Module]] = {}
     for b in backends:
         cands[f"MetaBIN2d[{b}]"] = MetaBIN2d(c, rho_init=0.5, backend=b)
     cands["BatchNorm2d"] = nn.BatchNorm2d(c)
     cands["InstanceNorm2d(affine)"] = nn.InstanceNorm2d(c, affine=True)
     cands["naive BN+IN mix"] = NaiveBIN(c)
+    if compile_naive != "off":
+        cands[COMPILED_NAIVE] = CompiledNaiveBIN(c, compile_naive, compile_backend)
     cands["copy (floor)"] = None
     for m in cands.values():
         if m is not None:
@@ -146,8 +188,11 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             x = torch.randn(args.batch, c, h, w, device=device).mul_(1.5).add_(0.3)
             x = x.to(dtype=dtype).contiguous(memory_format=fmt)
             dy = torch.randn_like(x)
-            cands = build_candidates(c, device, backends)
+            cands = build_candidates(c, device, backends, args.compile_naive, args.compile_backend)
             measures = {name: make_measure(m, x, dy) for name, m in cands.items()}
+            compile_s = None
+            if COMPILED_NAIVE in cands:  # first call = tracing + compilation (+ one run), timed apart
+                compile_s = sum(measures[COMPILED_NAIVE]().values())
             stats = common.interleaved(measures, repeats=args.repeats, warmup=args.warmup)
             t_bytes = x.numel() * x.element_size()
             for name, st in stats.items():
@@ -160,6 +205,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 }
                 for metric, s in st.items():
                     row[metric] = s
+                if name == COMPILED_NAIVE:
+                    row["first_call_s"] = compile_s
                 results.append(row)
             if args.verbose:
                 fb = {n: st.get("fwd+bwd", st["fwd"])[STAT] for n, st in stats.items()}
@@ -180,6 +227,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "warmup": args.warmup,
             "channels_last": args.channels_last,
             "backends": backends,
+            "compile_naive": args.compile_naive,
+            "compile_backend": args.compile_backend,
             "bytes_factor": BYTES_FACTOR,
             "copy_factor": COPY_FACTOR,
         },
@@ -229,6 +278,50 @@ def summarize(results: list[dict[str, Any]], backends: list[str]) -> dict[str, A
             }
         summary[dname] = per_cand
     return summary
+
+
+def cuda_targets(payload: dict[str, Any], dname: str) -> list[dict[str, Any]]:
+    """The CUDA layer targets, per MetaBIN backend, at every shape of ``dname``:
+    fwd+bwd <= 1.10x BatchNorm2d; >= 70% of the copy bandwidth for the minimal traffic;
+    >= 3x faster than the naive mix; faster than ``torch.compile`` of the naive mix."""
+    results = payload["results"]
+    shapes = list(dict.fromkeys(r["shape"] for r in results if r["dtype"] == dname))
+    out = []
+    for cand in dict.fromkeys(r["candidate"] for r in results if r["dtype"] == dname):
+        if not cand.startswith("MetaBIN2d["):
+            continue
+        vs_bn, pct_copy, vs_naive, vs_compiled = [], [], [], []
+        for shape in shapes:
+            r = _find(results, dname, shape, cand)
+            t = r["fwd+bwd"][STAT]
+            vs_bn.append((t / _find(results, dname, shape, "BatchNorm2d")["fwd+bwd"][STAT], shape))
+            cp = _find(results, dname, shape, "copy (floor)")
+            rate = BYTES_FACTOR["fwd+bwd"] * r["tensor_bytes"] / t
+            pct_copy.append((rate / (COPY_FACTOR * cp["tensor_bytes"] / cp["fwd"][STAT]), shape))
+            vs_naive.append((_find(results, dname, shape, "naive BN+IN mix")["fwd+bwd"][STAT] / t, shape))
+            comp = _find(results, dname, shape, COMPILED_NAIVE)
+            if comp is not None:
+                vs_compiled.append((comp["fwd+bwd"][STAT] / t, shape))
+        worst_bn, worst_copy, worst_naive = max(vs_bn), min(pct_copy), min(vs_naive)
+        out.append(
+            {"candidate": cand, "target": "fwd+bwd <= 1.10x BatchNorm2d at every shape", "met": worst_bn[0] <= 1.10,
+             "figure": f"worst {worst_bn[0]:.2f}x, {worst_bn[1]}"}
+        )  # fmt: skip
+        out.append(
+            {"candidate": cand, "target": ">= 70% of the copy bandwidth (8T per fwd+bwd)", "met": worst_copy[0] >= 0.70,
+             "figure": f"worst {100 * worst_copy[0]:.0f}%, {worst_copy[1]}"}
+        )  # fmt: skip
+        out.append(
+            {"candidate": cand, "target": ">= 3x faster than the naive mix", "met": worst_naive[0] >= 3.0,
+             "figure": f"worst {worst_naive[0]:.2f}x, {worst_naive[1]}"}
+        )  # fmt: skip
+        if vs_compiled:
+            worst = min(vs_compiled)
+            out.append(
+                {"candidate": cand, "target": "faster than torch.compile of the naive mix", "met": worst[0] > 1.0,
+                 "figure": f"worst {worst[0]:.2f}x, {worst[1]}"}
+            )  # fmt: skip
+    return out
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -333,8 +426,22 @@ def render(payload: dict[str, Any]) -> str:
             ),
             "",
         ]
+        compiled = [r for r in results if r["dtype"] == dname and r["candidate"] == COMPILED_NAIVE]
+        if compiled:
+            first = [r["first_call_s"] for r in compiled if r.get("first_call_s") is not None]
+            lines += [
+                f"`{COMPILED_NAIVE}`: `torch.compile(naive_mix, dynamic={cfg['compile_naive'] == 'dynamic'}, "
+                f"backend={cfg['compile_backend']!r})`; compilation is excluded from its times: its first calls "
+                f"(tracing, compiling, one run; forward, backward, then both) took {sum(first):.1f} s in all "
+                f"for this dtype (largest {max(first):.1f} s).",
+                "",
+            ]
+        if env["device"] == "cuda":
+            for t in cuda_targets(payload, dname):
+                lines.append(f"- {t['candidate']}: {t['target']}: **{'met' if t['met'] else 'not met'}** ({t['figure']})")
+            lines.append("")
         fused = payload["summary"][dname].get("MetaBIN2d[fused]")
-        if fused:
+        if fused and env["device"] != "cuda":
             ok1 = fused["worst_ratio_vs_bn"] <= 1.5
             ok2 = fused["min_speedup_vs_naive"] >= 2.5
             lines += [
@@ -363,6 +470,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["median", "min"],
         help="statistic of the repeats shown in the tables (default median; min on a noisy machine)",
     )
+    p.add_argument(
+        "--compile-naive",
+        default="off",
+        choices=["off", "dynamic", "static"],
+        help="add torch.compile of the naive mix: one dynamic-shape compilation, or one per shape",
+    )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile-naive")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     return p

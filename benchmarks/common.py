@@ -7,7 +7,8 @@ Timing rules used everywhere:
   rotated every repeat), so slow drifts of the machine (other processes, frequency changes) hit
   every candidate alike;
 * the reported value is the **median** over repeats (the minimum is kept too);
-* on CUDA every timed region is bracketed by ``torch.cuda.synchronize()``.
+* on CUDA every timed region is measured with CUDA events recorded around it, after
+  ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def sync(device: torch.device | str) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device | str) -> float:
-    """Seconds taken by one call of ``fn`` (synchronised on CUDA)."""
-    sync(device)
+    """Seconds taken by one call of ``fn``: wall clock on CPU; on CUDA the time between two
+    CUDA events recorded around it on the current stream (queue drained first)."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
-    sync(device)
     return time.perf_counter() - t0
 
 
@@ -197,6 +205,14 @@ def ratio(a: Optional[float], b: Optional[float], digits: int = 2) -> str:
 def geomean(values: Iterable[float]) -> float:
     vals = [v for v in values if v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def refuse_overwrite(paths: Iterable[str], overwrite: bool) -> None:
+    """Exit with a clear message if any of ``paths`` exists and ``overwrite`` is False
+    (results committed to the repository are never replaced by accident)."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise SystemExit(f"refusing to overwrite {', '.join(existing)}: choose another --name / --out-dir or pass --overwrite")
 
 
 def write_json(path: str, payload: Any) -> None:

@@ -1,6 +1,6 @@
 """Run the layer and the iteration benchmark with their defaults and write the results.
 
-    python benchmarks/run_all.py                 # writes benchmarks/results/latest.md and latest.json
+    python benchmarks/run_all.py --name mymachine # writes benchmarks/results/mymachine.md and .json
     python benchmarks/run_all.py --quick         # small shapes, few repeats (a smoke run, ~1 min on CPU)
     python benchmarks/run_all.py --device cuda
 
@@ -34,7 +34,10 @@ def main(argv: Optional[list[str]] = None) -> str:
     p.add_argument("--batch", type=int, default=64, help="layer benchmark batch (64: the ResNet-50 shapes of the targets)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="latest", help="file name stem of the results (default: latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files of that name")
     args = p.parse_args(argv)
+    targets = [os.path.join(args.out_dir, f"{args.name}.{ext}") for ext in ("md", "json")]
+    common.refuse_overwrite(targets, args.overwrite)
 
     common_args = ["--device", args.device, "--stat", args.stat]
     common_args += ["--threads", str(args.threads)] if args.threads else []
@@ -62,10 +65,10 @@ def main(argv: Optional[list[str]] = None) -> str:
     ]
     text = "\n".join(header) + "\n" + layer_md + "\n" + iter_md
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
+    with open(targets[0], "w") as f:
         f.write(text)
     common.write_json(
-        os.path.join(args.out_dir, f"{args.name}.json"),
+        targets[1],
         {"env": env, "seconds": {"layer": t1 - t0, "iteration": t2 - t1}, "layer": layer_json, "iteration": iter_json},
     )
     print(text)

@@ -45,13 +45,21 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_instance_norm", "BACKENDS", "BACKEND_ENV", "resolve_backend"]
+__all__ = [
+    "batch_instance_norm",
+    "BACKENDS",
+    "BACKEND_ENV",
+    "resolve_backend",
+    "triton_fallback_reason",
+    "reset_triton_fallback",
+]
 
 BACKENDS = ("fused", "composite", "triton")
 """Names accepted by ``batch_instance_norm(..., backend=...)``: ``"fused"`` (plain PyTorch with a
@@ -65,8 +73,11 @@ BACKEND_ENV = "METABIN_BACKEND"
 def resolve_backend(x: Tensor, backend: str = "auto") -> str:
     """The backend that ``backend`` means for input ``x``.
 
-    ``"auto"`` picks ``$METABIN_BACKEND`` when set, else ``"triton"`` for CUDA tensors when
-    Triton is installed, else ``"fused"``. Any other value is returned as it is (validated).
+    ``"auto"`` picks ``$METABIN_BACKEND`` when set; else ``"triton"`` for CUDA tensors when the
+    compiled kernels passed the library's CUDA tests for this release
+    (``metabin_layers.kernels.cuda_validated``), Triton imports and the kernels have not
+    failed in this process (``triton_fallback_reason``); else ``"fused"``, whose CUDA path
+    is plain ATen ops. Any other value is returned as it is (validated).
 
     Args:
         x: the input the layer is about to normalise (its device decides ``"auto"``).
@@ -82,21 +93,68 @@ def resolve_backend(x: Tensor, backend: str = "auto") -> str:
         >>> resolve_backend(torch.zeros(2, 3, 4))
         'fused'
     """
+    return _resolve(x, backend)[0]
+
+
+def _resolve(x: Tensor, backend: str) -> tuple[str, bool]:
+    """``(backend, may_fall_back)``: the concrete backend, and whether ``"auto"`` chose Triton
+    itself (then a Triton failure falls back to ``"fused"`` instead of raising)."""
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV, "").strip().lower()
         if forced and forced != "auto":
             if forced not in BACKENDS:
                 raise ValueError(f"{BACKEND_ENV} must be 'auto' or one of {BACKENDS}, got {forced!r}")
-            return forced
-        if x.is_cuda:
-            from .kernels import is_available
-
-            if is_available(x):
-                return "triton"
-        return "fused"
+            return forced, False
+        if _auto_prefers_triton(x):
+            return "triton", True
+        return "fused", False
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return backend
+    return backend, False
+
+
+def _auto_prefers_triton(x: Tensor) -> bool:
+    if not x.is_cuda or _TRITON_FAILURE:
+        return False
+    from . import kernels
+
+    return kernels.cuda_validated() and kernels.is_available(x)
+
+
+# The first Triton failure of this process under backend="auto" (compile or launch error): from
+# then on "auto" runs the fused path. Inspect with triton_fallback_reason(), clear with
+# reset_triton_fallback().
+_TRITON_FAILURE: list[str] = []
+
+
+def triton_fallback_reason() -> Optional[str]:
+    """Why ``backend="auto"`` stopped using the Triton kernels in this process, or None.
+
+    Examples:
+        >>> triton_fallback_reason() is None
+        True
+    """
+    return _TRITON_FAILURE[0] if _TRITON_FAILURE else None
+
+
+def reset_triton_fallback() -> None:
+    """Let ``backend="auto"`` try the Triton kernels again (after ``triton_fallback_reason``)."""
+    _TRITON_FAILURE.clear()
+
+
+def _record_triton_failure(where: str, err: BaseException) -> None:
+    """Remember the first failure and warn once; later calls of "auto" choose "fused"."""
+    if _TRITON_FAILURE:
+        return
+    reason = f"{where}: {type(err).__name__}: {err}"
+    _TRITON_FAILURE.append(reason)
+    warnings.warn(
+        f"metabin_layers: the Triton kernels failed in the {reason}. This call and every later "
+        "backend='auto' call of this process use the 'fused' backend instead (same results). "
+        "Pass backend='triton' to get the error raised.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _aten = torch.ops.aten
@@ -530,6 +588,39 @@ def _composite(
     return _apply(x, scale, shift), mu_b.detach(), var_b.detach()
 
 
+def _triton(
+    x: Tensor,
+    rho: Tensor,
+    w_b: Tensor,
+    b_b: Tensor,
+    w_i: Tensor,
+    b_i: Tensor,
+    mu_fixed: Optional[Tensor],
+    var_fixed: Optional[Tensor],
+    eps: float,
+    may_fall_back: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not may_fall_back:
+        from .kernels import is_available
+
+        if not is_available(x):
+            raise RuntimeError(
+                "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for testing on CPU); "
+                f"got a {x.device.type} tensor"
+            )
+        from .kernels.triton_bin import TritonBIN
+
+        return TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
+    try:
+        from .kernels.triton_bin import TritonBIN
+
+        # fallback=True: a failing backward kernel recomputes the gradients with the composite ops
+        return TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps, True)
+    except Exception as err:  # noqa: BLE001  (Triton compile / launch errors have no common base class)
+        _record_triton_failure("forward", err)
+        return _FusedBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
+
+
 def batch_instance_norm(
     x: Tensor,
     rho: Tensor,
@@ -560,7 +651,9 @@ def batch_instance_norm(
         momentum: weight of the new batch statistics in the running average.
         eps: added to the variances.
         backend: ``"fused"`` (custom backward, fast), ``"composite"`` (plain autograd ops,
-            supports double backward) or ``"triton"`` (CUDA kernels); see ``BACKENDS``.
+            supports double backward), ``"triton"`` (CUDA kernels; see ``BACKENDS``) or
+            ``"auto"`` (``resolve_backend``; a Triton failure then falls back to ``"fused"``
+            with a warning instead of raising).
 
     Returns:
         A tensor like ``x``.
@@ -571,8 +664,8 @@ def batch_instance_norm(
         >>> y.shape
         torch.Size([4, 3, 5, 5])
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if x.dim() < 3:
         raise ValueError(f"x must have shape (N, C, *spatial) with at least one spatial dimension, got {tuple(x.shape)}")
     if not use_batch_stats and (running_mean is None or running_var is None):
@@ -590,17 +683,11 @@ def batch_instance_norm(
     b_i = _affine_or(in_bias, 0.0, ref)
     mu_fixed = None if use_batch_stats else running_mean
     var_fixed = None if use_batch_stats else running_var
-    if backend == "fused":
+    name, may_fall_back = _resolve(x, backend)  # the one backend decision of this call
+    if name == "fused":
         y, mu_b, var_b = _FusedBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
-    elif backend == "triton":
-        from .kernels import TritonBIN, is_available
-
-        if not is_available(x):
-            raise RuntimeError(
-                "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for testing on CPU); "
-                f"got a {x.device.type} tensor"
-            )
-        y, mu_b, var_b = TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
+    elif name == "triton":
+        y, mu_b, var_b = _triton(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps, may_fall_back)
     else:
         y, mu_b, var_b = _composite(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
     if update_running_stats and use_batch_stats:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import BACKENDS, batch_instance_norm, resolve_backend
+from .functional import BACKENDS, batch_instance_norm
 
 __all__ = [
     "MetaBIN1d",
@@ -283,8 +283,9 @@ class _MetaBINBase(nn.Module):
             # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
             # composite ops (also over $METABIN_BACKEND): compilers fuse them themselves, and
             # exporters cannot see into the fused path's custom autograd.Function (see
-            # docs/export.md). Eager runs resolve_backend's choice (fused, or triton on CUDA).
-            backend = "composite" if _capturing_graph() else resolve_backend(x)
+            # docs/export.md). Eager runs pass "auto" on: batch_instance_norm resolves it once
+            # (resolve_backend) and falls back from a failing Triton kernel.
+            backend = "composite" if _capturing_graph() else "auto"
         y = batch_instance_norm(
             x,
             rho,

@@ -181,7 +181,7 @@ def test_multi_tile_split_and_large_mean(monkeypatch, layout, split):
     a mean of 1e4 with unit spread breaks E[x^2] - E[x]^2 in fp32 but not Welford/Chan."""
     monkeypatch.setattr(tb, "MAX_TILE", 16)
     monkeypatch.setattr(tb, "FORCE_SPLIT_M", split)
-    shape = (2, 3, 9, 11)  # M = 99: 7 tiles of 16 (nchw) / 25 tiles of 4 (cl)
+    shape = (2, 3, 9, 11)  # M = 99: 7 tiles of 16 (nchw) / 99 tiles of one position (cl)
     x = _make_x(shape, layout, torch.float32, "cpu", offset=1e4, gen=torch.Generator().manual_seed(1))
     mu, var = tb.instance_stats(x)
     var_ref, mu_ref = torch.var_mean(x.double(), dim=(2, 3), correction=0)

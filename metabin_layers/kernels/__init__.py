@@ -3,7 +3,10 @@
 Nothing here imports Triton until a kernel is used, so the CPU and plain-PyTorch paths never
 need it. ``from metabin_layers.kernels import TritonBIN`` (or ``triton_bin_forward``,
 ``triton_bin_backward``, ``instance_stats``) imports ``metabin_layers.kernels.triton_bin``;
-``is_available`` and ``triton_importable`` do not.
+``is_available``, ``triton_importable`` and ``cuda_validated`` do not.
+
+``backend="auto"`` picks the compiled kernels on CUDA only once they have passed the library's
+CUDA tests (``pytest -m gpu``) for this release: ``CUDA_VALIDATION`` records that run.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 from typing import Any, Optional
 
 __all__ = [
+    "CUDA_VALIDATION",
+    "cuda_validated",
     "is_available",
     "triton_importable",
     "TritonBIN",
@@ -26,6 +31,27 @@ __all__ = [
 _LAZY = {"TritonBIN", "triton_bin_forward", "triton_bin_backward", "instance_stats"}
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _triton_ok: Optional[bool] = None
+
+#: The run of the CUDA tests (``pytest -m gpu``) that validated the compiled kernels, or None.
+#: A dict ``{"version": library version, "date": "YYYY-MM-DD", "gpu": name, "torch": .., "triton": ..}``;
+#: ``backend="auto"`` uses the kernels on CUDA only while ``version`` is this library's version,
+#: so each release needs its own passing run. None: the kernels have not run on a GPU yet.
+CUDA_VALIDATION: Optional[dict[str, str]] = None
+
+
+def cuda_validated() -> bool:
+    """Whether ``CUDA_VALIDATION`` holds a passing CUDA run for this library version.
+
+    Examples:
+        >>> cuda_validated() == (CUDA_VALIDATION is not None and CUDA_VALIDATION["version"] == __version__)
+        True
+    """
+    record = CUDA_VALIDATION
+    if not record:
+        return False
+    from .. import __version__
+
+    return record.get("version") == __version__
 
 
 def triton_importable() -> bool:

@@ -38,10 +38,11 @@ Execution: compiled for CUDA tensors, or in Triton's interpreter (CPU tensors to
 ``TRITON_INTERPRET=1`` was set before Triton was first imported. The mode is per process:
 Triton decorates its own ``tl`` library functions at import time, so it cannot change later.
 
-Tile sizes are heuristics (``triton.next_power_of_2`` of the extents, capped at
-``MAX_TILE`` elements per program). They have not been tuned on a GPU yet; a
-``triton.autotune`` over (BLOCK_C, BLOCK_M, num_warps, split) per layout and dtype is the next
-step once a GPU is at hand.
+Tiles (``launch_config``): a fixed number of elements per kernel kind (``REDUCE_TILE``,
+``ELEMENTWISE_TILE``; half for fp64), split between the channel and the spatial axis by the
+extent of the contiguous axis, so the dispatcher chooses among a few compiled variants
+(``launch_configs``). Their register use, compiled for sm_80 and sm_90 without a GPU, is
+checked by ``benchmarks/kernel_registers.py`` (no spills).
 """
 
 from __future__ import annotations
@@ -65,8 +66,18 @@ __all__ = [
     "interpret_mode",
 ]
 
-#: Most elements one program holds in registers per tile (to be autotuned on a GPU).
+#: Elements per tile of the reductions (statistics, backward sums) and their warps: 1024 / (32 * 4)
+#: = 8 values per thread and accumulator, which keeps the kernels far from register spills (see
+#: benchmarks/kernel_registers.py). fp64 halves the tile (a value takes two registers).
+REDUCE_TILE = 1024
+REDUCE_WARPS = 4
+#: Elements per tile of the elementwise kernels (``y = A x + B``, ``dx``) and their warps.
+ELEMENTWISE_TILE = 2048
+ELEMENTWISE_WARPS = 8
+#: Cap on every tile (tests shrink it to force the tile loop and the split reductions).
 MAX_TILE = 4096
+#: Smallest tile extent along the contiguous axis (spatial for NC*-contiguous, C for channels-last).
+MIN_BLOCK = 32
 #: Channel block for channels-last tiles, in bytes of the input dtype (128 B -> 32 fp32 channels
 #: is the minimum for a fully coalesced warp access; 256 B gives two transactions per row).
 CL_ROW_BYTES = 256
@@ -351,20 +362,38 @@ def _empty(x: Tensor, dtype: torch.dtype, channels_last: bool) -> Tensor:
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-def _tile(c: int, m: int, channels_last: bool, elem_size: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_M): powers of two, at most MAX_TILE elements."""
-    tile = max(1, int(MAX_TILE))
+_REDUCTIONS = ("stats", "bwd_reduce")
+
+
+def launch_config(kind: str, c: int, m: int, channels_last: bool, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_M, num_warps)`` of kernel ``kind`` for ``C`` channels and ``M`` spatial
+    positions of ``dtype`` input.
+
+    A tile always holds the kind's tile size (powers of two; the extent along the contiguous axis
+    is ``next_power_of_2`` of that axis clamped to ``[MIN_BLOCK, row]``, the other axis takes the
+    rest), so the choices are few: ``launch_configs`` lists them all.
+    """
+    tile = REDUCE_TILE if kind in _REDUCTIONS else ELEMENTWISE_TILE
+    warps = REDUCE_WARPS if kind in _REDUCTIONS else ELEMENTWISE_WARPS
+    if dtype == torch.float64:
+        tile //= 2
+    tile = max(1, min(tile, int(MAX_TILE)))
     if channels_last:
-        bc = min(triton.next_power_of_2(c), max(1, CL_ROW_BYTES // elem_size), tile)
-        bm = max(1, min(triton.next_power_of_2(m), tile // bc))
+        row = max(1, CL_ROW_BYTES // torch.empty((), dtype=dtype).element_size())
+        bc = min(max(triton.next_power_of_2(c), MIN_BLOCK), row, tile)
+        bm = tile // bc
     else:
-        bm = min(triton.next_power_of_2(m), tile)
-        bc = max(1, min(triton.next_power_of_2(c), tile // bm))
-    return bc, bm
+        bm = min(max(triton.next_power_of_2(m), MIN_BLOCK), tile)
+        bc = tile // bm
+    return bc, bm, warps
 
 
-def _num_warps(bc: int, bm: int) -> int:
-    return max(1, min(8, (bc * bm) // 512))
+def launch_configs(kind: str, channels_last: bool, dtype: torch.dtype) -> list[tuple[int, int, int]]:
+    """Every ``(BLOCK_C, BLOCK_M, num_warps)`` that ``launch_config`` can return for these
+    arguments (it depends on ``C`` and ``M`` only through their next powers of two)."""
+    sizes = [2**k for k in range(0, 31)]
+    found = {launch_config(kind, v, v, channels_last, dtype) for v in sizes}
+    return sorted(found)
 
 
 @functools.cache
@@ -406,7 +435,7 @@ def _per_nc_reduce(
         z = torch.zeros((1, n, c), dtype=sd, device=a.device)
         return z, z.clone(), [m]
     interpret = _launch_mode(a)
-    bc, bm = _tile(c, m, channels_last, a.element_size())
+    bc, bm, warps = launch_config(name, c, m, channels_last, a.dtype)
     n_cb = triton.cdiv(c, bc)
     split, per = _splits(a, n * n_cb, m, bm, interpret)
     p1 = torch.empty((split, n, c), dtype=sd, device=a.device)
@@ -414,7 +443,7 @@ def _per_nc_reduce(
     counts = [min(per, m - s * per) for s in range(split)]
     grid = (n * n_cb, split)
     kern = _kernel(name, interpret)
-    meta = dict(CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_M=bm, ACC=_acc(sd), num_warps=_num_warps(bc, bm))
+    meta = dict(CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_M=bm, ACC=_acc(sd), num_warps=warps)
     if interpret:
         meta.pop("num_warps")
     if name == "stats":
@@ -430,11 +459,11 @@ def _elementwise(name: str, out: Tensor, tensors: Sequence[Tensor], coefs: Seque
     if x.numel() == 0:
         return
     interpret = _launch_mode(x)
-    bc, bm = _tile(c, m, cl, x.element_size())
+    bc, bm, warps = launch_config(name, c, m, cl, x.dtype)
     n_cb, n_mb = triton.cdiv(c, bc), triton.cdiv(m, bm)
     meta = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_M=bm, ACC=_acc(coefs[0].dtype))
     if not interpret:
-        meta["num_warps"] = _num_warps(bc, bm)
+        meta["num_warps"] = warps
     _kernel(name, interpret)[(n * n_cb * n_mb,)](*tensors, *coefs, out, c, m, n_cb, n_mb, **meta)
 
 
@@ -580,11 +609,33 @@ def triton_bin_backward(
     return tuple(out)
 
 
+def _backward_by_recompute(
+    dy: Tensor,
+    x: Tensor,
+    params: Sequence[Tensor],
+    fixed: tuple[Optional[Tensor], Optional[Tensor]],
+    eps: float,
+    needs: Sequence[bool],
+) -> tuple[Optional[Tensor], ...]:
+    """The gradients of ``functional._composite`` (plain ATen ops) at the same inputs."""
+    from ..functional import _composite
+
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip((x, *params), needs)]
+        xl, rho, w_b, b_b, w_i, b_i = leaves
+        y, _, _ = _composite(xl, rho, w_b, b_b, w_i, b_i, fixed[0], fixed[1], eps)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else ())
+    return tuple(next(grads) if t.requires_grad else None for t in leaves)
+
+
 class TritonBIN(torch.autograd.Function):
     """Same contract as ``functional._FusedBIN``:
-    ``TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps) -> (y, mu_b, var_b)``;
+    ``TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps[, fallback]) -> (y, mu_b, var_b)``;
     ``mu_b, var_b`` are the batch statistics (non-differentiable) when ``mu_b_fixed`` is None,
-    empty tensors otherwise. Backward is once-differentiable."""
+    empty tensors otherwise. Backward is once-differentiable. With ``fallback=True`` a failing
+    backward kernel (compile or launch error) warns once and the gradients are recomputed with
+    the composite ATen ops instead of raising (``backend="auto"`` uses this)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -598,6 +649,7 @@ class TritonBIN(torch.autograd.Function):
         mu_b_fixed: Optional[Tensor],
         var_b_fixed: Optional[Tensor],
         eps: float,
+        fallback: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mu_b, var_b, mu_nc, inv_nc, scale = triton_bin_forward(x, rho, w_b, b_b, w_i, b_i, mu_b_fixed, var_b_fixed, eps)
         sd = mu_nc.dtype
@@ -606,6 +658,7 @@ class TritonBIN(torch.autograd.Function):
         ctx.save_for_backward(x, *p, mu_b, var_b, mu_nc, inv_nc, scale)
         ctx.eps = eps
         ctx.use_batch = use_batch
+        ctx.fallback = fallback
         ctx.param_dtypes = (rho.dtype, w_b.dtype, b_b.dtype, w_i.dtype, b_i.dtype)
         if use_batch:
             stats = (mu_b, var_b)
@@ -618,11 +671,21 @@ class TritonBIN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor, _dmu: Tensor, _dvar: Tensor):  # type: ignore[override]
         x, rho, w_b, b_b, w_i, b_i, mu_b, var_b, mu_nc, inv_nc, scale = ctx.saved_tensors
-        grads = triton_bin_backward(
-            dy, x, rho, w_b, b_b, w_i, b_i, mu_b, var_b, mu_nc, inv_nc, scale,
-            ctx.eps, ctx.use_batch, ctx.needs_input_grad[:6],
-        )  # fmt: skip
+        needs = ctx.needs_input_grad[:6]
+        try:
+            grads = triton_bin_backward(
+                dy, x, rho, w_b, b_b, w_i, b_i, mu_b, var_b, mu_nc, inv_nc, scale,
+                ctx.eps, ctx.use_batch, needs,
+            )  # fmt: skip
+        except Exception as err:
+            if not ctx.fallback:
+                raise
+            from ..functional import _record_triton_failure
+
+            _record_triton_failure("backward", err)
+            fixed = (None, None) if ctx.use_batch else (mu_b, var_b)
+            grads = _backward_by_recompute(dy, x, (rho, w_b, b_b, w_i, b_i), fixed, ctx.eps, needs)
         res: list[Optional[Tensor]] = [grads[0]]
         for g, dt in zip(grads[1:], ctx.param_dtypes):
             res.append(None if g is None else g.to(dt))
-        return tuple(res) + (None, None, None)
+        return tuple(res) + (None, None, None, None)

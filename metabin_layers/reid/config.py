@@ -79,6 +79,8 @@ class TrainConfig:
     ce_epsilon: float = 0.1
     margin: float = 0.3
     amp: bool = True  # CUDA only
+    amp_dtype: str = "float16"  # float16 (with a GradScaler) | bfloat16
+    compile: Optional[str] = None  # torch.compile backend of the training forward, e.g. "inductor"
 
     # -- run ---------------------------------------------------------------------------------------
     seed: int = 2020
@@ -95,6 +97,8 @@ class TrainConfig:
 
         if self.norm not in NORM_VARIANTS:
             raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {self.norm!r}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
         if self.metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {self.metric!r}")
         for name in (

@@ -155,8 +155,10 @@ class Trainer:
             self.meta_batches = _Batches(self.data.train_set, meta_sampler, cfg.workers, self.device)
 
         use_amp = cfg.amp and self.device.type == "cuda"
-        self.autocast = lambda: torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)  # noqa: E731
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        self.autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp)  # noqa: E731
+        # fp16 needs loss scaling; bf16 has fp32's exponent range and does without
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
         base = build_base_optimizer(self.model, cfg)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
@@ -198,6 +200,8 @@ class Trainer:
             if self.device.type == "cuda":  # torch's SyncBatchNorm (BN variant, neck) is CUDA-only
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.net = nn.parallel.DistributedDataParallel(self.model)
+        if cfg.compile:  # the base step's forward; meta steps run the eager model (rho' overrides)
+            self.net = torch.compile(self.net, backend=cfg.compile)  # type: ignore[assignment]
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
