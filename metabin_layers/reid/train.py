@@ -26,14 +26,16 @@ from torch.utils.data import DataLoader
 
 from .. import CyclicInnerLR, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import RecipeData, build_data
+from .errors import CheckpointError, OutputFolderError
 from .evaluation import evaluate
 from .model import ReIDModel
 from .report import write_results
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 
-__all__ = ["train", "evaluate_model", "Trainer"]
+__all__ = ["train", "evaluate_model", "Trainer", "check_output", "clear_output", "config_differences"]
 
 
 def seed_everything(seed: int) -> None:
@@ -273,7 +275,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "base_batches": self.base_batches.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": capture_rng_state(),
             "history": self.history,
         }
         if self.meta_batches is not None:
@@ -295,17 +297,14 @@ class Trainer:
             self.rho_opt.load_state_dict(state["rho_optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
 
     def save(self, path: Path) -> None:
+        """Write :meth:`state_dict` to ``path`` (rank 0; atomic, see :mod:`.checkpoint`)."""
         if self.rank == 0:
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+            save_checkpoint(self.state_dict(), path)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, output: Path, progress: bool = True) -> None:
@@ -380,21 +379,125 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
     return results
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+#: Files a run writes into its output folder; any of them there means an earlier run.
+RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results.md", "rho.png", "cmc.png")
+#: The files that describe a finished run; removed before a resumed run trains on.
+RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png")
+#: Config keys that may differ from the checkpoint's when resuming: where the run writes, how far it
+#: goes and how it is logged or evaluated, none of which changes the iterations already done.
+RESUME_FREE_KEYS = ("output", "max_iters", "log_every", "checkpoint_every", "device", "eval_flip", "metric", "eval_batch_size")
+
+
+def check_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse to mix a new run with an earlier one in ``output``.
+
+    A folder holding files of an earlier run (:data:`RUN_FILES`) is refused unless ``overwrite``
+    or ``resuming``; :func:`clear_output` then removes what would otherwise be left stale.
+
+    Raises:
+        OutputFolderError: an earlier run is there and neither flag is given, or ``output`` is a file.
+    """
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"output {output}: exists and is not a folder")
+    earlier = [name for name in RUN_FILES if (output / name).exists()]
+    if earlier and not (overwrite or resuming):
+        raise OutputFolderError(
+            f"output {output}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output"
+        )
+
+
+def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """Create ``output``; delete an earlier run's files (``overwrite``) or its results (``resuming``).
+
+    So a run that fails later never leaves its new files beside stale results.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """``"key: saved -> now"`` for every config key whose value differs (keys in ``ignore`` skipped).
+
+    Examples:
+        >>> cfg = TrainConfig()
+        >>> config_differences({**cfg.to_dict(), "lr": 0.5, "max_iters": 7}, cfg)
+        ['lr: 0.5 -> 0.01']
+    """
+    now = cfg.to_dict()
+    keys = [k for k in now if k not in ignore and (k not in saved or saved[k] != now[k])]
+    return [f"{k}: {saved.get(k, '<missing>')!r} -> {now[k]!r}" for k in keys]
+
+
+def _resume_state(resume: str, cfg: TrainConfig, allow_config_change: bool) -> Optional[dict[str, Any]]:
+    """The checkpoint to resume from (None: a run folder whose first save never completed)."""
+    path = Path(resume)
+    state: Optional[dict[str, Any]] = None
+    if path.is_dir():
+        if (path / "checkpoint.pt").exists():
+            state = load_checkpoint(path / "checkpoint.pt")
+            saved, source = state.get("config"), path / "checkpoint.pt"
+        elif (path / "config.json").exists():
+            # Stopped before its first checkpoint: start again from iteration 0 with the same config.
+            source = path / "config.json"
+            try:
+                saved = json.loads(source.read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"resume {source}: unreadable run config ({err})") from err
+            print(f"{path}: no checkpoint yet (the run stopped before its first save); training from iteration 0")
+        else:
+            raise CheckpointError(f"resume {path}: the folder holds no checkpoint.pt and no config.json of a run")
+    else:
+        state = load_checkpoint(path)
+        saved, source = state.get("config"), path
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"resume {source}: no run config in it")
+    diff = config_differences(saved, cfg)
+    if diff and not allow_config_change:
+        raise CheckpointError(
+            f"resume {source}: the config differs from the one the run was started with ({'; '.join(diff)}); "
+            "pass --allow-config-change to continue with the new values"
+        )
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    resume: Optional[str] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Train one run of ``cfg``, evaluate it on every target, write results; returns the results.
 
     Writes into ``cfg.output``: ``config.json``, ``log.txt``, ``checkpoint.pt``,
     ``results.json``, ``results.md`` and (with matplotlib) ``rho.png`` and ``cmc.png``.
+
+    Args:
+        cfg: the run's configuration.
+        resume: a ``checkpoint.pt``, or a run folder, to continue from. The checkpoint is opened
+            and checked before anything is written; its config must equal ``cfg`` except for
+            :data:`RESUME_FREE_KEYS` unless ``allow_config_change``. A run folder without a
+            checkpoint (stopped before its first save) starts again from iteration 0.
+        progress: show a progress bar (else log lines).
+        overwrite: replace an earlier run in ``cfg.output`` (refused otherwise, see :func:`check_output`).
+        allow_config_change: resume although the config differs from the checkpoint's.
     """
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_output(output, overwrite=overwrite, resuming=bool(resume))
+    state = _resume_state(resume, cfg, allow_config_change) if resume else None
     trainer = Trainer(cfg)
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"resume {resume}: the checkpoint does not fit this run ({first})") from err
     if trainer.rank == 0:
+        clear_output(output, overwrite=overwrite, resuming=bool(resume))
         (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(trainer.data.description, flush=True)
-    if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        trainer.load_state_dict(state)
     trainer.run(output, progress=progress)
     results: dict[str, Any] = {}
     if trainer.rank == 0:
