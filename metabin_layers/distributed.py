@@ -344,13 +344,14 @@ class SyncMetaBIN(_MetaBINBase):
         if group is None:
             return super().forward(x)
         self._check_input(x)
+        shape = tuple(x.shape)
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
         if math.prod(x.shape[2:]) == 1:
             raise ValueError(
                 f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {tuple(x.shape)}; exclude this layer from "
+                f"channel when training, got input of shape {shape}; exclude this layer from "
                 "conversion or feed (N, C, L) with L > 1"
             )
         update = self._stats_mode == "update" and self.track_running_stats

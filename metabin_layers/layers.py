@@ -231,19 +231,29 @@ class _MetaBINBase(nn.Module):
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        shape = tuple(x.shape)  # the caller's shape, for the messages (before any unsqueeze)
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
         spatial = math.prod(x.shape[2:])  # no indexing: that would add two tensor ops per call
+        if x.shape[0] == 0:
+            if self.training:
+                raise ValueError(
+                    f"{type(self).__name__}: empty batch (input of shape {shape}) in training: the batch "
+                    "statistics need at least one sample"
+                )
+            # As BatchNorm in eval mode: an empty output (kept in the autograd graph of rho).
+            y0 = x + (self.rho.sum() * 0).to(x.dtype)
+            return y0.squeeze(-1) if squeeze else y0
         if self.training and x.shape[0] * spatial <= 1:
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input of "
-                f"shape {tuple(x.shape)} (batch 1 with a single spatial value)"
+                f"shape {shape} (batch 1 with a single spatial value)"
             )
         if self.training and spatial == 1:
             raise ValueError(
                 f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {tuple(x.shape)}; exclude this layer from "
+                f"channel when training, got input of shape {shape}; exclude this layer from "
                 "conversion or feed (N, C, L) with L > 1"
             )
         has_running = self.running_mean is not None and self.running_var is not None

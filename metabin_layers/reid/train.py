@@ -56,6 +56,20 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _lacks_negatives(labels: Tensor, domains: Optional[Tensor] = None) -> bool:
+    """True when the batch-hard loss of these labels has no triplet (the loss is then a zero).
+
+    Without ``domains``: fewer than two identities (the triplet loss). With ``domains``: no domain
+    holds two identities (the inter-domain shuffle loss).
+    """
+    if labels.numel() == 0:
+        return True
+    other = labels.unsqueeze(0) != labels.unsqueeze(1)
+    if domains is not None:
+        other &= domains.unsqueeze(0) == domains.unsqueeze(1)
+    return not bool(other.any())
+
+
 def warmup_multistep(iteration: int, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
     """The authors' WarmupMultiStepLR factor: linear warm-up from ``warmup_factor``, then steps."""
     w = 1.0
@@ -140,11 +154,13 @@ class Trainer:
         self.meta_batches: Optional[_Batches] = None
         if cfg.norm == "metabin":
             per_domain = cfg.meta_batch_size // max(1, self.data.num_domains * cfg.num_instances)
-            if per_domain < 2:
+            if per_domain < 2 * self.world_size:
+                on = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
                 raise ValueError(
-                    f"meta_batch_size={cfg.meta_batch_size} gives {per_domain} identities per domain for "
-                    f"{self.data.num_domains} domains x {cfg.num_instances} instances; the inter-domain shuffle "
-                    f"loss needs >= 2: use meta_batch_size >= {2 * self.data.num_domains * cfg.num_instances}"
+                    f"meta_batch_size={cfg.meta_batch_size} gives {per_domain // self.world_size} identities per "
+                    f"domain{on} for {self.data.num_domains} domains x {cfg.num_instances} instances; the "
+                    f"inter-domain shuffle loss needs >= 2: use meta_batch_size >= "
+                    f"{2 * self.world_size * self.data.num_domains * cfg.num_instances}"
                 )
             meta_sampler = DomainBalancedSampler(
                 self.data.train_items,
@@ -202,6 +218,9 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model)
         self.iteration = 0
         self.history: list[dict[str, float]] = []
+        # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks.
+        self.degenerate_losses = 0
+        self._local_degenerate = 0
 
     # -- one iteration -------------------------------------------------------------------------
     def _backward_and_step(self, loss: Tensor) -> None:
@@ -228,6 +247,7 @@ class Trainer:
 
     def base_step(self) -> dict[str, float]:
         x, pid, _ = self.base_batches.next()
+        self._local_degenerate += _lacks_negatives(pid)
         with self.autocast():
             features, logits = self.net(x)
             ce = cross_entropy_label_smooth(logits, pid, self.cfg.ce_epsilon)
@@ -241,6 +261,7 @@ class Trainer:
         split = self.opt.split(dom, self.cfg.num_meta_train_domains)
         tr, te = split.train_mask, split.test_mask
         model, margin = self.model, self.cfg.margin  # the unwrapped model: meta steps bypass DDP
+        self._local_degenerate += _lacks_negatives(pid[tr], dom[tr]) + _lacks_negatives(pid[tr]) + _lacks_negatives(pid[te])
 
         def meta_train_loss() -> Tensor:
             with self.autocast():
@@ -262,6 +283,15 @@ class Trainer:
             logs["mte"] = float(out["meta_test_loss"])
         return logs
 
+    def _count_degenerate(self) -> int:
+        """This iteration's degenerate losses summed over the ranks (the same number on every rank)."""
+        local, self._local_degenerate = self._local_degenerate, 0
+        if self.world_size == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
+
     def mean_rho(self) -> Optional[float]:
         rhos = rho_parameters(self.model)
         return float(torch.cat([r.detach().flatten() for r in rhos]).mean()) if rhos else None
@@ -277,6 +307,7 @@ class Trainer:
             "base_batches": self.base_batches.state_dict(),
             "rng": capture_rng_state(),
             "history": self.history,
+            "degenerate_losses": self.degenerate_losses,
         }
         if self.meta_batches is not None:
             state["meta_batches"] = self.meta_batches.state_dict()
@@ -300,6 +331,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
+        self.degenerate_losses = int(state.get("degenerate_losses", 0))
 
     def save(self, path: Path) -> None:
         """Write :meth:`state_dict` to ``path`` (rank 0; atomic, see :mod:`.checkpoint`)."""
@@ -332,7 +364,8 @@ class Trainer:
                     logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
-                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration)
+                self.degenerate_losses += self._count_degenerate()
+                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration, degenerate=self.degenerate_losses)
                 rho = self.mean_rho()
                 if rho is not None:
                     logs["rho"] = rho
