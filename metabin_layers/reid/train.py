@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -553,14 +554,18 @@ def train(
 
 
 @contextlib.contextmanager
-def distributed_from_env() -> Iterator[None]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after."""
+def distributed_from_env(timeout: timedelta = timedelta(minutes=10)) -> Iterator[None]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after.
+
+    ``timeout`` bounds every collective: a rank that failed or took another branch makes the
+    others raise (``DistributedStepError``) after it instead of waiting for ever.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         yield
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
