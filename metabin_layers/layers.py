@@ -231,6 +231,12 @@ class _MetaBINBase(nn.Module):
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not self.training and _exporting_graph():
+            # The folded eval form: standard ops and no autograd.Function, so exported graphs
+            # (ONNX with either exporter) are clean and load in onnxruntime as they are.
+            from .export import folded_eval_forward
+
+            return folded_eval_forward(self, x)
         shape = tuple(x.shape)  # the caller's shape, for the messages (before any unsqueeze)
         squeeze = x.dim() == 2
         if squeeze:
@@ -320,12 +326,23 @@ class _MetaBINBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-def _capturing_graph() -> bool:
-    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward.
+def _compiler_flag(name: str) -> bool:
+    # torch.compiler.is_compiling (torch 2.3+) and is_exporting (2.6+): False where torch lacks them.
+    flag = getattr(getattr(torch, "compiler", None), name, None)
+    return bool(flag()) if flag is not None else False
+
+
+def _exporting_graph() -> bool:
+    """True while torch.export, torch.jit.trace or an ONNX exporter traces a forward.
 
     The legacy ONNX exporter traces with torch.jit.trace; the default one uses torch.export.
     """
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _compiler_flag("is_exporting")
+
+
+def _capturing_graph() -> bool:
+    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward."""
+    return _exporting_graph() or _compiler_flag("is_compiling")
 
 
 def _check_rho_init(rho_init: float) -> None:
