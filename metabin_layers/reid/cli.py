@@ -110,6 +110,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
+    from .checks import check_targets
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results
@@ -124,6 +125,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(cfg.output)
     check_output(out, overwrite=args.overwrite)
     data = build_data(cfg)
+    check_targets(data)
     device = _device(cfg.device)
     model = ReIDModel(cfg.backbone, data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride).to(device)
     model.load_state_dict(state["model"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from torch.utils.data import Dataset
@@ -31,6 +31,8 @@ class RecipeData:
     num_domains: int
     targets: dict[str, list[TargetSplit]]
     description: str
+    #: Where each source and target dataset was read from (name -> folder); empty for synthetic data.
+    folders: dict[str, str] = field(default_factory=dict)
 
 
 def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
@@ -65,13 +67,15 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
     if cfg.cameras_as_domains:
         items = cameras_as_domains(items)
     num_domains = len({it[3] for it in items})
+    folders = {name: ds.dataset_dir for name, ds in zip(cfg.sources, sources)}
     targets: dict[str, list[TargetSplit]] = {}
     for name in cfg.targets:
         probe = build_dataset(name, cfg.data_root)
         splits = cfg.num_splits if hasattr(probe, "num_splits") else 1
         sets = [probe] + [build_dataset(name, cfg.data_root, split_id=i) for i in range(1, splits)]
         targets[name] = [TargetSplit(ImageDataset(d.query, test_tf), ImageDataset(d.gallery, test_tf)) for d in sets]
-    return RecipeData(items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary())
+        folders[name] = probe.dataset_dir
+    return RecipeData(items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary(), folders)
 
 
 def build_data(cfg: TrainConfig) -> RecipeData:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from .. import CyclicInnerLR, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checks import check_data
 from .config import TrainConfig
 from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError
@@ -138,6 +139,7 @@ class Trainer:
         self.device = _device(cfg.device)
         seed_everything(cfg.seed)
         self.data = data if data is not None else build_data(cfg)
+        check_data(cfg, self.data)  # before the first iteration, not after hours of training
         self.model = ReIDModel(
             cfg.backbone,
             self.data.num_classes,
