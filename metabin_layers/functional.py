@@ -583,13 +583,15 @@ def batch_instance_norm(
     if backend == "fused":
         y, mu_b, var_b = _FusedBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
     elif backend == "triton":
-        from .kernels import TritonBIN, is_available
+        from .kernels import is_available  # TritonBIN imports Triton: only once it is known to be there
 
         if not is_available(x):
             raise RuntimeError(
                 "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for testing on CPU); "
                 f"got a {x.device.type} tensor"
             )
+        from .kernels import TritonBIN
+
         y, mu_b, var_b = TritonBIN.apply(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)
     else:
         y, mu_b, var_b = _composite(x, rho, w_b, b_b, w_i, b_i, mu_fixed, var_fixed, eps)

@@ -46,6 +46,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cuda_grad_scaler() -> Any:
+    """A CUDA ``GradScaler``: ``torch.amp.GradScaler("cuda")`` where torch has it (2.3+), else
+    ``torch.cuda.amp.GradScaler()``."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,7 +185,7 @@ class Trainer:
 
         use_amp = cfg.amp and self.device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)  # noqa: E731
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.scaler = cuda_grad_scaler() if use_amp else None
         base = build_base_optimizer(self.model, cfg)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
