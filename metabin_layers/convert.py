@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._tree import replace_modules
-from .distributed import convert_sync_metabin
+from .distributed import SyncMetaBIN, SyncMetaBINAct2d, convert_sync_metabin
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase
 
 __all__ = [
@@ -60,13 +60,17 @@ def _matches(selector: Optional[LayerFilter], name: str, module: nn.Module) -> b
 
 def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[type[_MetaBINBase]]:
     if norm_act and isinstance(module, norm_act):
-        return MetaBINAct2d
+        # timm's SyncBatchNormAct stays synchronised (a subclass of nn.SyncBatchNorm).
+        return SyncMetaBINAct2d if isinstance(module, nn.SyncBatchNorm) else MetaBINAct2d
     t = type(module)
     if t is nn.BatchNorm1d:
         return MetaBIN1d
-    if t is nn.BatchNorm2d or t is nn.SyncBatchNorm:
-        # SyncBatchNorm carries no dimensionality; CNNs use it on 4-D maps.
+    if t is nn.BatchNorm2d:
         return MetaBIN2d
+    if t is nn.SyncBatchNorm:
+        # Synchronised as before, over the same process group; like SyncBatchNorm, SyncMetaBIN
+        # takes inputs of any dimensionality ((N, C) to (N, C, D, H, W)).
+        return SyncMetaBIN
     if t is nn.BatchNorm3d:
         return MetaBIN3d
     return None
@@ -87,8 +91,23 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
             rho_init=rho_init,
             **factory,
         )
+    elif cls is SyncMetaBINAct2d:
+        new = SyncMetaBINAct2d(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            act_layer=getattr(bn, "act", None),
+            drop_layer=getattr(bn, "drop", None),
+            rho_init=rho_init,
+            process_group=getattr(bn, "process_group", None),
+            **factory,
+        )
     else:
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, rho_init=rho_init, **factory)
+        if isinstance(new, SyncMetaBIN):
+            new.process_group = getattr(bn, "process_group", None)
     with torch.no_grad():
         if bn.affine:
             # Share the Parameter objects: device, dtype, requires_grad and optimizer references
@@ -125,9 +144,12 @@ def convert_bn_to_metabin(
 ) -> nn.Module:
     """Replace the BatchNorm layers of ``module`` by MetaBIN layers, recursively.
 
-    Converted: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (to ``MetaBIN2d``) and timm's
-    ``BatchNormAct2d`` / ``SyncBatchNormAct`` (to ``MetaBINAct2d``, keeping ``act`` and
-    ``drop``). Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
+    Converted: ``nn.BatchNorm1d/2d/3d``, timm's ``BatchNormAct2d`` (to ``MetaBINAct2d``,
+    keeping ``act`` and ``drop``), and the synchronised layers to synchronised MetaBIN layers over
+    the same ``process_group``: ``nn.SyncBatchNorm`` to
+    ``SyncMetaBIN`` (any input dimensionality, as SyncBatchNorm)
+    and timm's ``SyncBatchNormAct`` to ``SyncMetaBINAct2d``.
+    Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
     ``FrozenBatchNormAct2d``: fixed statistics are a choice of the model's author, and they have no
     batch branch to mix), other ``_BatchNorm`` subclasses such as timm's ``SplitBatchNorm2d`` (their
     extra behaviour would be lost silently; a warning names them), and LayerNorm / GroupNorm /

@@ -363,13 +363,14 @@ class SyncMetaBIN(_MetaBINBase):
         if group is None:
             return super().forward(x)
         self._check_input(x)
+        shape = tuple(x.shape)
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
         if math.prod(x.shape[2:]) == 1:
             raise ValueError(
                 f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {tuple(x.shape)}; exclude this layer from "
+                f"channel when training, got input of shape {shape}; exclude this layer from "
                 "conversion or feed (N, C, L) with L > 1"
             )
         update = self._stats_mode == "update" and self.track_running_stats
@@ -392,7 +393,17 @@ class SyncMetaBIN(_MetaBINBase):
             y, mu_b, var_b, count = _SyncFusedBIN.apply(x, rho, w_b, b_b, w_i, b_i, self.eps, group, world)
         if update:
             # Global mean and unbiased variance: identical running statistics on every rank.
-            _update_running(self.running_mean, self.running_var, mu_b, var_b, count, momentum)  # type: ignore[arg-type]
+            running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+            assert running_mean is not None and running_var is not None and tracked is not None
+            before = running_mean.clone(), running_var.clone()
+            _update_running(running_mean, running_var, mu_b, var_b, count, momentum)  # type: ignore[arg-type]
+            # Every rank's batch empty: there are no statistics (0 / 0). Keep the running ones and
+            # the count, without a host synchronisation.
+            empty = count.reshape(()) == 0
+            with torch.no_grad():
+                running_mean.copy_(torch.where(empty, before[0], running_mean))
+                running_var.copy_(torch.where(empty, before[1], running_var))
+                tracked.sub_(empty.to(tracked.dtype))
         return y.squeeze(-1) if squeeze else y
 
 

@@ -19,15 +19,17 @@ exporter, scripts with ``torch.jit.script`` and compiles with ``torch.compile``.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._tree import replace_modules
 from .layers import MetaBINAct2d, _MetaBINBase
 
-__all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference"]
+__all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference", "folded_eval_forward"]
 
 
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,8 +164,27 @@ class FoldedMetaBIN(nn.Module):
             y = y.squeeze(-1)
         return y
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _normalize(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._fold(x)
+        return self._eager_normalize(x)
+
+    @torch.jit.unused
+    def _eager_normalize(self, x: Tensor) -> Tensor:
+        legacy_onnx = torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()  # the TorchScript-based exporter
+        if legacy_onnx and not self.batch_stats and x.dim() > 2 and x.dtype == self.scale.dtype:
+            # BatchNormalization (the affine: mean 0, variance 1, eps 0) + InstanceNormalization: the
+            # map of _fold as two standard ONNX ops. The elementwise form's equal coefficient tensors
+            # become Identity nodes there, which onnxruntime's EliminateIdentity rewrite breaks.
+            ones = torch.ones_like(self.scale)  # type: ignore[arg-type]
+            y = F.batch_norm(x, ones - 1, ones, self.scale, self.shift, False, 0.0, 0.0)  # type: ignore[arg-type]
+            if self.instance_stats:
+                y = y + F.instance_norm(x, weight=self.in_scale, eps=self.eps)  # type: ignore[arg-type]
+            return y
         return self._fold(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._normalize(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, instance_stats={self.instance_stats}, batch_stats={self.batch_stats}"
@@ -215,11 +236,16 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
         return cls(**_folded_tensors(layer), drop=getattr(layer, "drop", None), act=getattr(layer, "act", None))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(self._fold(x)))
+        return self.act(self.drop(self._normalize(x)))
 
 
 @torch.no_grad()
-def _folded_tensors(layer: _MetaBINBase) -> dict:
+def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
+    """The coefficients of ``FoldedMetaBIN`` for ``layer``.
+
+    ``for_capture``: computed in the statistics dtype (no float64 ops in an exported graph) and
+    without any decision on their values (traced and exported graphs cannot branch on them).
+    """
     if not isinstance(layer, _MetaBINBase):
         raise TypeError(f"expected a MetaBIN layer, got {type(layer).__name__}")
     if layer.training:
@@ -229,7 +255,8 @@ def _folded_tensors(layer: _MetaBINBase) -> dict:
         )
     rho_t = layer._rho_override if layer._rho_override is not None else layer.rho
     ref_dtype = layer.rho.dtype
-    cd = torch.float64  # coefficients in float64, stored in the layer's statistics dtype
+    # coefficients in float64, stored in the layer's statistics dtype
+    cd = _coef_dtype(ref_dtype) if for_capture else torch.float64
     rho = rho_t.detach().to(cd)
     n = rho.numel()
     ones = torch.ones(n, dtype=cd, device=rho.device)
@@ -254,9 +281,40 @@ def _folded_tensors(layer: _MetaBINBase) -> dict:
         "shift": shift.to(sd),
         "in_scale": in_scale.to(sd),
         "eps": layer.eps,
-        "instance_stats": bool((in_scale != 0).any()) or batch_stats,
+        "instance_stats": True if for_capture else bool((in_scale != 0).any()) or batch_stats,
         "batch_stats": batch_stats,
     }
+
+
+def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
+    """The eval-mode output of ``layer`` (its normalisation, without ``drop`` / ``act``) as standard
+    ops: a BatchNorm with the running statistics plus an InstanceNorm, with ``rho`` folded into
+    their affines, ``BN(x; rho w_B, rho b_B) + IN(x; (1 - rho) w_I, (1 - rho) b_I)``.
+
+    The eval-mode forward of a MetaBIN layer takes this path while a graph is being captured for
+    export (``torch.onnx.export`` with either exporter, ``torch.export``, ``torch.jit.trace``), so
+    ``torch.onnx.export(model.eval(), x)`` of a converted model gives ONNX ``BatchNormalization``
+    and ``InstanceNormalization`` nodes, which every runtime knows (onnxruntime fuses the first into
+    the preceding convolution). Layers without running statistics, inputs with a single value per
+    instance and inputs of another dtype than the layer's use the ``FoldedMetaBIN`` formula.
+
+    Examples:
+        >>> from metabin_layers import MetaBIN2d
+        >>> layer = MetaBIN2d(4, rho_init=0.5).eval()
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> torch.allclose(folded_eval_forward(layer, x), layer(x), atol=1e-5)
+        True
+    """
+    rho = layer._rho_override if layer._rho_override is not None else layer.rho
+    running_mean, running_var = layer.running_mean, layer.running_var
+    if running_mean is None or running_var is None or x.dim() < 3 or math.prod(x.shape[2:]) < 2 or x.dtype != rho.dtype:
+        return FoldedMetaBIN(**_folded_tensors(layer, for_capture=True))._fold(x)
+    w_b = rho if layer.weight is None else rho * layer.weight
+    b_b = None if layer.bias is None else rho * layer.bias
+    w_i = 1 - rho if layer.in_weight is None else (1 - rho) * layer.in_weight
+    b_i = None if layer.in_bias is None else (1 - rho) * layer.in_bias
+    y = F.batch_norm(x, running_mean, running_var, w_b, b_b, False, 0.0, layer.eps)
+    return y + F.instance_norm(x, weight=w_i, bias=b_i, eps=layer.eps)
 
 
 def _fold_one(layer: _MetaBINBase) -> FoldedMetaBIN:

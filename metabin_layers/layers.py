@@ -251,19 +251,35 @@ class _MetaBINBase(nn.Module):
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not self.training and _exporting_graph():
+            # The folded eval form: standard ops and no autograd.Function, so exported graphs
+            # (ONNX with either exporter) are clean and load in onnxruntime as they are.
+            from .export import folded_eval_forward
+
+            return folded_eval_forward(self, x)
+        shape = tuple(x.shape)  # the caller's shape, for the messages (before any unsqueeze)
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
         spatial = math.prod(x.shape[2:])  # no indexing: that would add two tensor ops per call
+        if x.shape[0] == 0:
+            if self.training:
+                raise ValueError(
+                    f"{type(self).__name__}: empty batch (input of shape {shape}) in training: the batch "
+                    "statistics need at least one sample"
+                )
+            # As BatchNorm in eval mode: an empty output (kept in the autograd graph of rho).
+            y0 = x + (self.rho.sum() * 0).to(x.dtype)
+            return y0.squeeze(-1) if squeeze else y0
         if self.training and x.shape[0] * spatial <= 1:
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input of "
-                f"shape {tuple(x.shape)} (batch 1 with a single spatial value)"
+                f"shape {shape} (batch 1 with a single spatial value)"
             )
         if self.training and spatial == 1:
             raise ValueError(
                 f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {tuple(x.shape)}; exclude this layer from "
+                f"channel when training, got input of shape {shape}; exclude this layer from "
                 "conversion or feed (N, C, L) with L > 1"
             )
         has_running = self.running_mean is not None and self.running_var is not None
@@ -331,12 +347,23 @@ class _MetaBINBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-def _capturing_graph() -> bool:
-    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward.
+def _compiler_flag(name: str) -> bool:
+    # torch.compiler.is_compiling (torch 2.3+) and is_exporting (2.6+): False where torch lacks them.
+    flag = getattr(getattr(torch, "compiler", None), name, None)
+    return bool(flag()) if flag is not None else False
+
+
+def _exporting_graph() -> bool:
+    """True while torch.export, torch.jit.trace or an ONNX exporter traces a forward.
 
     The legacy ONNX exporter traces with torch.jit.trace; the default one uses torch.export.
     """
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _compiler_flag("is_exporting")
+
+
+def _capturing_graph() -> bool:
+    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward."""
+    return _exporting_graph() or _compiler_flag("is_compiling")
 
 
 def _check_rho_init(rho_init: float) -> None:

@@ -11,7 +11,11 @@ inputs).
 Differences from the authors' code, all deliberate:
 
 * Hard mining is done with masks instead of row-by-row loops; an anchor without any negative
-  is left out of the mean instead of raising (a batch where no anchor has one still raises).
+  is left out of the mean instead of raising.
+* A degenerate batch (no anchor has a negative: one identity, no two identities within a domain,
+  or no sample at all) gives a zero loss that stays connected to the autograd graph (zero
+  gradient), instead of raising: one unlucky batch does not stop a long run. The recipe counts
+  these events in its training log.
 * The soft-margin triplet is ``softplus(d_ap - d_an)``, which cannot overflow, so the
   authors' "if inf, fall back to a 0.3 hinge" branch is not needed.
 * Label-smoothed CE is the plain batch mean (the authors divide the sum by the number of
@@ -53,14 +57,14 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _check_matrix(x: object, name: str, form: str = "(N, D)") -> Tensor:
+def _check_matrix(x: object, name: str, form: str = "(N, D)", allow_empty: bool = False) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {form}, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D with shape {form}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
     return x
 
@@ -99,17 +103,23 @@ def _euclidean(x: Tensor, y: Tensor) -> Tensor:
     return d2.clamp(min=_DIST_MIN).sqrt()
 
 
-def _hard_mining_loss(dist: Tensor, is_pos: Tensor, is_neg: Tensor, margin: float, what: str) -> Tensor:
+def _zero_loss(x: Tensor) -> Tensor:
+    """A zero scalar that stays in the autograd graph of ``x`` (its gradient is zero)."""
+    return x.sum() * 0.0
+
+
+def _hard_mining_loss(dist: Tensor, is_pos: Tensor, is_neg: Tensor, margin: float) -> Tensor:
     """Batch-hard loss from a distance matrix and boolean positive / negative masks.
 
     ``d_ap`` = farthest positive, ``d_an`` = nearest negative, per anchor (row). Rows without
-    a negative are left out of the mean; ``is_pos`` always contains the diagonal.
+    a negative are left out of the mean; ``is_pos`` always contains the diagonal. No row with a
+    negative (or no row): a zero loss connected to the graph.
     """
-    d_ap = dist.masked_fill(~is_pos, float("-inf")).max(dim=1).values
-    d_an = dist.masked_fill(~is_neg, float("inf")).min(dim=1).values
     valid = is_neg.any(dim=1)
     if not bool(valid.any()):
-        raise ValueError(what)
+        return _zero_loss(dist)
+    d_ap = dist.masked_fill(~is_pos, float("-inf")).max(dim=1).values
+    d_an = dist.masked_fill(~is_neg, float("inf")).min(dim=1).values
     diff = d_ap[valid] - d_an[valid]
     per_anchor = F.softplus(diff) if margin == 0 else F.relu(diff + margin)
     return per_anchor.mean()
@@ -165,16 +175,21 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 0.3, normaliz
         margin: hinge margin (>= 0); ``0`` selects the soft margin.
         normalize: L2-normalise the features first (``x / (|x| + 1e-12)``).
 
+    A batch with a single identity (or no sample) has no negative: the loss is then a zero that
+    stays connected to the graph (zero gradient), not an error.
+
     Raises:
-        ValueError: on malformed inputs, or if the batch has a single identity.
+        ValueError: on malformed inputs.
 
     Examples:
         >>> import torch
         >>> f = torch.tensor([[0.0], [2.0], [3.0], [4.0]])
         >>> round(triplet_loss(f, torch.tensor([0, 0, 1, 1]), margin=0.3).item(), 4)
         0.4
+        >>> triplet_loss(f.requires_grad_(), torch.zeros(4, dtype=torch.long)).item()  # one identity
+        0.0
     """
-    _check_matrix(features, "features")
+    _check_matrix(features, "features", allow_empty=True)
     _check_vector(labels, "labels", features.shape[0], "features")
     margin = _check_margin(margin)
     x = features.to(_compute_dtype(features))
@@ -182,13 +197,7 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 0.3, normaliz
         x = _l2_normalize(x)
     dist = _euclidean(x, x)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    return _hard_mining_loss(
-        dist,
-        is_pos=same,
-        is_neg=~same,
-        margin=margin,
-        what="triplet_loss: the batch needs at least two identities (labels are all equal, so no anchor has a negative)",
-    )
+    return _hard_mining_loss(dist, is_pos=same, is_neg=~same, margin=margin)
 
 
 def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float = 0.1) -> Tensor:
@@ -211,7 +220,7 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         >>> torch.allclose(loss, -(0.9 * logp[0] + 0.05 * logp[1] + 0.05 * logp[2]))
         True
     """
-    _check_matrix(logits, "logits", "(N, K)")
+    _check_matrix(logits, "logits", "(N, K)", allow_empty=True)
     _check_vector(targets, "targets", logits.shape[0], "logits")
     epsilon = _check_epsilon(epsilon)
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -219,6 +228,8 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
     k = logits.shape[1]
     if epsilon > 0 and k < 2:
         raise ValueError(f"logits must have at least 2 classes (K >= 2) when epsilon > 0, got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0:  # an empty batch: zero, in the graph
+        return _zero_loss(logits.to(_compute_dtype(logits)))
     lo, hi = int(targets.min()), int(targets.max())
     if lo < 0 or hi >= k:
         raise ValueError(
@@ -252,9 +263,11 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
         >>> round(loss.item(), 4)  # (cos 45 deg + 1) / 2
         0.8536
     """
-    _check_matrix(features, "features")
+    _check_matrix(features, "features", allow_empty=True)
     _check_vector(domains, "domains", features.shape[0], "features")
     x = features.to(_compute_dtype(features))
+    if x.shape[0] == 0:  # an empty batch: zero, in the graph
+        return _zero_loss(x)
     if normalize:
         x = _l2_normalize(x)
     _, inverse = torch.unique(domains, return_inverse=True)
@@ -285,8 +298,11 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
         domains: ``(N,)`` domain labels.
         margin: hinge margin (>= 0); ``0`` selects the soft margin.
 
+    When no domain holds two identities (or there is no sample) no anchor has a negative: the
+    loss is then a zero that stays connected to the graph, not an error.
+
     Raises:
-        ValueError: on malformed inputs, or if no domain holds two identities.
+        ValueError: on malformed inputs.
 
     Examples:
         >>> import torch
@@ -296,7 +312,7 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
         >>> round(loss.item(), 4)  # (6 + 5 + 1 + 4) / 4
         4.0
     """
-    _check_matrix(features, "features")
+    _check_matrix(features, "features", allow_empty=True)
     n = features.shape[0]
     _check_vector(labels, "labels", n, "features")
     _check_vector(domains, "domains", n, "features")
@@ -306,14 +322,7 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
     same_domain = domains.unsqueeze(0) == domains.unsqueeze(1)
     same_label = labels.unsqueeze(0) == labels.unsqueeze(1)
     eye = torch.eye(n, dtype=torch.bool, device=dist.device)
-    return _hard_mining_loss(
-        dist,
-        is_pos=~same_domain | eye,
-        is_neg=same_domain & ~same_label,
-        margin=margin,
-        what="inter_domain_shuffle_loss: the batch needs at least two identities within one "
-        "domain (no anchor has a same-domain sample with another label)",
-    )
+    return _hard_mining_loss(dist, is_pos=~same_domain | eye, is_neg=same_domain & ~same_label, margin=margin)
 
 
 # --------------------------------------------------------------------------------------------

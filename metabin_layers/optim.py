@@ -61,7 +61,13 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         second_order: differentiate through the inner step (double backward); default first order.
         rho_optimizer: replaces the default rho optimizer (must hold exactly the rho parameters).
         grad_scaler: a ``torch.amp.GradScaler``; losses are scaled, non-finite steps skipped in
-            both phases. Use ``backward`` for the base loss then.
+            both phases. Use ``backward`` for the base loss then. The scaler is updated
+            once per iteration, as for any two optimizers sharing a scaler: ``step`` steps
+            the base optimizer through it and leaves the ``update()`` pending; ``meta_step``
+            steps rho through it and then calls ``update()`` once for both. A pending update left
+            by a ``step`` without a following meta step is done by the next
+            ``zero_grad`` or ``backward``, before a new loss is scaled. The order of a
+            custom loop: ``zero_grad(); backward(loss); step(); meta_step(...)``.
         seed: seed of the generator used by ``split`` for the meta-train / meta-test domains.
             Under ``torch.distributed`` every rank must use the same seed (checked by ``split``).
         process_group: the group over which rho's meta gradients are averaged and the domain split
@@ -147,6 +153,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self.inner_lr = inner_lr
         self.second_order = bool(second_order)
         self.grad_scaler = grad_scaler
+        self._scaler_update_pending = False  # step() ran through the scaler, update() not yet
         self.generator = torch.Generator().manual_seed(seed)
         self.num_meta_steps = 0
         # A DDP built while rho required grad has registered rho with its reducer, which then waits
@@ -177,24 +184,41 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         return active_group(group)
 
     # -- base update ---------------------------------------------------------------------------
+    def _update_scaler(self) -> None:
+        # The one GradScaler.update() of an iteration (see grad_scaler in the class docstring).
+        self._scaler_update_pending = False
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+
+    def _finish_pending_update(self) -> None:
+        if self._scaler_update_pending:
+            self._update_scaler()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of the base parameters and of rho."""
+        """Zero the gradients of the base parameters and of rho (and finish a pending scaler update)."""
+        self._finish_pending_update()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.rhos:
             p.grad = None
 
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, scaled by the grad scaler when there is one."""
+        self._finish_pending_update()
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        """Base update: step the base optimizer (through the grad scaler if any). rho is not touched."""
+        """Base update: step the base optimizer (through the grad scaler if any). rho is not touched.
+
+        With a grad scaler its ``update()`` is left to ``meta_step`` (or to the next
+        ``zero_grad`` / ``backward``): one update per iteration.
+        """
         if self.grad_scaler is not None:
             if closure is not None:
                 raise ValueError("closure is not supported together with a grad_scaler")
+            self._finish_pending_update()  # a second step() without zero_grad()/backward()
             self.grad_scaler.step(self.base_optimizer)
-            self.grad_scaler.update()
+            self._scaler_update_pending = True
             return None
         return self.base_optimizer.step(closure)
 
@@ -267,6 +291,9 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     def meta_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
         """One MetaBIN episode on rho; returns the losses and the inner step size used.
 
+        A call that raises (a closure fails, a gradient is not finite without a scaler) changes
+        nothing: rho, its ``.grad``, ``num_meta_steps`` and the inner-lr schedule keep their values.
+
         Args:
             meta_train_loss: computes ``L_mtr`` on the meta-train domains by calling the model.
             meta_test_loss: computes ``L_mte`` on the meta-test domains by calling the model;
@@ -276,6 +303,17 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             ``{"meta_train_loss": Tensor, "meta_test_loss": Tensor, "inner_lr": float,
             "skipped": bool}``; ``skipped`` is True when the grad scaler found inf/NaN.
         """
+        schedule, count, grads = self.inner_lr.state_dict(), self.num_meta_steps, [p.grad for p in self.rhos]
+        try:
+            return self._episode_step(meta_train_loss, meta_test_loss)
+        except BaseException:
+            self.inner_lr.load_state_dict(schedule)
+            self.num_meta_steps = count
+            for p, g in zip(self.rhos, grads):
+                p.grad = g
+            raise
+
+    def _episode_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
         scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
         ratio = self.inner_lr.step()
         lrs = self._rho_lrs()
@@ -304,7 +342,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         if scaler is not None:
             skipped = not self._all_finite(outer)  # the scaler then skips the step itself
             scaler.step(self.rho_optimizer)
-            scaler.update()
+            self._update_scaler()  # one update for the base and the meta step of this iteration
         else:
             if not self._all_finite(outer):
                 raise FloatingPointError("the meta-test gradient of rho is not finite (loss diverged?)")
@@ -322,7 +360,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         for p, g in zip(self.rhos, scaled_grads):
             p.grad = g.detach()
         scaler.step(self.rho_optimizer)
-        scaler.update()
+        self._update_scaler()
         for p in self.rhos:
             p.grad = None
 

@@ -19,6 +19,7 @@ from metabin_layers import (
     metabin_modules,
     rho_parameters,
 )
+from metabin_layers.distributed import SyncMetaBIN, SyncMetaBINAct2d
 
 TV_MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
@@ -115,7 +116,7 @@ def test_in_affine_initialisation_choices():
 def test_root_batchnorm_and_all_dims():
     assert isinstance(convert_bn_to_metabin(nn.BatchNorm1d(3)), MetaBIN1d)
     assert isinstance(convert_bn_to_metabin(nn.BatchNorm3d(3)), MetaBIN3d)
-    assert isinstance(convert_bn_to_metabin(nn.SyncBatchNorm(3)), MetaBIN2d)
+    assert isinstance(convert_bn_to_metabin(nn.SyncBatchNorm(3)), SyncMetaBIN)
     m = convert_bn_to_metabin(nn.BatchNorm2d(3), rho_init=0.5)
     assert torch.equal(m.rho, torch.full((3,), 0.5))
 
@@ -181,3 +182,32 @@ def test_parameter_helpers_partition_the_parameters():
     assert {id(p) for p in rhos}.isdisjoint(id(p) for p in base)
     assert len(rhos) + len(base) == len(list(net.parameters()))
     assert [type(m) for m in metabin_modules(net)] == [MetaBIN2d, MetaBIN2d]
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 5), (6, 4, 3, 3), (4, 4, 2, 3, 3)])
+def test_sync_batchnorm_stays_synchronised_over_its_group_for_any_dims(shape):
+    group = object()  # stands for a process group: kept by identity (no collective runs here)
+    sync_bn = nn.SyncBatchNorm(4, momentum=0.3, process_group=group)
+    with torch.no_grad():
+        sync_bn.weight.uniform_(0.5, 1.5)
+        sync_bn.bias.uniform_(-1, 1)
+    reference = copy.deepcopy(sync_bn)
+    layer = convert_bn_to_metabin(nn.Sequential(sync_bn))[0]
+    assert isinstance(layer, SyncMetaBIN) and layer.process_group is group
+    x = torch.randn(shape, dtype=torch.float32)
+    if len(shape) == 2:  # (N, C): BatchNorm's input, one value per instance; MetaBIN needs L > 1 in training
+        layer.eval(), reference.eval()
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)  # rho = 1: SyncBatchNorm's output
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=0, atol=1e-7)
+
+
+def test_timm_sync_batchnorm_act_stays_synchronised_with_its_act_and_drop():
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import convert_sync_batchnorm
+
+    group = object()
+    model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU6)), group)
+    act = model[1].act
+    converted = convert_bn_to_metabin(model)[1]
+    assert isinstance(converted, SyncMetaBINAct2d) and converted.process_group is group and converted.act is act
+    assert bool((converted(torch.randn(2, 8, 5, 5)) <= 6).all())

@@ -171,6 +171,61 @@ def test_sync_layer_on_two_ranks_equals_plain_layer_on_full_batch():
     _spawn(_layer_worker)
 
 
+def _empty_batches_worker(rank, port):
+    from metabin_layers.losses import triplet_loss
+
+    _init(rank, port)
+    for backend in ("fused", "composite"):
+        for momentum in (0.1, None):
+            torch.manual_seed(0)
+            layer = convert_sync_metabin(_random_layer(MetaBIN2d, 3))
+            layer.backend, layer.momentum = backend, momentum
+            before = {name: b.clone() for name, b in layer.named_buffers()}
+            x = torch.randn(0, 3, 5, 5, dtype=torch.float64, requires_grad=True)  # every rank empty
+            y = layer(x)
+            y.sum().backward()
+            assert y.shape == x.shape
+            for name, b in layer.named_buffers():  # no statistics: nothing written, no NaN
+                assert torch.equal(b, before[name]), (backend, momentum, name, b)
+            layer(torch.randn(2, 3, 5, 5, dtype=torch.float64))  # a later real batch still counts
+            assert int(layer.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+            assert torch.isfinite(layer.running_var).all() and _same_on_all_ranks(layer.running_var)
+    # One rank without meta-test samples: the library's losses give it a zero loss in the graph,
+    # so every rank takes the same meta step (that rank contributes a zero gradient to the mean).
+    torch.manual_seed(1)
+    model = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(1)), rho_init=0.5, sync=True)
+    model = model.double()
+    opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), rho_lr=0.5, inner_lr=0.1)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    test = slice(4, 8) if rank == 0 else slice(0, 0)
+    out = opt.meta_step(lambda: triplet_loss(model(x[:4]), labels[:4]), lambda: triplet_loss(model(x[test]), labels[test]))
+    rho = rho_parameters(model)[0].detach()
+    assert torch.isfinite(out["meta_test_loss"]) and torch.isfinite(rho).all() and _same_on_all_ranks(rho)
+    dist.destroy_process_group()
+
+
+def test_every_rank_empty_keeps_running_statistics_and_an_empty_meta_test_rank_steps():
+    _spawn(_empty_batches_worker)
+
+
+def test_the_recipe_sets_a_process_group_timeout(monkeypatch):
+    from metabin_layers.reid import train as recipe
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(recipe.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(recipe.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(recipe.dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    with recipe.distributed_from_env():
+        pass
+    assert calls[0][1]["timeout"] == timedelta(minutes=10) and calls[1] == "destroyed"
+    calls.clear()
+    with recipe.distributed_from_env(timeout=timedelta(seconds=30)):
+        pass
+    assert calls[0][1]["timeout"] == timedelta(seconds=30)
+
+
 # -- (b) DDP + MetaBINOptimizer on 2 ranks == one process on the full batch -------------------
 
 

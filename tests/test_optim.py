@@ -216,6 +216,8 @@ def test_grad_scaler_skips_non_finite_steps_in_both_phases():
     opt.zero_grad()
     opt.backward(F.cross_entropy(model(x), y) * inf)
     opt.step()
+    assert scaler.get_scale() == 256.0  # the update waits for the meta step, or the next zero_grad / backward
+    opt.zero_grad()
     assert scaler.get_scale() == 128.0
     assert all(torch.equal(a, b.detach()) for a, b in zip(weights, base_parameters(model)))
 
@@ -318,3 +320,78 @@ def test_constructor_and_closure_errors():
         opt.meta_step(lambda: torch.tensor(1.0), lambda: mte_loss(model(x), y))
     with pytest.raises(FloatingPointError, match="not finite"):
         opt.meta_step(lambda: mtr_loss(model(x)) * float("nan"), lambda: mte_loss(model(x), y))
+
+
+def _one_update_per_iteration(scale, tracker, found_inf, growth_interval):
+    """GradScaler.update's rule, written out: back off on inf/NaN, grow after ``growth_interval`` clean updates."""
+    if found_inf:
+        return scale * 0.5, 0
+    tracker += 1
+    if tracker == growth_interval:
+        return scale * 2.0, 0
+    return scale, tracker
+
+
+def test_grad_scaler_is_updated_once_per_iteration():
+    model = make_model()
+    x, y = data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.01), rho_lr=0.1, inner_lr=0.05, grad_scaler=scaler)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    bad = {4: "base", 7: "meta"}
+    expected, got = [], []
+    scale, tracker = 1024.0, 0
+    for it in range(10):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        opt.backward(loss * inf if bad.get(it) == "base" else loss)
+        opt.step()
+        factor = inf if bad.get(it) == "meta" else 1.0
+        opt.meta_step(lambda: mtr_loss(model(x[:6])), lambda: mte_loss(model(x[6:]), y[6:]) * factor)
+        scale, tracker = _one_update_per_iteration(scale, tracker, it in bad, 2)
+        expected.append(scale)
+        got.append(scaler.get_scale())
+    assert got == expected
+    assert expected == [1024, 2048, 2048, 4096, 2048, 2048, 4096, 2048, 2048, 4096]
+
+    # base steps alone (the warm-up before the first meta step): the next zero_grad() updates
+    for _ in range(4):
+        opt.zero_grad()
+        opt.backward(F.cross_entropy(model(x), y))
+        opt.step()
+        scale, tracker = _one_update_per_iteration(scale, tracker, False, 2)
+    opt.zero_grad()
+    assert scaler.get_scale() == scale == 16384
+
+
+def test_a_failed_meta_step_changes_nothing():
+    model = make_model()
+    x, y = data()
+    opt = MetaBINOptimizer(
+        model, torch.optim.SGD(base_parameters(model), lr=0.01), rho_lr=0.1, inner_lr=CyclicInnerLR(iters_per_epoch=3)
+    )
+    reference = CyclicInnerLR(iters_per_epoch=3)
+    good = (lambda: mtr_loss(model(x[:6])), lambda: mte_loss(model(x[6:]), y[6:]))
+    assert opt.meta_step(*good)["inner_lr"] == pytest.approx(0.1 * reference.step())
+    rhos = [r.detach().clone() for r in rho_parameters(model)]
+    grads = [r.grad.clone() for r in rho_parameters(model)]
+
+    def boom():
+        raise RuntimeError("data loader died")
+
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    failing = [
+        (boom, good[1], RuntimeError),
+        (good[0], boom, RuntimeError),
+        (lambda: mtr_loss(model(x[:6])) * nan, good[1], FloatingPointError),
+        (good[0], lambda: mte_loss(model(x[6:]), y[6:]) * nan, FloatingPointError),
+    ]
+    for mtr, mte, error in failing:
+        with pytest.raises(error):
+            opt.meta_step(mtr, mte)
+        assert opt.num_meta_steps == 1 and opt.inner_lr.num_steps == 1
+        assert all(torch.equal(a, b.detach()) for a, b in zip(rhos, rho_parameters(model)))
+        assert all(torch.equal(a, b.grad) for a, b in zip(grads, rho_parameters(model)))
+    # the schedule goes on as if the failed calls never happened
+    assert opt.meta_step(*good)["inner_lr"] == pytest.approx(0.1 * reference.step())
+    assert opt.num_meta_steps == 2

@@ -159,7 +159,7 @@ def test_load_state_dict_rejects_other_configuration():
         DomainBalancedSampler(items, 24, 4).load_state_dict(RandomIdentitySampler(items, 24, 4).state_dict())
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 3, 6])
 def test_ranks_partition_the_global_batch(world_size):
     items = make_items()
     full = take(RandomIdentitySampler(items, batch_size=24, num_instances=4, seed=7), 10)
@@ -171,6 +171,57 @@ def test_ranks_partition_the_global_batch(world_size):
         chunks = [per_rank[r][i] for r in range(world_size)]
         assert all(len(c) == 24 // world_size for c in chunks)
         assert sum(chunks, []) == batch  # r-th contiguous chunk, union = 1-process batch
+
+
+def _papers_items(num_domains=5, ids_per_domain=30, seed=0):
+    rng = np.random.default_rng(seed)
+    items, pid = [], 0
+    for dom in range(num_domains):
+        for _ in range(ids_per_domain):
+            items += [Item(f"d{dom}/{pid}/{j}.jpg", pid, j % 2, dom) for j in range(int(rng.integers(2, 9)))]
+            pid += 1
+    return items
+
+
+def _check_whole_identities(items, per_rank, full, k, every_domain=False):
+    for i, batch in enumerate(full):
+        chunks = [ranks[i] for ranks in per_rank]
+        assert sorted(sum(chunks, [])) == sorted(batch)  # the ranks share out the 1-process batch
+        owner = {}
+        for r, chunk in enumerate(chunks):
+            counts = Counter(items[j].pid for j in chunk)
+            assert set(counts.values()) == {k}, counts  # K images of every identity on this rank
+            for pid in counts:
+                assert owner.setdefault(pid, r) == r  # ... and on this rank only
+            if every_domain:
+                assert {items[j].domain for j in chunk} == {it.domain for it in items}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_identities_stay_whole_on_every_rank_with_the_papers_settings(world_size):
+    items = _papers_items()
+    batch, k = 80, 4  # the paper: IMS_PER_BATCH 80, K = 4; meta batch 80 over 5 domains
+    if world_size == 8:  # 80 / 8 = 10 images per rank is no whole number of identities of 4
+        with pytest.raises(ValueError, match="multiple of 32 \\(e.g. 64 or 96\\)"):
+            RandomIdentitySampler(items, batch, k, world_size=8)
+        with pytest.raises(ValueError, match="batch_size a multiple of 5 x 4 x 8 = 160"):
+            DomainBalancedSampler(items, batch, k, world_size=8)
+        batch = 64  # the nearest batch that works on 8 ranks: P = 2 identities per rank
+    full = take(RandomIdentitySampler(items, batch, k, seed=3), 6)
+    samplers = [RandomIdentitySampler(items, batch, k, seed=3, rank=r, world_size=world_size) for r in range(world_size)]
+    assert all(s.num_pids_per_rank == batch // (world_size * k) for s in samplers)
+    _check_whole_identities(items, [take(s, 6) for s in samplers], full, k)
+    if world_size == 8:
+        return
+    full = take(DomainBalancedSampler(items, 80, k, seed=3), 6)
+    per_rank = [take(DomainBalancedSampler(items, 80, k, seed=3, rank=r, world_size=world_size), 6) for r in range(world_size)]
+    _check_whole_identities(items, per_rank, full, k, every_domain=True)
+
+
+def test_a_rank_never_gets_part_of_an_identity():
+    items = _papers_items()
+    with pytest.raises(ValueError, match="batch_size=16 cannot be split into whole identities over world_size=4"):
+        RandomIdentitySampler(items, batch_size=16, num_instances=8, world_size=4)
 
 
 def test_domain_balanced_ranks_each_get_every_domain_and_whole_identities():
@@ -186,7 +237,7 @@ def test_domain_balanced_ranks_each_get_every_domain_and_whole_identities():
             assert {items[j][3] for j in chunk} == set(sampler.domains)
         for pid in {items[j][1] for j in batch}:  # an identity's K images stay on one rank
             assert sum(any(items[j][1] == pid for j in c) for c in chunks) == 1
-    with pytest.raises(ValueError, match="multiple of world_size"):
+    with pytest.raises(ValueError, match="must be a multiple of world_size"):
         DomainBalancedSampler(items, 24, 4, rank=0, world_size=4)
 
 

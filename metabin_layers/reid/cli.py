@@ -4,7 +4,8 @@
     metabin-reid train --quick               # a smoke run of well under a minute
     metabin-reid train --data-root datasets --sources market1501 dukemtmcreid cuhk02 cuhk03_detected cuhksysu \
                        --targets grid viper prid ilids --set backbone=resnet50 pretrained=resnet50.pth
-    metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt
+    metabin-reid train --resume runs/synthetic --set max_iters=600   # continue a run (its folder or checkpoint)
+    metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt      # results in runs/synthetic/eval
     metabin-reid compare --seeds 0 1 2       # BN / IN / BIN-half / BIN / MetaBIN on the same data
     torchrun --nproc_per_node 4 -m metabin_layers.reid.cli train ...   # DDP
 """
@@ -17,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
 from .config import TrainConfig, load_config, parse_overrides
+from .errors import RecipeError
 from .model import NORM_VARIANTS
 
 __all__ = ["main", "build_parser"]
@@ -27,11 +27,19 @@ __all__ = ["main", "build_parser"]
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config keys (see metabin_layers.reid.config.TrainConfig)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys, e.g. lr=0.02")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. lr=0.02 (may be repeated; a later value of a key wins)",
+    )
     p.add_argument("--data-root", help="folder holding the real datasets (default: synthetic data)")
     p.add_argument("--sources", nargs="+", help="source datasets (each one domain)")
     p.add_argument("--targets", nargs="+", help="target datasets")
     p.add_argument("--output", help="where results go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (refused otherwise)")
     p.add_argument("--quick", action="store_true", help="tiny synthetic run (< 1 minute on 2 CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
@@ -44,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train one model and evaluate it")
     _add_common(p_train)
     p_train.add_argument("--norm", choices=NORM_VARIANTS, help="normalization variant (default metabin)")
-    p_train.add_argument("--resume", help="checkpoint.pt to continue from")
+    p_train.add_argument("--resume", help="checkpoint.pt, or the run folder, to continue from (default --output: its folder)")
+    p_train.add_argument(
+        "--allow-config-change", action="store_true", help="resume although the config differs from the checkpoint's"
+    )
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on its targets")
     p_eval.add_argument("--checkpoint", required=True)
     _add_common(p_eval)
@@ -56,17 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) -> TrainConfig:
-    overrides = parse_overrides(args.set)
+    try:
+        overrides = parse_overrides(args.set)
+    except KeyError as err:  # an unknown key: the message lists the known ones
+        raise RecipeError(f"--set: {err.args[0]}") from err
+    except ValueError as err:
+        raise RecipeError(f"--set: {err}") from err
+    output = args.output
+    resume = getattr(args, "resume", None)
+    if output is None and resume:  # continue in the run's own folder
+        output = resume if Path(resume).is_dir() else str(Path(resume).parent)
     for key, value in (
         ("data_root", args.data_root),
         ("sources", args.sources),
         ("targets", args.targets),
-        ("output", args.output),
+        ("output", output),
     ):
         if value is not None:
             overrides[key] = value
     overrides.update(extra or {})
-    return load_config(args.config, overrides, quick=args.quick)
+    try:
+        return load_config(args.config, overrides, quick=args.quick)
+    except KeyError as err:
+        raise RecipeError(f"{args.config}: {err.args[0]}") from err
+    except ValueError as err:
+        raise RecipeError(f"config: {err}") from err
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,28 +99,38 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _config(args, {"norm": args.norm} if args.norm else None)
     with distributed_from_env():
-        return train(cfg, resume=args.resume, progress=not args.no_progress)
+        return train(
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .checkpoint import load_checkpoint
+    from .checks import check_targets
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results
-    from .train import _device, evaluate_model
+    from .train import _device, check_output, clear_output, evaluate_model
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(args.checkpoint)
     saved = dict(state["config"])
-    saved.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets)) if v is not None})
-    if args.output:
-        saved["output"] = args.output
+    saved.update({k: v for k, v in vars(_config(args)).items() if k in ("data_root", "targets") and v is not None})
+    # Beside the training run's own results by default, never over them.
+    saved["output"] = args.output or str(Path(args.checkpoint).parent / "eval")
     cfg = TrainConfig(**saved)
+    out = Path(cfg.output)
+    check_output(out, overwrite=args.overwrite)
     data = build_data(cfg)
+    check_targets(data)
     device = _device(cfg.device)
     model = ReIDModel(cfg.backbone, data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride).to(device)
     model.load_state_dict(state["model"])
     metrics = evaluate_model(model, data, cfg, device)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    clear_output(out, overwrite=args.overwrite)
     results = {"config": cfg.to_dict(), "seed": cfg.seed, "norm": cfg.norm, "iterations": state["iteration"], "targets": metrics}
     results["test_splits"] = data.test_splits
     write_results(results, out)
@@ -103,7 +138,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from .report import comparison_table
+    from .report import comparison_table, write_text_atomic
     from .train import train
 
     base = _config(args)
@@ -113,20 +148,26 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             cfg = _config(args, {"norm": norm, "seed": seed, "output": str(root / norm / f"seed{seed}")})
             print(f"== {norm}, seed {seed} ==", flush=True)
-            result = train(cfg, progress=not args.no_progress)
+            result = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
             result.pop("history", None)
             runs.setdefault(norm, []).append(result)
     table = comparison_table(runs)
     command = "metabin-reid " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metabin-reid") else "metabin-reid compare ..."
-    (root / "compare.md").write_text(f"# Normalization comparison\n\n`{command}`\n\n{table}\n")
-    (root / "compare.json").write_text(json.dumps(runs, indent=2))
+    write_text_atomic(root / "compare.md", f"# Normalization comparison\n\n`{command}`\n\n{table}\n")
+    write_text_atomic(root / "compare.json", json.dumps(runs, indent=2))
     print(table, flush=True)
     return runs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``metabin-reid``; a problem with the user's files, folders, config or data is one line on
+    stderr and exit status 2 (no traceback)."""
     args = build_parser().parse_args(argv)
-    {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
+    try:
+        {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
+    except RecipeError as err:
+        print(f"metabin-reid: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

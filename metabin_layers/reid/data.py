@@ -71,6 +71,8 @@ class RecipeData:
             sets, one otherwise).
         description: a printable summary of the training data.
         test_splits: per target name, ``split_provenance`` of its splits.
+        folders: where each source and target dataset was read from (name -> folder); empty for
+            synthetic data.
 
     Examples:
         >>> from metabin_layers.reid.config import TrainConfig
@@ -90,6 +92,7 @@ class RecipeData:
     targets: dict[str, list[TargetSplit]]
     description: str
     test_splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)
 
 
 def split_provenance(datasets: Sequence[ReIDDataset]) -> dict[str, Any]:
@@ -185,6 +188,7 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
     if cfg.cameras_as_domains:
         items = cameras_as_domains(items)
     num_domains = len({it[3] for it in items})
+    folders = {name: ds.dataset_dir for name, ds in zip(cfg.sources, sources)}
     targets: dict[str, list[TargetSplit]] = {}
     test_splits: dict[str, dict[str, Any]] = {}
     for name in cfg.targets:
@@ -193,10 +197,11 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
         splits = cfg.num_splits if isinstance(probe, SplitReIDDataset) else 1
         sets = [probe] + [build_dataset(name, cfg.data_root, split_id=i) for i in range(1, splits)]
         targets[name] = [TargetSplit(ImageDataset(d.query, test_tf), ImageDataset(d.gallery, test_tf)) for d in sets]
+        folders[name] = probe.dataset_dir
         test_splits[name] = split_provenance(sets)
     _warn_not_comparable(test_splits)
     return RecipeData(
-        items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary(), test_splits
+        items, ImageDataset(items, train_tf), train.num_train_pids, num_domains, targets, train.summary(), test_splits, folders
     )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["write_results", "results_table", "split_notice", "comparison_table", "plot_rho", "plot_cmc"]
+__all__ = ["write_results", "write_text_atomic", "results_table", "split_notice", "comparison_table", "plot_rho", "plot_cmc"]
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
@@ -146,20 +147,35 @@ def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int
     return True
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
+    the whole new one, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_results(results: Mapping[str, Any], output: Path) -> None:
-    """``results.json``, ``results.md`` and the plots of one run, printed table included.
+    """``results.json``, ``results.md`` (each written atomically) and the plots of one run, printed table included.
 
     ``results["test_splits"]`` (optional) adds the "authors' splits" column and, when a target's
     splits are not the authors', a line saying the numbers are not comparable to the paper's.
     """
     output = Path(output)
-    (output / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(output / "results.json", json.dumps(results, indent=2))
     table = results_table(results["targets"], results.get("test_splits"))
     notice = split_notice(results.get("test_splits"))
     if notice:
         table += "\n\n" + notice
     header = f"# {results['norm']} (seed {results['seed']}, {results['iterations']} iterations)\n\n"
-    (output / "results.md").write_text(header + table + "\n")
+    write_text_atomic(output / "results.md", header + table + "\n")
     print(table, flush=True)
     if results.get("rho_per_layer"):
         plot_rho(results["rho_per_layer"], output / "rho.png")

@@ -33,10 +33,14 @@ ahead of the training loop, so the sampler's position can be ahead of what the l
 a trainer that needs exact resume should save its own count of consumed batches of the epoch
 in ``state["position"]`` before saving.
 
-DDP: with ``world_size > 1`` every rank builds the same global batch (same seed) and yields its
-``rank``-th contiguous chunk of ``batch_size / world_size`` indices, so the union over ranks is
-the single-process batch. (For ``DomainBalancedSampler`` a contiguous chunk covers whole
-domains when ``world_size`` divides the number of domains.)
+DDP: with ``world_size > 1`` every rank builds the same global batch (same seed) and takes its
+own whole identities of it, so the union over ranks is the single-process batch and an
+identity's K images are all on one rank (the triplet loss of each rank sees its positives).
+``RandomIdentitySampler`` gives every rank ``P = batch_size / (world_size * K)``
+identities (P per rank, as fast-reid's sampler), so ``batch_size`` must be a multiple of
+``world_size * K``; ``DomainBalancedSampler`` gives every rank ``m / world_size``
+identities of every domain, so ``m`` (identities per domain) must be a multiple of
+``world_size``. Other settings are refused with the batch sizes that would work.
 
 Examples:
     >>> items = [(f"img{i}.jpg", i // 4, i % 2, (i // 4) % 2) for i in range(64)]
@@ -219,7 +223,8 @@ class RandomIdentitySampler(_IdentityBatchSampler):
         num_instances: K images per identity (paper: 4).
         seed: seeds the sampler's own generator (with the epoch).
         num_batches: ``None`` = infinite stream; otherwise batches per ``__iter__`` (epoch).
-        rank, world_size: yield the ``rank``-th contiguous chunk of every global batch.
+        rank, world_size: yield this rank's ``batch_size / (world_size * K)`` whole identities of
+            every global batch (its ``rank``-th contiguous chunk; identities are contiguous).
         allow_replacement: if False, an identity with fewer than K images is a ValueError.
 
     Examples:
@@ -249,6 +254,17 @@ class RandomIdentitySampler(_IdentityBatchSampler):
         self.pids: list[Hashable] = list(groups)
         self._index: list[np.ndarray] = [np.asarray(groups[p], dtype=np.int64) for p in self.pids]
         self.num_pids_per_batch = self.batch_size // self.num_instances
+        per_rank = self.world_size * self.num_instances
+        if self.batch_size % per_rank:
+            lo = max(per_rank, self.batch_size // per_rank * per_rank)
+            raise ValueError(
+                f"batch_size={self.batch_size} cannot be split into whole identities over world_size="
+                f"{self.world_size} ranks with num_instances={self.num_instances}: every rank takes "
+                f"P = batch_size / (world_size x num_instances) identities, so batch_size must be a multiple "
+                f"of {per_rank} (e.g. {lo} or {lo + per_rank})"
+            )
+        #: P per rank: the identities of one rank's part of every batch.
+        self.num_pids_per_rank = self.num_pids_per_batch // self.world_size
         if len(self.pids) < self.num_pids_per_batch:
             raise ValueError(
                 f"need at least P={self.num_pids_per_batch} identities for batch_size={self.batch_size} "
@@ -370,9 +386,12 @@ class DomainBalancedSampler(_IdentityBatchSampler):
             self._index.append([np.asarray(v, dtype=np.int64) for v in pid_groups.values()])
 
         if self.world_size > 1 and self.ids_per_domain % self.world_size:
+            step = d * self.num_instances * self.world_size
             raise ValueError(
-                f"with world_size={self.world_size} every rank needs identities of every domain: "
-                f"ids per domain ({self.ids_per_domain}) must be a multiple of world_size"
+                f"with world_size={self.world_size} every rank needs whole identities of every domain: "
+                f"ids per domain ({self.ids_per_domain} = batch_size / (num_domains x num_instances)) must be "
+                f"a multiple of world_size, i.e. batch_size a multiple of {d} x {self.num_instances} x "
+                f"{self.world_size} = {step}"
             )
 
     @property

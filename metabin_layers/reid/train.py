@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,20 +27,31 @@ from torch.utils.data import DataLoader
 
 from .. import CyclicInnerLR, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checks import check_data
 from .config import TrainConfig
 from .data import RecipeData, build_data
+from .errors import CheckpointError, OutputFolderError
 from .evaluation import evaluate
 from .model import ReIDModel
 from .report import write_results
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 
-__all__ = ["train", "evaluate_model", "Trainer"]
+__all__ = ["train", "evaluate_model", "Trainer", "check_output", "clear_output", "config_differences"]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cuda_grad_scaler() -> Any:
+    """A CUDA ``GradScaler``: ``torch.amp.GradScaler("cuda")`` where torch has it (2.3+), else
+    ``torch.cuda.amp.GradScaler()``."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def _device(name: str) -> torch.device:
@@ -52,6 +64,20 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _lacks_negatives(labels: Tensor, domains: Optional[Tensor] = None) -> bool:
+    """True when the batch-hard loss of these labels has no triplet (the loss is then a zero).
+
+    Without ``domains``: fewer than two identities (the triplet loss). With ``domains``: no domain
+    holds two identities (the inter-domain shuffle loss).
+    """
+    if labels.numel() == 0:
+        return True
+    other = labels.unsqueeze(0) != labels.unsqueeze(1)
+    if domains is not None:
+        other &= domains.unsqueeze(0) == domains.unsqueeze(1)
+    return not bool(other.any())
 
 
 def warmup_multistep(iteration: int, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
@@ -121,6 +147,7 @@ class Trainer:
         self.device = _device(cfg.device)
         seed_everything(cfg.seed)
         self.data = data if data is not None else build_data(cfg)
+        check_data(cfg, self.data)  # before the first iteration, not after hours of training
         self.model = ReIDModel(
             cfg.backbone,
             self.data.num_classes,
@@ -138,11 +165,13 @@ class Trainer:
         self.meta_batches: Optional[_Batches] = None
         if cfg.norm == "metabin":
             per_domain = cfg.meta_batch_size // max(1, self.data.num_domains * cfg.num_instances)
-            if per_domain < 2:
+            if per_domain < 2 * self.world_size:
+                on = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
                 raise ValueError(
-                    f"meta_batch_size={cfg.meta_batch_size} gives {per_domain} identities per domain for "
-                    f"{self.data.num_domains} domains x {cfg.num_instances} instances; the inter-domain shuffle "
-                    f"loss needs >= 2: use meta_batch_size >= {2 * self.data.num_domains * cfg.num_instances}"
+                    f"meta_batch_size={cfg.meta_batch_size} gives {per_domain // self.world_size} identities per "
+                    f"domain{on} for {self.data.num_domains} domains x {cfg.num_instances} instances; the "
+                    f"inter-domain shuffle loss needs >= 2: use meta_batch_size >= "
+                    f"{2 * self.world_size * self.data.num_domains * cfg.num_instances}"
                 )
             meta_sampler = DomainBalancedSampler(
                 self.data.train_items,
@@ -158,7 +187,7 @@ class Trainer:
         amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
         self.autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp)  # noqa: E731
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does without
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        self.scaler = cuda_grad_scaler() if use_amp and amp_dtype == torch.float16 else None
         base = build_base_optimizer(self.model, cfg)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
@@ -204,6 +233,9 @@ class Trainer:
             self.net = torch.compile(self.net, backend=cfg.compile)  # type: ignore[assignment]
         self.iteration = 0
         self.history: list[dict[str, float]] = []
+        # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks.
+        self.degenerate_losses = 0
+        self._local_degenerate = 0
 
     # -- one iteration -------------------------------------------------------------------------
     def _backward_and_step(self, loss: Tensor) -> None:
@@ -230,6 +262,7 @@ class Trainer:
 
     def base_step(self) -> dict[str, float]:
         x, pid, _ = self.base_batches.next()
+        self._local_degenerate += _lacks_negatives(pid)
         with self.autocast():
             features, logits = self.net(x)
             ce = cross_entropy_label_smooth(logits, pid, self.cfg.ce_epsilon)
@@ -243,6 +276,7 @@ class Trainer:
         split = self.opt.split(dom, self.cfg.num_meta_train_domains)
         tr, te = split.train_mask, split.test_mask
         model, margin = self.model, self.cfg.margin  # the unwrapped model: meta steps bypass DDP
+        self._local_degenerate += _lacks_negatives(pid[tr], dom[tr]) + _lacks_negatives(pid[tr]) + _lacks_negatives(pid[te])
 
         def meta_train_loss() -> Tensor:
             with self.autocast():
@@ -264,6 +298,15 @@ class Trainer:
             logs["mte"] = float(out["meta_test_loss"])
         return logs
 
+    def _count_degenerate(self) -> int:
+        """This iteration's degenerate losses summed over the ranks (the same number on every rank)."""
+        local, self._local_degenerate = self._local_degenerate, 0
+        if self.world_size == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
+
     def mean_rho(self) -> Optional[float]:
         rhos = rho_parameters(self.model)
         return float(torch.cat([r.detach().flatten() for r in rhos]).mean()) if rhos else None
@@ -277,8 +320,9 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "base_batches": self.base_batches.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": capture_rng_state(),
             "history": self.history,
+            "degenerate_losses": self.degenerate_losses,
         }
         if self.meta_batches is not None:
             state["meta_batches"] = self.meta_batches.state_dict()
@@ -299,17 +343,15 @@ class Trainer:
             self.rho_opt.load_state_dict(state["rho_optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
+        self.degenerate_losses = int(state.get("degenerate_losses", 0))
 
     def save(self, path: Path) -> None:
+        """Write ``state_dict`` to ``path`` (rank 0; atomic, see ``.checkpoint``)."""
         if self.rank == 0:
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+            save_checkpoint(self.state_dict(), path)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, output: Path, progress: bool = True) -> None:
@@ -337,7 +379,8 @@ class Trainer:
                     logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
-                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration)
+                self.degenerate_losses += self._count_degenerate()
+                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration, degenerate=self.degenerate_losses)
                 rho = self.mean_rho()
                 if rho is not None:
                     logs["rho"] = rho
@@ -384,21 +427,125 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
     return results
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+#: Files a run writes into its output folder; any of them there means an earlier run.
+RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results.md", "rho.png", "cmc.png")
+#: The files that describe a finished run; removed before a resumed run trains on.
+RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png")
+#: Config keys that may differ from the checkpoint's when resuming: where the run writes, how far it
+#: goes and how it is logged or evaluated, none of which changes the iterations already done.
+RESUME_FREE_KEYS = ("output", "max_iters", "log_every", "checkpoint_every", "device", "eval_flip", "metric", "eval_batch_size")
+
+
+def check_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse to mix a new run with an earlier one in ``output``.
+
+    A folder holding files of an earlier run (``RUN_FILES``) is refused unless ``overwrite``
+    or ``resuming``; ``clear_output`` then removes what would otherwise be left stale.
+
+    Raises:
+        OutputFolderError: an earlier run is there and neither flag is given, or ``output`` is a file.
+    """
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"output {output}: exists and is not a folder")
+    earlier = [name for name in RUN_FILES if (output / name).exists()]
+    if earlier and not (overwrite or resuming):
+        raise OutputFolderError(
+            f"output {output}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output"
+        )
+
+
+def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """Create ``output``; delete an earlier run's files (``overwrite``) or its results (``resuming``).
+
+    So a run that fails later never leaves its new files beside stale results.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """``"key: saved -> now"`` for every config key whose value differs (keys in ``ignore`` skipped).
+
+    Examples:
+        >>> cfg = TrainConfig()
+        >>> config_differences({**cfg.to_dict(), "lr": 0.5, "max_iters": 7}, cfg)
+        ['lr: 0.5 -> 0.01']
+    """
+    now = cfg.to_dict()
+    keys = [k for k in now if k not in ignore and (k not in saved or saved[k] != now[k])]
+    return [f"{k}: {saved.get(k, '<missing>')!r} -> {now[k]!r}" for k in keys]
+
+
+def _resume_state(resume: str, cfg: TrainConfig, allow_config_change: bool) -> Optional[dict[str, Any]]:
+    """The checkpoint to resume from (None: a run folder whose first save never completed)."""
+    path = Path(resume)
+    state: Optional[dict[str, Any]] = None
+    if path.is_dir():
+        if (path / "checkpoint.pt").exists():
+            state = load_checkpoint(path / "checkpoint.pt")
+            saved, source = state.get("config"), path / "checkpoint.pt"
+        elif (path / "config.json").exists():
+            # Stopped before its first checkpoint: start again from iteration 0 with the same config.
+            source = path / "config.json"
+            try:
+                saved = json.loads(source.read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"resume {source}: unreadable run config ({err})") from err
+            print(f"{path}: no checkpoint yet (the run stopped before its first save); training from iteration 0")
+        else:
+            raise CheckpointError(f"resume {path}: the folder holds no checkpoint.pt and no config.json of a run")
+    else:
+        state = load_checkpoint(path)
+        saved, source = state.get("config"), path
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"resume {source}: no run config in it")
+    diff = config_differences(saved, cfg)
+    if diff and not allow_config_change:
+        raise CheckpointError(
+            f"resume {source}: the config differs from the one the run was started with ({'; '.join(diff)}); "
+            "pass --allow-config-change to continue with the new values"
+        )
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    resume: Optional[str] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Train one run of ``cfg``, evaluate it on every target, write results; returns the results.
 
     Writes into ``cfg.output``: ``config.json``, ``log.txt``, ``checkpoint.pt``,
     ``results.json``, ``results.md`` and (with matplotlib) ``rho.png`` and ``cmc.png``.
+
+    Args:
+        cfg: the run's configuration.
+        resume: a ``checkpoint.pt``, or a run folder, to continue from. The checkpoint is opened
+            and checked before anything is written; its config must equal ``cfg`` except for
+            ``RESUME_FREE_KEYS`` unless ``allow_config_change``. A run folder without a
+            checkpoint (stopped before its first save) starts again from iteration 0.
+        progress: show a progress bar (else log lines).
+        overwrite: replace an earlier run in ``cfg.output`` (refused otherwise, see ``check_output``).
+        allow_config_change: resume although the config differs from the checkpoint's.
     """
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_output(output, overwrite=overwrite, resuming=bool(resume))
+    state = _resume_state(resume, cfg, allow_config_change) if resume else None
     trainer = Trainer(cfg)
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"resume {resume}: the checkpoint does not fit this run ({first})") from err
     if trainer.rank == 0:
+        clear_output(output, overwrite=overwrite, resuming=bool(resume))
         (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(trainer.data.description, flush=True)
-    if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        trainer.load_state_dict(state)
     trainer.run(output, progress=progress)
     results: dict[str, Any] = {}
     if trainer.rank == 0:
@@ -422,14 +569,18 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
 
 
 @contextlib.contextmanager
-def distributed_from_env() -> Iterator[None]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after."""
+def distributed_from_env(timeout: timedelta = timedelta(minutes=10)) -> Iterator[None]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after.
+
+    ``timeout`` bounds every collective: a rank that failed or took another branch makes the
+    others raise (``DistributedStepError``) after it instead of waiting for ever.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         yield
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:

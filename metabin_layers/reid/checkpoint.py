@@ -1,0 +1,195 @@
+"""Recipe checkpoints that are safe to load: tensors and plain types only, versioned, checksummed.
+
+A checkpoint file is ``torch.save`` of::
+
+    {"format": "metabin-reid-checkpoint", "format_version": 1, "checksum": "<sha256 hex>", "state": {...}}
+
+``state`` holds only tensors and plain Python values (dict, list, tuple, str, int, float, bool,
+None): the random number generator states of numpy, Python and CUDA are stored as tensors (see
+``capture_rng_state``). ``load_checkpoint`` reads with ``torch.load(weights_only=True)``,
+so a file that would need to unpickle any other object (which could run code) is refused before
+anything of it is used, and then compares the checksum of every tensor and value with the one
+stored: a modified or damaged file is refused. Every refusal is a
+``CheckpointError`` that names the file and says why.
+
+``save_checkpoint`` writes to a temporary file in the same folder, syncs it and renames it
+over the destination, so an interrupted save leaves the previous checkpoint (or none) intact.
+
+Examples:
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pt"
+    >>> save_checkpoint({"iteration": 3, "weights": torch.ones(2)}, path)
+    >>> load_checkpoint(path)["iteration"]
+    3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import struct
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+FORMAT = "metabin-reid-checkpoint"
+FORMAT_VERSION = 1
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _digest(value: Any, h: Any, where: str) -> None:
+    """Feed ``value`` into the hash ``h``, refusing anything but tensors and plain values."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"checkpoint keys must be str or int, got {type(key).__name__} at {where}")
+            h.update(f"K{key!r}".encode())
+            _digest(item, h, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for i, item in enumerate(value):
+            _digest(item, h, f"{where}[{i}]")
+    elif isinstance(value, float):
+        h.update(b"F" + struct.pack("<d", value))
+    elif isinstance(value, _PLAIN):
+        h.update(f"P{type(value).__name__}{value!r}".encode())
+    else:
+        raise TypeError(f"checkpoint state must hold only tensors and plain values, got {type(value).__name__} at {where}")
+
+
+def checksum(state: Any) -> str:
+    """SHA-256 over every tensor (dtype, shape, bytes) and plain value of ``state``, in order."""
+    h = hashlib.sha256()
+    _digest(state, h, "state")
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
+    """Write ``state`` (tensors and plain values only) atomically to ``path``, with its checksum.
+
+    Raises:
+        TypeError: ``state`` holds another kind of object (a numpy array, a custom class, ...).
+    """
+    path = Path(path)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "checksum": checksum(state), "state": state}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """The ``state`` saved by ``save_checkpoint``, after checking format, version and checksum.
+
+    Loads on the CPU with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is missing, empty, not a checkpoint of this format (or version),
+            holds objects other than tensors and plain values, or fails the checksum; the message
+            names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a folder, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (an interrupted save?)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: refused, it holds objects other than tensors and plain values, which "
+            f"could run code when loaded ({first})"
+        ) from err
+    except Exception as err:  # whatever a damaged file makes the reader raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable checkpoint, the file is corrupt or truncated ({first})"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: not a metabin-reid checkpoint (no {FORMAT!r} header; files written "
+            "before checkpoints carried a format version cannot be loaded safely)"
+        )
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format version {version!r}, this version of metabin-layers reads {FORMAT_VERSION}"
+        )
+    state = payload.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: no state in the file")
+    try:
+        actual = checksum(state)
+    except TypeError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+    if actual != payload.get("checksum"):
+        raise CheckpointError(
+            f"checkpoint {path}: checksum mismatch (stored {str(payload.get('checksum'))[:12]}..., "
+            f"computed {actual[:12]}...): the file was damaged or modified after it was written"
+        )
+    return state
+
+
+# -- random number generators as tensors ---------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The torch, CUDA, numpy and Python global RNG states, as tensors and plain values.
+
+    Examples:
+        >>> state = capture_rng_state()
+        >>> a = random.random(); restore_rng_state(state); a == random.random()
+        True
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global RNGs from ``capture_rng_state``'s result (CUDA when present and usable)."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["gauss"])))
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)

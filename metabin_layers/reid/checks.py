@@ -1,0 +1,93 @@
+"""Checks of a run's data that fail before the first iteration, not after hours of training.
+
+Each error names the dataset and the folder it was read from (synthetic data: the style).
+
+Examples:
+    >>> from metabin_layers.reid.data import RecipeData, TargetSplit
+    >>> data = RecipeData([(None, 0, 0, 0)], None, 1, 1, {"viper": [TargetSplit([], [1])]}, "", folders={"viper": "/data/viper"})
+    >>> check_targets(data)
+    Traceback (most recent call last):
+    ...
+    metabin_layers.reid.errors.DataError: target viper (folder /data/viper): the query set is empty
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from .config import TrainConfig
+from .data import RecipeData
+from .errors import DataError
+
+__all__ = ["check_targets", "check_sources", "check_data"]
+
+
+def _where(data: RecipeData, name: str) -> str:
+    folder = data.folders.get(name)
+    return f"{name} (folder {folder})" if folder else f"{name} (synthetic data)"
+
+
+def check_targets(data: RecipeData) -> None:
+    """Every evaluation target has a non-empty query and gallery in every split.
+
+    Raises:
+        DataError: naming the target, its folder and the split.
+    """
+    for name, splits in data.targets.items():
+        if not splits:
+            raise DataError(f"target {_where(data, name)}: no query/gallery split")
+        for i, split in enumerate(splits):
+            which = f", split {i}" if len(splits) > 1 else ""
+            for part in ("query", "gallery"):
+                if len(getattr(split, part)) == 0:
+                    raise DataError(f"target {_where(data, name)}{which}: the {part} set is empty")
+
+
+def _domain_names(cfg: TrainConfig, data: RecipeData) -> dict[Any, str]:
+    domains = sorted({item[3] for item in data.train_items})
+    if cfg.data_root is not None and not cfg.cameras_as_domains and len(cfg.sources) == len(domains):
+        return {d: _where(data, name) for d, name in zip(domains, cfg.sources)}
+    kind = "camera domain" if cfg.cameras_as_domains else "domain"
+    source = ", ".join(_where(data, n) for n in cfg.sources) if cfg.data_root is not None else "synthetic data"
+    return {d: f"{kind} {d} of {source}" for d in domains}
+
+
+def check_sources(cfg: TrainConfig, data: RecipeData) -> None:
+    """The training sources can fill the P x K batch and, for MetaBIN, the domain-balanced meta batch.
+
+    Raises:
+        DataError: no training image; fewer identities over all sources than ``P = batch_size /
+            num_instances``; a source (domain) with fewer identities than the meta batch takes from
+            each domain (``meta_batch_size / (num_domains * num_instances)``). Each names the
+            dataset and its folder.
+    """
+    if len(data.train_items) == 0:
+        raise DataError(f"sources {', '.join(_where(data, n) for n in cfg.sources)}: no training image")
+    ids: dict[Any, set] = defaultdict(set)
+    for item in data.train_items:
+        ids[item[3]].add(item[1])
+    names = _domain_names(cfg, data)
+    p = cfg.batch_size // cfg.num_instances
+    total = len(set().union(*ids.values()))
+    if total < p:
+        counts = ", ".join(f"{names[d]}: {len(v)}" for d, v in sorted(ids.items()))
+        raise DataError(
+            f"the sources hold {total} identities, fewer than P = batch_size / num_instances = "
+            f"{cfg.batch_size} / {cfg.num_instances} = {p} ({counts})"
+        )
+    if cfg.norm == "metabin":
+        per_domain = cfg.meta_batch_size // max(1, len(ids) * cfg.num_instances)
+        for d, v in sorted(ids.items()):
+            if len(v) < per_domain:
+                raise DataError(
+                    f"source {names[d]}: {len(v)} identities, fewer than the {per_domain} per domain that "
+                    f"meta_batch_size={cfg.meta_batch_size} over {len(ids)} domains x num_instances="
+                    f"{cfg.num_instances} takes"
+                )
+
+
+def check_data(cfg: TrainConfig, data: RecipeData) -> None:
+    """``check_sources`` and ``check_targets``: everything that would stop a run later."""
+    check_sources(cfg, data)
+    check_targets(data)
