@@ -65,8 +65,9 @@ def test_an_empty_query_folder_is_found_before_training(tmp_path, monkeypatch):
 def test_a_source_without_enough_identities_for_p_x_k_is_found_before_training(tmp_path, monkeypatch):
     base = _market(tmp_path, ids=3)
     _no_training(monkeypatch)
-    with pytest.raises(DataError, match=rf"5 identities, fewer than P = .* = 8 \(market1501 \(folder {base}\): 5\)"):
-        Trainer(_real_config(tmp_path, batch_size=16))  # P = 8; the folder holds 3 + 2 (query/gallery) identities
+    with pytest.raises(DataError, match=rf"3 identities, fewer than P = .* = 8 \(market1501 \(folder {base}\): 3\)"):
+        # P = 8; a single source trains on its train split (combine_all off): 3 identities
+        Trainer(_real_config(tmp_path, batch_size=16))
 
 
 def _synthetic(tmp_path, **kw):

@@ -118,7 +118,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
     state = load_checkpoint(args.checkpoint)
     saved = dict(state["config"])
-    saved.update({k: v for k, v in vars(_config(args)).items() if k in ("data_root", "targets") and v is not None})
+    # Only what was given on the command line: the checkpoint's own targets otherwise.
+    saved.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets)) if v is not None})
     # Beside the training run's own results by default, never over them.
     saved["output"] = args.output or str(Path(args.checkpoint).parent / "eval")
     cfg = TrainConfig(**saved)
