@@ -64,6 +64,17 @@ class DistributedStepError(RuntimeError):
 
     Usually another rank raised, skipped a step or took another branch, so the collectives no
     longer match; the original error of ``torch.distributed`` is chained (``__cause__``).
+
+    Examples:
+        >>> from metabin_layers.distributed import DistributedStepError
+        >>> try:
+        ...     try:
+        ...         raise RuntimeError("Timed out waiting for all_reduce")
+        ...     except RuntimeError as err:
+        ...         raise DistributedStepError("rho all_reduce failed on rank 1") from err
+        ... except DistributedStepError as err:
+        ...     print(type(err.__cause__).__name__, isinstance(err, RuntimeError))
+        RuntimeError True
     """
 
 
@@ -143,7 +154,19 @@ class _DiffAllReduce(torch.autograd.Function):
 
 
 def all_reduce_differentiable(t: Tensor, group: Any, what: str = "all_reduce") -> Tensor:
-    """Sum of ``t`` over ``group`` with autograd support (backward: the same sum of gradients)."""
+    """Sum of ``t`` over ``group`` with autograd support (backward: the same sum of gradients).
+
+    Args:
+        t: the tensor to sum, the same shape on every rank.
+        group: an initialised process group of ``torch.distributed``.
+        what: names the collective in the ``DistributedStepError`` raised if it fails.
+
+    Returns:
+        The sum over the ranks, a new tensor.
+
+    Raises:
+        DistributedStepError: the collective failed or timed out.
+    """
     return _DiffAllReduce.apply(t, group, what)
 
 
@@ -410,6 +433,19 @@ class SyncMetaBIN(_MetaBINBase):
 class SyncMetaBIN1d(MetaBIN1d, SyncMetaBIN):
     """``SyncMetaBIN`` with the input checks of ``MetaBIN1d``.
 
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        rho_init: initial per-channel balance in [0, 1].
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        process_group: the group to synchronise over (None: the default group).
+
     Examples:
         >>> SyncMetaBIN1d(4)(torch.randn(2, 4, 6)).shape
         torch.Size([2, 4, 6])
@@ -418,6 +454,19 @@ class SyncMetaBIN1d(MetaBIN1d, SyncMetaBIN):
 
 class SyncMetaBIN2d(MetaBIN2d, SyncMetaBIN):
     """``SyncMetaBIN`` with the input checks of ``MetaBIN2d``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        rho_init: initial per-channel balance in [0, 1].
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        process_group: the group to synchronise over (None: the default group).
 
     Examples:
         >>> isinstance(SyncMetaBIN2d(4), MetaBIN2d)
@@ -428,6 +477,19 @@ class SyncMetaBIN2d(MetaBIN2d, SyncMetaBIN):
 class SyncMetaBIN3d(MetaBIN3d, SyncMetaBIN):
     """``SyncMetaBIN`` with the input checks of ``MetaBIN3d``.
 
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variances for numerical stability.
+        momentum: running-statistics update factor; ``None`` gives a cumulative average.
+        affine: learn the BN-branch and IN-branch affines.
+        track_running_stats: keep running statistics for the BN branch.
+        rho_init: initial per-channel balance in [0, 1].
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
+        backend: ``"auto"`` or one of ``BACKENDS``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        process_group: the group to synchronise over (None: the default group).
+
     Examples:
         >>> SyncMetaBIN3d(4)(torch.randn(2, 4, 3, 3, 3)).shape
         torch.Size([2, 4, 3, 3, 3])
@@ -436,6 +498,13 @@ class SyncMetaBIN3d(MetaBIN3d, SyncMetaBIN):
 
 class SyncMetaBINAct2d(MetaBINAct2d, SyncMetaBIN):
     """``MetaBINAct2d`` (MetaBIN, ``drop``, ``act``) with synchronised statistics.
+
+    Args:
+        *args: the positional arguments of ``MetaBINAct2d`` (``num_features``, ``eps``,
+            ``momentum``, ``affine``, ``track_running_stats``, ``apply_act``, ``act_layer``, ...).
+        process_group: the group to synchronise over (None: the default group).
+        **kwargs: the keyword arguments of ``MetaBINAct2d`` (``act_layer``, ``drop_layer``,
+            ``rho_init``, ``stats_mode``, ``backend``, ``device``, ``dtype``, ...).
 
     Examples:
         >>> m = SyncMetaBINAct2d(8, act_layer=nn.ReLU)
@@ -540,6 +609,18 @@ def average_over_group(
     """The mean over the ranks of ``group`` of each tensor, with one collective for all of them.
 
     ``differentiable=True`` keeps autograd history (second-order meta steps).
+
+    Args:
+        tensors: the tensors to average, the same shapes on every rank.
+        group: an initialised process group of ``torch.distributed``.
+        differentiable: keep the autograd graph through the collective.
+        what: names the collective in the ``DistributedStepError`` raised if it fails.
+
+    Returns:
+        One averaged tensor per input, of the same shape; an empty list for no tensors.
+
+    Raises:
+        DistributedStepError: the collective failed or timed out.
     """
     if not tensors:
         return []
@@ -562,6 +643,20 @@ def global_domains(labels: Tensor, group: Any, device: Union[torch.device, str],
 
     ``fingerprint`` (e.g. a hash of a generator state) must be equal on every rank; a mismatch
     raises the same ``ValueError`` on every rank.
+
+    Args:
+        labels: this rank's domain labels (integers; may be empty).
+        group: an initialised process group of ``torch.distributed``.
+        device: where the collectives run (CUDA for NCCL, CPU for gloo).
+        fingerprint: an integer that must be equal on every rank.
+
+    Returns:
+        The sorted int64 domain ids present on any rank, on the CPU.
+
+    Raises:
+        ValueError: the fingerprints differ between ranks, or the domain ids span ``2**20``
+            values or more.
+        DistributedStepError: a collective failed or timed out.
     """
     local = torch.unique(labels.cpu()).to(torch.int64)
     big = 2**62

@@ -61,6 +61,14 @@ def split_domains(
         generator: a seeded ``torch.Generator`` for reproducible splits.
         is_labels: force the interpretation of ``domains``.
 
+    Returns:
+        A ``DomainSplit``: the meta-train and meta-test domain ids (on the CPU), and, for labels,
+        the boolean masks of their samples (None for a list of domains).
+
+    Raises:
+        ValueError: ``domains`` is not a 1-D sequence of integer ids, holds fewer than two
+            distinct domains, or ``num_meta_train`` is not an int in ``[1, D - 1]``.
+
     Examples:
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
         >>> split = split_domains(labels, generator=torch.Generator().manual_seed(0))
@@ -128,6 +136,12 @@ class InnerLR:
 
 class ConstantInnerLR(InnerLR):
     """A fixed inner step size ``beta``.
+
+    Args:
+        value: ``beta``, a finite number >= 0 (used as given: ``relative`` is False).
+
+    Raises:
+        ValueError: ``value`` is not a finite number >= 0.
 
     Examples:
         >>> ConstantInnerLR(0.01).step()

@@ -64,7 +64,9 @@ class FoldedMetaBIN(nn.Module):
       (mean of ``mu_nc``; mean of ``var_nc + (mu_nc - mu_B)^2``), as the layer does.
 
     Args:
-        scale, shift, in_scale: vectors of shape ``(C,)``.
+        scale: ``(C,)``, the weight of the BN term (see above).
+        shift: ``(C,)``, the bias of the output (see above).
+        in_scale: ``(C,)``, the weight of the normalised instance term (see above).
         eps: the layer's eps.
         instance_stats: None (default) decides from ``in_scale`` as above.
         batch_stats: see above.
@@ -297,6 +299,15 @@ def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
     and ``InstanceNormalization`` nodes, which every runtime knows (onnxruntime fuses the first into
     the preceding convolution). Layers without running statistics, inputs with a single value per
     instance and inputs of another dtype than the layer's use the ``FoldedMetaBIN`` formula.
+
+    Args:
+        layer: a MetaBIN layer (``MetaBIN1d`` / ``2d`` / ``3d``, ``MetaBINAct2d``, or a synchronised
+            one); its ``rho`` (or the rho of a running meta step), affines and running statistics
+            are used.
+        x: the input ``(N, C, *spatial)``, as the layer takes it.
+
+    Returns:
+        The layer's eval-mode normalisation of ``x``, same shape and dtype.
 
     Examples:
         >>> from metabin_layers import MetaBIN2d

@@ -130,6 +130,11 @@ _TRITON_FAILURE: list[str] = []
 def triton_fallback_reason() -> Optional[str]:
     """Why ``backend="auto"`` stopped using the Triton kernels in this process, or None.
 
+    Returns:
+        The first Triton failure of this process (where it happened, the exception type and
+        message), or None when there was none since the start or the last
+        ``reset_triton_fallback``.
+
     Examples:
         >>> triton_fallback_reason() is None
         True
@@ -138,7 +143,17 @@ def triton_fallback_reason() -> Optional[str]:
 
 
 def reset_triton_fallback() -> None:
-    """Let ``backend="auto"`` try the Triton kernels again (after ``triton_fallback_reason``)."""
+    """Let ``backend="auto"`` try the Triton kernels again (after ``triton_fallback_reason``).
+
+    After a Triton failure, ``backend="auto"`` uses the ``fused`` backend for the rest of the
+    process; this forgets the failure (for instance after fixing the Triton install).
+
+    Examples:
+        >>> from metabin_layers.functional import reset_triton_fallback, triton_fallback_reason
+        >>> reset_triton_fallback()
+        >>> triton_fallback_reason() is None
+        True
+    """
     _TRITON_FAILURE.clear()
 
 
@@ -641,10 +656,13 @@ def batch_instance_norm(
     Args:
         x: input of shape ``(N, C, *spatial)`` with at least one spatial dimension.
         rho: per-channel mixing weight, shape ``(C,)``; 1 is pure BatchNorm, 0 pure InstanceNorm.
-        weight, bias: affine of the BN branch, ``(C,)`` or None (1 and 0).
-        in_weight, in_bias: affine of the IN branch, ``(C,)`` or None (1 and 0).
-        running_mean, running_var: BN running statistics, used when ``use_batch_stats`` is False
-            and updated in place when ``update_running_stats`` is True.
+        weight: weight of the BN branch, ``(C,)`` or None (1).
+        bias: bias of the BN branch, ``(C,)`` or None (0).
+        in_weight: weight of the IN branch, ``(C,)`` or None (1).
+        in_bias: bias of the IN branch, ``(C,)`` or None (0).
+        running_mean: BN running mean, used when ``use_batch_stats`` is False and updated in place
+            when ``update_running_stats`` is True.
+        running_var: BN running variance, used and updated like ``running_mean``.
         use_batch_stats: normalise the BN branch with the statistics of this batch.
         update_running_stats: blend the batch statistics into the running buffers with
             ``momentum`` (nn.BatchNorm semantics: unbiased variance is stored).

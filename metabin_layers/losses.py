@@ -175,6 +175,9 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 0.3, normaliz
         margin: hinge margin (>= 0); ``0`` selects the soft margin.
         normalize: L2-normalise the features first (``x / (|x| + 1e-12)``).
 
+    Returns:
+        The scalar loss, float32 (float64 for float64 features).
+
     A batch with a single identity (or no sample) has no negative: the loss is then a zero that
     stays connected to the graph (zero gradient), not an error.
 
@@ -211,6 +214,14 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         logits: ``(N, K)`` unnormalised scores.
         targets: ``(N,)`` integer class indices in ``[0, K)``.
         epsilon: smoothing in ``[0, 1)``.
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 logits); a zero in the graph for an empty
+        batch.
+
+    Raises:
+        ValueError: malformed shapes, non-integer ``targets``, a class index outside ``[0, K)``,
+            ``epsilon`` outside ``[0, 1)``, or ``K < 2`` with ``epsilon > 0``.
 
     Examples:
         >>> import torch
@@ -256,6 +267,10 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
         domains: ``(N,)`` domain labels (any values; only equality matters).
         normalize: L2-normalise the features first (the authors' setting).
 
+    Returns:
+        The scalar loss, float32 (float64 for float64 features); a zero in the graph for an empty
+        batch.
+
     Examples:
         >>> import torch
         >>> f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0]])
@@ -297,6 +312,9 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
         labels: ``(N,)`` identity labels.
         domains: ``(N,)`` domain labels.
         margin: hinge margin (>= 0); ``0`` selects the soft margin.
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 features).
 
     When no domain holds two identities (or there is no sample) no anchor has a negative: the
     loss is then a zero that stays connected to the graph, not an error.

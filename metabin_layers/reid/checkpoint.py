@@ -73,7 +73,26 @@ def _digest(value: Any, h: Any, where: str) -> None:
 
 
 def checksum(state: Any) -> str:
-    """SHA-256 over every tensor (dtype, shape, bytes) and plain value of ``state``, in order."""
+    """SHA-256 over every tensor (dtype, shape, bytes) and plain value of ``state``, in order.
+
+    Args:
+        state: tensors and plain values (dict with str or int keys, list, tuple, str, int,
+            float, bool, None), nested at will.
+
+    Returns:
+        The hex digest (64 characters); equal states (same keys in the same order, same values,
+        same tensor dtypes and shapes) give equal digests.
+
+    Raises:
+        TypeError: ``state`` holds another kind of object; the message gives where.
+
+    Examples:
+        >>> import torch
+        >>> checksum({"w": torch.zeros(2)}) == checksum({"w": torch.zeros(2)})
+        True
+        >>> checksum({"w": torch.zeros(2)}) == checksum({"w": torch.zeros(2, dtype=torch.float64)})
+        False
+    """
     h = hashlib.sha256()
     _digest(state, h, "state")
     return h.hexdigest()
@@ -82,8 +101,23 @@ def checksum(state: Any) -> str:
 def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
     """Write ``state`` (tensors and plain values only) atomically to ``path``, with its checksum.
 
+    Args:
+        state: the values to save: a dict of tensors and plain Python values (dict with str or
+            int keys, list, tuple, str, int, float, bool, None), nested at will.
+        path: the checkpoint file; replaced in one rename, so an interrupted save leaves the
+            previous file intact.
+
     Raises:
         TypeError: ``state`` holds another kind of object (a numpy array, a custom class, ...).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> path = Path(tempfile.mkdtemp()) / "last.pt"
+        >>> save_checkpoint({"iteration": 7, "rho": torch.full((2,), 0.5)}, path)
+        >>> sorted(load_checkpoint(path))
+        ['iteration', 'rho']
     """
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "checksum": checksum(state), "state": state}
@@ -103,10 +137,29 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
 
     Loads on the CPU with ``weights_only=True``.
 
+    Args:
+        path: a file written by ``save_checkpoint``.
+
+    Returns:
+        The saved ``state`` dict, its tensors on the CPU.
+
     Raises:
         CheckpointError: the file is missing, empty, not a checkpoint of this format (or version),
             holds objects other than tensors and plain values, or fails the checksum; the message
             names the file.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> path = Path(tempfile.mkdtemp()) / "last.pt"
+        >>> save_checkpoint({"iteration": 7, "weights": torch.ones(2)}, path)
+        >>> load_checkpoint(path)["weights"].tolist()
+        [1.0, 1.0]
+        >>> load_checkpoint(path.with_name("missing.pt"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        metabin_layers.reid.errors.CheckpointError: checkpoint ...missing.pt: no such file
     """
     path = Path(path)
     if not path.exists():
@@ -159,7 +212,14 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
 def capture_rng_state() -> dict[str, Any]:
     """The torch, CUDA, numpy and Python global RNG states, as tensors and plain values.
 
+    CUDA states are included only when CUDA is initialised in this process.
+
+    Returns:
+        A dict with keys ``"torch"``, ``"numpy"``, ``"python"`` (and ``"cuda"``) that
+        ``save_checkpoint`` accepts and ``restore_rng_state`` reads back.
+
     Examples:
+        >>> import random
         >>> state = capture_rng_state()
         >>> a = random.random(); restore_rng_state(state); a == random.random()
         True
@@ -183,7 +243,22 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Set the global RNGs from ``capture_rng_state``'s result (CUDA when present and usable)."""
+    """Set the global RNGs from ``capture_rng_state``'s result (CUDA when present and usable).
+
+    The CUDA states are restored only when the saved number of devices matches this process's.
+
+    Args:
+        state: a dict returned by ``capture_rng_state`` (possibly through ``save_checkpoint`` and
+            ``load_checkpoint``).
+
+    Examples:
+        >>> import torch
+        >>> state = capture_rng_state()
+        >>> first = torch.rand(2)
+        >>> restore_rng_state(state)
+        >>> torch.equal(torch.rand(2), first)
+        True
+    """
     torch.set_rng_state(state["torch"])
     npy = state["numpy"]
     keys = npy["keys"].numpy().astype(np.uint32)

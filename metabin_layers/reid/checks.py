@@ -31,8 +31,20 @@ def _where(data: RecipeData, name: str) -> str:
 def check_targets(data: RecipeData) -> None:
     """Every evaluation target has a non-empty query and gallery in every split.
 
+    Args:
+        data: the run's data (``metabin_layers.reid.data.build_data``); its ``targets`` are checked.
+
     Raises:
         DataError: naming the target, its folder and the split.
+
+    Examples:
+        >>> from metabin_layers.reid.checks import check_targets
+        >>> from metabin_layers.reid.data import RecipeData, TargetSplit
+        >>> targets = {"grid": [TargetSplit([0], [1, 2]), TargetSplit([0], [])]}
+        >>> check_targets(RecipeData([(None, 0, 0, 0)], None, 1, 1, targets, "", folders={"grid": "/data/grid"}))
+        Traceback (most recent call last):
+        ...
+        metabin_layers.reid.errors.DataError: target grid (folder /data/grid), split 1: the gallery set is empty
     """
     for name, splits in data.targets.items():
         if not splits:
@@ -61,6 +73,25 @@ def check_sources(cfg: TrainConfig, data: RecipeData) -> None:
             num_instances``; a source (domain) with fewer identities than the meta batch takes from
             each domain (``meta_batch_size / (num_domains * num_instances)``). Each names the
             dataset and its folder.
+
+    Args:
+        cfg: the run's config; ``batch_size``, ``num_instances``, ``meta_batch_size``, ``norm``,
+            ``sources``, ``data_root`` and ``cameras_as_domains`` are read.
+        data: the run's data (``metabin_layers.reid.data.build_data``); its ``train_items``
+            ``(img_path, pid, camid, domain)`` are checked.
+
+    Examples:
+        >>> from metabin_layers.reid.checks import check_sources
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> from metabin_layers.reid.errors import DataError
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2],
+        ...                   syn_images_per_id=2, batch_size=8, num_instances=2, meta_batch_size=16)
+        >>> try:
+        ...     check_sources(cfg, build_data(cfg))
+        ... except DataError as err:
+        ...     print(str(err).split(",")[0])
+        source domain 0 of synthetic data: 2 identities
     """
     if len(data.train_items) == 0:
         raise DataError(f"sources {', '.join(_where(data, n) for n in cfg.sources)}: no training image")
@@ -88,6 +119,22 @@ def check_sources(cfg: TrainConfig, data: RecipeData) -> None:
 
 
 def check_data(cfg: TrainConfig, data: RecipeData) -> None:
-    """``check_sources`` and ``check_targets``: everything that would stop a run later."""
+    """``check_sources`` and ``check_targets``: everything that would stop a run later.
+
+    Args:
+        cfg: the run's config (see ``check_sources``).
+        data: the run's data, built from ``cfg`` by ``metabin_layers.reid.data.build_data``.
+
+    Raises:
+        DataError: the first problem found, sources first.
+
+    Examples:
+        >>> from metabin_layers.reid.checks import check_data
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2],
+        ...                   syn_images_per_id=2, batch_size=8, num_instances=2, meta_batch_size=8)
+        >>> check_data(cfg, build_data(cfg))  # passes silently
+    """
     check_sources(cfg, data)
     check_targets(data)

@@ -10,16 +10,72 @@ __all__ = ["RecipeError", "CheckpointError", "OutputFolderError", "DataError"]
 
 
 class RecipeError(ValueError):
-    """A problem with the inputs of a recipe run, reported by the CLI as one line."""
+    """A problem with the inputs of a recipe run, reported by the CLI as one line.
+
+    The base class of the recipe's errors; a ``ValueError``, so library callers that catch
+    ``ValueError`` keep working. Raised with one argument, the message, which names the file,
+    folder, config key or dataset at fault.
+
+    Examples:
+        >>> from metabin_layers.reid.errors import DataError, RecipeError
+        >>> try:
+        ...     raise DataError("target viper (folder /data/viper): the query set is empty")
+        ... except RecipeError as err:
+        ...     print(f"metabin-reid: error: {err}")
+        metabin-reid: error: target viper (folder /data/viper): the query set is empty
+        >>> issubclass(RecipeError, ValueError)
+        True
+    """
 
 
 class CheckpointError(RecipeError):
-    """A checkpoint that is missing, empty, corrupt, of another format, or not safe to load."""
+    """A checkpoint that is missing, empty, corrupt, of another format, or not safe to load.
+
+    Raised by ``metabin_layers.reid.checkpoint.load_checkpoint``; the message names the file
+    and says why it was refused.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.checkpoint import load_checkpoint
+        >>> from metabin_layers.reid.errors import CheckpointError
+        >>> path = Path(tempfile.mkdtemp()) / "empty.pt"
+        >>> _ = path.write_bytes(b"")
+        >>> try:
+        ...     load_checkpoint(path)
+        ... except CheckpointError as err:
+        ...     print(str(err).split(": ", 1)[1])
+        the file is empty (an interrupted save?)
+    """
 
 
 class OutputFolderError(RecipeError):
-    """An output folder that holds an earlier run (use ``--overwrite`` or ``--resume``)."""
+    """An output folder that holds an earlier run (use ``--overwrite`` or ``--resume``).
+
+    Also raised when the output path is an existing file rather than a folder.
+
+    Examples:
+        >>> from metabin_layers.reid.errors import OutputFolderError, RecipeError
+        >>> err = OutputFolderError("output runs/bn: holds an earlier run (results.json)")
+        >>> isinstance(err, RecipeError), str(err)
+        (True, 'output runs/bn: holds an earlier run (results.json)')
+    """
 
 
 class DataError(RecipeError):
-    """A dataset that cannot feed the run (an empty query or gallery, too few identities, ...)."""
+    """A dataset that cannot feed the run (an empty query or gallery, too few identities, ...).
+
+    Raised by the checks of ``metabin_layers.reid.checks`` before the first iteration; the
+    message names the dataset and the folder it was read from.
+
+    Examples:
+        >>> from metabin_layers.reid.checks import check_targets
+        >>> from metabin_layers.reid.data import RecipeData, TargetSplit
+        >>> from metabin_layers.reid.errors import DataError
+        >>> data = RecipeData([(None, 0, 0, 0)], None, 1, 1, {"grid": [TargetSplit([0], [])]}, "")
+        >>> try:
+        ...     check_targets(data)
+        ... except DataError as err:
+        ...     print(err)
+        target grid (synthetic data): the gallery set is empty
+    """

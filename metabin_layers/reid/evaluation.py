@@ -64,8 +64,11 @@ def evaluate_rank(
 
     Args:
         distmat: ``(num_query, num_gallery)`` distances, smaller = more similar (no NaN).
-        q_pids, g_pids: identities of queries / gallery items (1-D, any comparable dtype).
-        q_camids, g_camids: camera ids of queries / gallery items.
+        q_pids: identities of the queries (1-D, any comparable dtype), one per row of ``distmat``.
+        g_pids: identities of the gallery items, one per column of ``distmat``.
+        q_camids: camera ids of the queries.
+        g_camids: camera ids of the gallery items; a gallery item of the query's identity and
+            camera is left out for that query.
         max_rank: length of the returned CMC curve. If larger than the gallery, a warning is
             issued and the gallery size is used (as torchreid does).
         invalid_as_zero: average AP / INP over *all* queries with invalid ones counting 0
@@ -231,6 +234,18 @@ def compute_distance(
     ``metric="cosine"``: ``1 - cos`` between L2-normalised features (range [0, 2]);
     ``metric="euclidean"``: plain (not squared) euclidean distance.
 
+    Args:
+        query: query features ``(N, D)``, a tensor or an array.
+        gallery: gallery features ``(M, D)``.
+        metric: ``"cosine"`` or ``"euclidean"``.
+
+    Returns:
+        The ``(N, M)`` float32 distance matrix, smaller = more similar.
+
+    Raises:
+        ValueError: ``query`` or ``gallery`` not 2-D, feature dimensions that differ, or an
+            unknown ``metric``.
+
     Examples:
         >>> q = torch.tensor([[1.0, 0.0]]); g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> compute_distance(q, g).tolist(), [round(float(v), 3) for v in compute_distance(q, g, "euclidean")[0]]
@@ -264,6 +279,17 @@ def evaluate(
     invalid_as_zero: bool = False,
 ) -> dict[str, Any]:
     """Extract features, compute distances and return the Re-ID metrics.
+
+    Args:
+        model: maps an image batch to features (see ``extract_features``).
+        query_loader: yields the query batches, dicts with keys ``img``, ``pid`` and ``camid``.
+        gallery_loader: yields the gallery batches, the same kind of dicts.
+        device: where to run; default: the device of the model's first parameter (else CPU).
+        metric: the distance, ``"cosine"`` or ``"euclidean"`` (see ``compute_distance``).
+        flip: average the features of each image and its horizontal mirror.
+        max_rank: length of the CMC curve (at most the gallery size).
+        invalid_as_zero: average AP / INP over all queries, queries without a true match in the
+            gallery counting 0 (see ``evaluate_rank``).
 
     Returns:
         ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` as floats in [0, 1] (multiply by 100 for

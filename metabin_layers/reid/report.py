@@ -31,6 +31,14 @@ def results_table(targets: Mapping[str, Mapping[str, Any]], test_splits: Optiona
     a last column says whether the target's splits are the authors' (``yes``), not theirs
     (``NO (generated)``, ...), or ``n/a`` (a fixed query/gallery, the synthetic data).
 
+    Args:
+        targets: per target name, its metrics ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP``
+            as fractions in [0, 1]; an optional ``<metric>_std`` adds ``± std``.
+        test_splits: per target name, its split provenance; None leaves the column out.
+
+    Returns:
+        The Markdown table, one line per row, without a trailing newline.
+
     Examples:
         >>> print(results_table({"style4": {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2}}))
         | target | rank1 | rank5 | rank10 | mAP | mINP |
@@ -55,6 +63,14 @@ def results_table(targets: Mapping[str, Mapping[str, Any]], test_splits: Optiona
 def split_notice(test_splits: Optional[Mapping[str, Mapping[str, Any]]]) -> str:
     """A line naming the targets whose splits are not the authors' ("" when there are none).
 
+    Args:
+        test_splits: per target name, its split provenance (``authors_split_files`` True, False
+            or None); None is the same as no target.
+
+    Returns:
+        The notice, or an empty string when every target uses the authors' split files or has
+        none to use.
+
     Examples:
         >>> split_notice({"grid": {"authors_split_files": True}, "viper": {"authors_split_files": False}})
         "NOT COMPARABLE TO THE PAPER: viper not evaluated on the authors' split files."
@@ -68,7 +84,14 @@ def split_notice(test_splits: Optional[Mapping[str, Mapping[str, Any]]]) -> str:
 def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str] = ("rank1", "mAP")) -> str:
     """The paper's Table 5 shape: one row per normalization, mean ± std over seeds per target.
 
-    ``runs`` maps a variant name to the ``results`` dicts of its seeds.
+    Args:
+        runs: maps a variant name (``"bn"``, ``"metabin"``, ...) to the ``results`` dicts of its
+            seeds; the targets are those of the first result.
+        metrics: the metrics shown per target (keys of a target's entry). With more than one
+            target, an ``avg`` column per metric follows.
+
+    Returns:
+        The Markdown table (percentages, ``mean ± std`` over seeds; std with ``ddof=0``).
 
     Examples:
         >>> r = {"targets": {"t": {"rank1": 0.5, "mAP": 0.25}}}
@@ -113,7 +136,28 @@ def _pyplot():
 
 
 def plot_rho(rho_per_layer: Sequence[Mapping[str, float]], path: Path) -> bool:
-    """rho per layer (mean with min-max band). Returns False when matplotlib is missing."""
+    """rho per layer (mean with min-max band). Returns False when matplotlib is missing.
+
+    Args:
+        rho_per_layer: one dict per MetaBIN layer with keys ``layer`` (its position),
+            ``mean``, ``min`` and ``max`` of its rho.
+        path: the image file to write (PNG by its suffix).
+
+    Returns:
+        True when the plot was written; False when matplotlib is missing or
+        ``rho_per_layer`` is empty.
+
+    Examples:
+        >>> import contextlib, io, tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.report import plot_rho
+        >>> path = Path(tempfile.mkdtemp()) / "rho.png"
+        >>> rho = [{"layer": 0, "mean": 0.9, "min": 0.8, "max": 1.0}, {"layer": 1, "mean": 0.4, "min": 0.1, "max": 0.7}]
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the notice when matplotlib is missing
+        ...     written = plot_rho(rho, path)
+        >>> written == path.exists()
+        True
+    """
     plt = _pyplot()
     if plt is None or not rho_per_layer:
         return False
@@ -130,7 +174,26 @@ def plot_rho(rho_per_layer: Sequence[Mapping[str, float]], path: Path) -> bool:
 
 
 def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int = 20) -> bool:
-    """CMC curves of every target. Returns False when matplotlib is missing."""
+    """CMC curves of every target. Returns False when matplotlib is missing.
+
+    Args:
+        targets: per target name, its metrics; the ``cmc`` entry (fractions in [0, 1]) is drawn.
+        path: the image file to write (PNG by its suffix).
+        max_rank: the number of ranks drawn.
+
+    Returns:
+        True when the plot was written, False when matplotlib is missing.
+
+    Examples:
+        >>> import contextlib, io, tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.report import plot_cmc
+        >>> path = Path(tempfile.mkdtemp()) / "cmc.png"
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the notice when matplotlib is missing
+        ...     written = plot_cmc({"style4": {"cmc": [0.5, 0.75, 1.0]}}, path)
+        >>> written == path.exists()
+        True
+    """
     plt = _pyplot()
     if plt is None:
         return False
@@ -148,8 +211,23 @@ def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
-    the whole new one, never a partial file."""
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    Readers see the old file or the whole new one, never a partial file.
+
+    Args:
+        path: the file to write; its folder must exist.
+        text: the content.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.report import write_text_atomic
+        >>> path = Path(tempfile.mkdtemp()) / "notes.md"
+        >>> write_text_atomic(path, "# run 1")
+        >>> path.read_text()
+        '# run 1'
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -167,6 +245,31 @@ def write_results(results: Mapping[str, Any], output: Path) -> None:
 
     ``results["test_splits"]`` (optional) adds the "authors' splits" column and, when a target's
     splits are not the authors', a line saying the numbers are not comparable to the paper's.
+
+    Args:
+        results: the run's results: ``norm``, ``seed``, ``iterations`` and ``targets`` (per
+            target, its metrics and ``cmc``) are required; ``test_splits`` and ``rho_per_layer``
+            are optional. Everything must be JSON-serialisable.
+        output: the run's folder (must exist); ``rho.png`` (with ``rho_per_layer``) and
+            ``cmc.png`` are written when matplotlib is installed.
+
+    Examples:
+        >>> import contextlib, io, json, tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.report import write_results
+        >>> m = {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2, "cmc": [0.5, 0.7]}
+        >>> out = Path(tempfile.mkdtemp())
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the printed table
+        ...     write_results({"norm": "bn", "seed": 0, "iterations": 10, "targets": {"style4": m}}, out)
+        >>> print((out / "results.md").read_text())
+        # bn (seed 0, 10 iterations)
+        <BLANKLINE>
+        | target | rank1 | rank5 | rank10 | mAP | mINP |
+        |---|---|---|---|---|---|
+        | style4 | 50.0 | 70.0 | 80.0 | 40.0 | 20.0 |
+        <BLANKLINE>
+        >>> json.loads((out / "results.json").read_text())["targets"]["style4"]["mAP"]
+        0.4
     """
     output = Path(output)
     write_text_atomic(output / "results.json", json.dumps(results, indent=2))

@@ -223,8 +223,9 @@ class RandomIdentitySampler(_IdentityBatchSampler):
         num_instances: K images per identity (paper: 4).
         seed: seeds the sampler's own generator (with the epoch).
         num_batches: ``None`` = infinite stream; otherwise batches per ``__iter__`` (epoch).
-        rank, world_size: yield this rank's ``batch_size / (world_size * K)`` whole identities of
-            every global batch (its ``rank``-th contiguous chunk; identities are contiguous).
+        rank: this process's rank: it yields the ``rank``-th contiguous chunk of
+            ``batch_size / (world_size * K)`` whole identities of every global batch.
+        world_size: the number of processes sharing each global batch (1: no split).
         allow_replacement: if False, an identity with fewer than K images is a ValueError.
 
     Examples:
@@ -315,7 +316,10 @@ class DomainBalancedSampler(_IdentityBatchSampler):
         items: sequence of ``(img, pid, camid, domain)``.
         batch_size: global batch size, a multiple of ``D * num_instances`` (paper: 80 = 5 x 4 x 4).
         num_instances: K (paper: 4).
-        seed, num_batches, rank, world_size: as in ``RandomIdentitySampler``.
+        seed: as in ``RandomIdentitySampler``.
+        num_batches: as in ``RandomIdentitySampler``.
+        rank: as in ``RandomIdentitySampler``.
+        world_size: as in ``RandomIdentitySampler``.
         num_domains: if given, domain labels must be the integers ``0 .. num_domains-1`` and
             every one of them must have enough identities; if None the distinct labels of
             ``items`` (sorted) are the domains.
