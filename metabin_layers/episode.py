@@ -210,7 +210,14 @@ class CyclicInnerLR(InnerLR):
         self.num_steps = 0
 
     def value_at(self, k: int) -> float:
-        """The ratio after ``k`` scheduler steps (torch's CyclicLR formula)."""
+        """The ratio after ``k`` scheduler steps (torch's CyclicLR formula).
+
+        Args:
+            k: the number of steps taken.
+
+        Returns:
+            The ratio ``beta_k / lr_rho`` after ``k`` steps.
+        """
         cycle = math.floor(1 + k / self.period)
         x = 1.0 + k / self.period - cycle
         scale = x / self.step_ratio if x <= self.step_ratio else (x - 1) / (self.step_ratio - 1)

@@ -118,8 +118,15 @@ class FoldedMetaBIN(nn.Module):
     def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBIN:
         """The folded form of an eval-mode MetaBIN layer (its current ``rho``, affines and buffers).
 
-        Raises ``ValueError`` when ``layer`` is in training mode (its output then uses batch
-        statistics and updates the running ones: there is nothing fixed to fold).
+        Args:
+            layer: a MetaBIN layer in eval mode.
+
+        Returns:
+            The ``FoldedMetaBIN`` computing the layer's eval-mode normalisation.
+
+        Raises:
+            ValueError: ``layer`` is in training mode (its output then uses batch statistics and
+                updates the running ones: there is nothing fixed to fold).
         """
         return cls(**_folded_tensors(layer))
 
@@ -234,7 +241,17 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
 
     @classmethod
     def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBINAct2d:
-        """The folded form of an eval-mode ``MetaBINAct2d`` (sharing its ``drop`` and ``act``)."""
+        """The folded form of an eval-mode ``MetaBINAct2d`` (sharing its ``drop`` and ``act``).
+
+        Args:
+            layer: a ``MetaBINAct2d`` in eval mode.
+
+        Returns:
+            The ``FoldedMetaBINAct2d`` computing the layer's eval-mode output.
+
+        Raises:
+            ValueError: ``layer`` is in training mode.
+        """
         return cls(**_folded_tensors(layer), drop=getattr(layer, "drop", None), act=getattr(layer, "act", None))
 
     def forward(self, x: Tensor) -> Tensor:

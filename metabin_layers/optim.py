@@ -195,14 +195,23 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             self._update_scaler()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of the base parameters and of rho (and finish a pending scaler update)."""
+        """Zero the gradients of the base parameters and of rho (and finish a pending scaler update).
+
+        Args:
+            set_to_none: passed to the base optimizer's ``zero_grad``; rho's ``.grad`` is always
+                set to None.
+        """
         self._finish_pending_update()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.rhos:
             p.grad = None
 
     def backward(self, loss: Tensor) -> None:
-        """``loss.backward()``, scaled by the grad scaler when there is one."""
+        """``loss.backward()``, scaled by the grad scaler when there is one.
+
+        Args:
+            loss: the base loss (``L_base``) of this iteration, a scalar tensor.
+        """
         self._finish_pending_update()
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
 
@@ -212,6 +221,16 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
         With a grad scaler its ``update()`` is left to ``meta_step`` (or to the next
         ``zero_grad`` / ``backward``): one update per iteration.
+
+        Args:
+            closure: passed to the base optimizer's ``step`` (not supported with a grad scaler).
+
+        Returns:
+            What the base optimizer's ``step`` returns (the closure's loss, or None); None with a
+            grad scaler.
+
+        Raises:
+            ValueError: a ``closure`` together with a grad scaler.
         """
         if self.grad_scaler is not None:
             if closure is not None:
@@ -230,6 +249,17 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         domains of the whole group are gathered first, so every rank draws the same split that a
         single process would draw from the global batch (the masks select this rank's samples),
         and a generator that differs between ranks (another seed) raises on every rank.
+
+        Args:
+            domains: the per-sample domain labels of the batch, a 1-D integer tensor.
+            num_meta_train: how many domains go to meta-train; default as in ``split_domains``.
+
+        Returns:
+            The ``DomainSplit``, with the masks over ``domains``.
+
+        Raises:
+            ValueError: as ``split_domains``; under ``torch.distributed`` also when the ranks'
+                generators differ.
         """
         group = self._group()
         if group is None or not isinstance(domains, Tensor):
@@ -372,7 +402,11 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Base and rho optimizer states, the inner-lr schedule position and the split generator."""
+        """Base and rho optimizer states, the inner-lr schedule position and the split generator.
+
+        Returns:
+            ``{"base", "rho", "inner_lr", "generator", "num_meta_steps"}``, for ``load_state_dict``.
+        """
         return {
             "base": self.base_optimizer.state_dict(),
             "rho": self.rho_optimizer.state_dict(),
@@ -382,6 +416,14 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore what ``state_dict`` saved (optimizers, inner-lr position, generator, step count).
+
+        Args:
+            state_dict: a dict returned by ``state_dict``.
+
+        Raises:
+            KeyError: ``state_dict`` misses one of its keys.
+        """
         missing = {"base", "rho", "inner_lr", "generator", "num_meta_steps"} - set(state_dict)
         if missing:
             raise KeyError(f"MetaBINOptimizer state_dict misses {sorted(missing)}")

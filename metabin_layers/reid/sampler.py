@@ -144,6 +144,9 @@ class _IdentityBatchSampler(Sampler[list[int]]):
 
         ``set_epoch`` with the current epoch keeps the position, so
         ``load_state_dict(s); set_epoch(s["epoch"])`` still resumes mid-epoch.
+
+        Args:
+            epoch: the epoch number; it seeds the stream together with ``seed``.
         """
         epoch = int(epoch)
         if epoch != self.epoch:
@@ -182,11 +185,24 @@ class _IdentityBatchSampler(Sampler[list[int]]):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"seed", "epoch", "position", ...}``; ``position`` = batches yielded this epoch."""
+        """``{"seed", "epoch", "position", ...}``; ``position`` = batches yielded this epoch.
+
+        Returns:
+            The position and the configuration (sampler class, number of items, batch size, K)
+            of the sampler, for ``load_state_dict``.
+        """
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, **self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``seed``, ``epoch`` and ``position``; the configuration must match."""
+        """Restore ``seed``, ``epoch`` and ``position``; the configuration must match.
+
+        Args:
+            state: a dict returned by ``state_dict``.
+
+        Raises:
+            ValueError: a configuration key differs from this sampler's, or ``position`` lies
+                outside ``[0, num_batches]``.
+        """
         for key, value in self._config().items():
             if key in state and state[key] != value:
                 raise ValueError(f"state_dict mismatch for {key!r}: saved {state[key]!r}, sampler has {value!r}")
@@ -411,7 +427,11 @@ class DomainBalancedSampler(_IdentityBatchSampler):
         return [i for start in range(0, len(batch), block) for i in batch[start + lo : start + lo + per_rank]]
 
     def batch_domains(self) -> list[Any]:
-        """Domain label of every position of a global batch (domains are contiguous blocks)."""
+        """Domain label of every position of a global batch (domains are contiguous blocks).
+
+        Returns:
+            A list of ``batch_size`` domain labels.
+        """
         per = self.ids_per_domain * self.num_instances
         return [dom for dom in self.domains for _ in range(per)]
 
