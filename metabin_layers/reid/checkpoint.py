@@ -41,7 +41,9 @@ from .errors import CheckpointError
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 FORMAT = "metabin-reid-checkpoint"
+"""The ``"format"`` header of every checkpoint file; a file without it is refused."""
 FORMAT_VERSION = 1
+"""The checkpoint format version this library writes and reads; other versions are refused."""
 
 _PLAIN = (str, int, float, bool, type(None))
 
