@@ -1,7 +1,7 @@
 """Losses used by MetaBIN: batch-hard triplet, label-smoothed cross-entropy, and the two
 meta-train regularisers of the paper, intra-domain scatter and inter-domain shuffle.
 
-All losses follow the authors' published definitions (see ``METABIN_SPEC.md`` section 3), are
+All losses follow the authors' published definitions (the MetaBIN paper and its code), are
 vectorised (boolean masks over the ``(N, N)`` distance matrix, no Python loop over anchors or
 domains), stay differentiable to second order (they are used inside
 ``torch.autograd.grad(..., create_graph=True)`` for the meta steps), and compute in float32 at

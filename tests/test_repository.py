@@ -41,3 +41,21 @@ def test_every_public_name_has_a_docstring_and_an_api_entry():
         if not isinstance(obj, (str, tuple)):
             assert obj.__doc__, f"{name} has no docstring"
         assert f"`{name}" in api, f"{name} is missing from docs/api.md"
+
+
+def test_the_repository_speaks_of_the_library_only():
+    """No references to files outside the repository, and no words about how the work was organised."""
+    pattern = re.compile(
+        r"METABIN_SPEC|DESIGN\.md|ECOSYSTEM\.md|PARITY\.md|REFERENCE_CODE\.md|\bwas lent\b|\bthis task\b|\bissue \d+\b", re.I
+    )
+    roots = [ROOT / d for d in ("metabin_layers", "tests", "benchmarks", "docs")] + [ROOT / "README.md", ROOT / "CHANGELOG.md"]
+    suffixes = {".py", ".md", ".yml", ".yaml", ".toml", ".sh", ".json", ".txt"}
+    offenders = []
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.suffix not in suffixes or "assets" in path.parts or path.name == "test_repository.py":
+                continue
+            for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()[:100]}")
+    assert not offenders, "\n".join(offenders)

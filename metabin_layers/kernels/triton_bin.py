@@ -1,7 +1,7 @@
 """Triton kernels for Batch-Instance Normalization as one affine map per (sample, channel).
 
 The math is the one of ``metabin_layers.functional._FusedBIN`` (see its docstring and
-``docs/DESIGN.md``, "The layer: one affine map per (sample, channel)")::
+``docs/concepts.md``, "The Batch-Instance Normalization layer")::
 
     y = A[n, c] * x + B[n, c]
     A = rho * w_B / s_B + (1 - rho) * w_I / s_nc
