@@ -45,7 +45,7 @@ class TrainConfig:
     backbone: str = "resnet50"  # timm name, or "tv:<name>" for torchvision
     last_stride: int = 1
     pretrained: Optional[str] = None  # local checkpoint path; nothing is downloaded
-    norm: str = "metabin"  # bn | in | bin-half | bin | metabin
+    norm: str = "metabin"  # one of model.NORM_VARIANTS
     rho_init: float = 1.0  # BIN_INIT 'one'
 
     # -- optimisation ----------------------------------------------------------------------------

@@ -14,12 +14,28 @@ from torch import Tensor, nn
 
 from ..convert import convert_bn_to_metabin, metabin_modules
 
-__all__ = ["NORM_VARIANTS", "ReIDModel", "build_backbone", "apply_norm_variant", "load_pretrained"]
+__all__ = [
+    "NORM_VARIANTS",
+    "META_LEARNED_NORMS",
+    "END_TO_END_RHO_NORMS",
+    "ReIDModel",
+    "build_backbone",
+    "apply_norm_variant",
+    "tie_branch_affines",
+    "load_pretrained",
+]
 
 #: ``bn``: plain BatchNorm; ``in``: affine InstanceNorm everywhere; ``bin-half``: first half of
-#: the channels BN, the rest IN; ``bin``: rho trained end to end with the weights (Nam & Kim);
-#: ``metabin``: rho meta-learned (the paper).
-NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "metabin")
+#: the channels BN, the rest IN; ``bin``: MetaBIN layers (one affine per branch) with rho trained
+#: end to end with the weights; ``bin-gate1``: Nam & Kim's BIN as the paper compares it (one shared
+#: affine, ``gamma * (rho * x_hat_B + (1 - rho) * x_hat_I) + beta``, rho trained end to end);
+#: ``metabin``: rho meta-learned (the paper); ``metabin-gate1``: rho meta-learned in gate1 layers
+#: (the paper's ablation "MetaBIN, replace with BIN").
+NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "bin-gate1", "metabin", "metabin-gate1")
+#: Variants whose rho is meta-learned by MetaBINOptimizer episodes.
+META_LEARNED_NORMS = ("metabin", "metabin-gate1")
+#: Variants whose rho is trained end to end with the base loss (its own SGD, clamped to [0, 1]).
+END_TO_END_RHO_NORMS = ("bin", "bin-gate1")
 
 
 def _set_last_stride_one(backbone: nn.Module) -> None:
@@ -116,12 +132,37 @@ def load_pretrained(module: nn.Module, path: str) -> list[str]:
     return module.load_state_dict(fitting, strict=False).missing_keys
 
 
+def tie_branch_affines(model: nn.Module) -> nn.Module:
+    """Make every MetaBIN layer of ``model`` a gate1 (Nam & Kim) layer: one affine for both branches.
+
+    The IN-branch ``in_weight`` / ``in_bias`` become the BN-branch ``weight`` / ``bias`` Parameter
+    objects, so the layer's single affine map per (sample, channel) computes
+    ``rho * (g x_hat_B + b) + (1 - rho) * (g x_hat_I + b) = g (rho x_hat_B + (1 - rho) x_hat_I) + b``
+    with the same code and backends as MetaBIN; both branches' gradients accumulate into the
+    shared Parameters, and ``model.parameters()`` lists each once. The state dict keeps the
+    ``in_weight`` / ``in_bias`` keys (equal to ``weight`` / ``bias``).
+
+    Examples:
+        >>> net = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        >>> m = metabin_modules(tie_branch_affines(net))[0]
+        >>> m.in_weight is m.weight, len(list(net.parameters()))
+        (True, 5)
+    """
+    for m in metabin_modules(model):
+        if m.weight is None or m.bias is None:
+            raise ValueError(f"tie_branch_affines needs affine layers, got {type(m).__name__} with affine=False")
+        m.in_weight = m.weight
+        m.in_bias = m.bias
+    return model
+
+
 def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0) -> nn.Module:
     """Convert ``backbone``'s BatchNorms for one of :data:`NORM_VARIANTS`.
 
     ``in`` and ``bin-half`` are MetaBIN layers with a fixed rho (0, or 1 on the first
     ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the
-    authors' IN / BIN_half layers with one implementation.
+    authors' IN / BIN_half layers with one implementation. ``bin-gate1`` and ``metabin-gate1``
+    tie the two branches' affines (:func:`tie_branch_affines`).
 
     Examples:
         >>> net, _ = build_backbone("resnet18")
@@ -134,6 +175,8 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0)
     if variant == "bn":
         return backbone
     backbone = convert_bn_to_metabin(backbone, rho_init=rho_init)
+    if variant.endswith("gate1"):
+        return tie_branch_affines(backbone)
     if variant in ("in", "bin-half"):
         for m in metabin_modules(backbone):
             with torch.no_grad():

@@ -29,7 +29,7 @@ from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intr
 from .config import TrainConfig
 from .data import RecipeData, build_data
 from .evaluation import evaluate
-from .model import ReIDModel
+from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
 from .report import write_results
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 
@@ -136,7 +136,7 @@ class Trainer:
         self.max_iters = cfg.max_iters or cfg.epochs * self.ipe
         self.base_batches = _Batches(self.data.train_set, base_sampler, cfg.workers, self.device)
         self.meta_batches: Optional[_Batches] = None
-        if cfg.norm == "metabin":
+        if cfg.norm in META_LEARNED_NORMS:
             per_domain = cfg.meta_batch_size // max(1, self.data.num_domains * cfg.num_instances)
             if per_domain < 2:
                 raise ValueError(
@@ -160,7 +160,7 @@ class Trainer:
         base = build_base_optimizer(self.model, cfg)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
-        if cfg.norm == "metabin":
+        if cfg.norm in META_LEARNED_NORMS:
             inner = (
                 cfg.inner_lr
                 if cfg.inner_lr is not None
@@ -183,7 +183,7 @@ class Trainer:
             )
         else:
             self.opt = base
-            if cfg.norm == "bin":  # rho trained end to end with the same loss (Nam & Kim)
+            if cfg.norm in END_TO_END_RHO_NORMS:  # rho trained end to end with the same loss (Nam & Kim)
                 self.rho_opt = torch.optim.SGD(rho_parameters(self.model), lr=rho_lr, momentum=0.0, weight_decay=0.0)
         warm = cfg.warmup_epochs * self.ipe
         milestones = [m * self.ipe for m in cfg.milestones]
