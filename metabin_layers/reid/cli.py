@@ -2,6 +2,7 @@
 
     metabin-reid train                       # MetaBIN on the synthetic data, held-out style results
     metabin-reid train --quick               # a smoke run of well under a minute
+    metabin-reid train --preset market-to-duke --data-root datasets   # a paper setting (reproducibility.md)
     metabin-reid train --data-root datasets --sources market1501 dukemtmcreid cuhk02 cuhk03_detected cuhksysu \
                        --targets grid viper prid ilids --set backbone=resnet50 pretrained=resnet50.pth
     metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt
@@ -21,6 +22,7 @@ import torch
 
 from .config import TrainConfig, load_config, parse_overrides
 from .model import NORM_VARIANTS
+from .presets import PAPER_PRESETS, paper_preset
 
 __all__ = ["main", "build_parser"]
 
@@ -45,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_train)
     p_train.add_argument("--norm", choices=NORM_VARIANTS, help="normalization variant (default metabin)")
     p_train.add_argument("--resume", help="checkpoint.pt to continue from")
+    p_train.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on its targets")
     p_eval.add_argument("--checkpoint", required=True)
     _add_common(p_eval)
     p_cmp = sub.add_parser("compare", help="train every normalization variant on the same data and seeds")
     _add_common(p_cmp)
+    p_cmp.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p_cmp.add_argument("--norms", nargs="+", choices=NORM_VARIANTS, default=list(NORM_VARIANTS))
     return parser
@@ -66,6 +70,18 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         if value is not None:
             overrides[key] = value
     overrides.update(extra or {})
+    preset = getattr(args, "preset", None)
+    if preset:
+        if overrides.get("data_root") is None:
+            raise ValueError(f"--preset {preset} trains on the real datasets: pass --data-root")
+        # the preset's values first; --config, --set and the other options override them
+        values = {k: v for k, v in paper_preset(preset).to_dict().items() if k not in ("data_root", "output")}
+        if args.config is not None:
+            import yaml
+
+            with open(args.config) as f:
+                values = {k: v for k, v in values.items() if k not in (yaml.safe_load(f) or {})}
+        overrides = {**values, **overrides}
     return load_config(args.config, overrides, quick=args.quick)
 
 

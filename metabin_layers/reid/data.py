@@ -58,8 +58,9 @@ def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> Recip
 
 def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
     assert cfg.data_root is not None
-    # Multi-source DG uses every image of a source (train + query + gallery), one domain each.
-    sources = [build_dataset(name, cfg.data_root, combine_all=True) for name in cfg.sources]
+    # Multi-source DG uses every image of a source (train + query + gallery), one domain each; a
+    # source that is also a target trains on its train split only (its query/gallery are the test).
+    sources = [build_dataset(name, cfg.data_root, combine_all=name not in cfg.targets) for name in cfg.sources]
     train = combine_sources(sources)
     items = train.train
     if cfg.cameras_as_domains:

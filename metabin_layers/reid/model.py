@@ -156,13 +156,14 @@ def tie_branch_affines(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0) -> nn.Module:
+def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0, in_affine_init: str = "copy") -> nn.Module:
     """Convert ``backbone``'s BatchNorms for one of :data:`NORM_VARIANTS`.
 
     ``in`` and ``bin-half`` are MetaBIN layers with a fixed rho (0, or 1 on the first
     ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the
     authors' IN / BIN_half layers with one implementation. ``bin-gate1`` and ``metabin-gate1``
-    tie the two branches' affines (:func:`tie_branch_affines`).
+    tie the two branches' affines (:func:`tie_branch_affines`). ``in_affine_init`` is passed to
+    :func:`~metabin_layers.convert_bn_to_metabin` (``"identity"``: the authors' IN affine 1 / 0).
 
     Examples:
         >>> net, _ = build_backbone("resnet18")
@@ -174,7 +175,7 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0)
         raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {variant!r}")
     if variant == "bn":
         return backbone
-    backbone = convert_bn_to_metabin(backbone, rho_init=rho_init)
+    backbone = convert_bn_to_metabin(backbone, rho_init=rho_init, in_affine_init=in_affine_init)
     if variant.endswith("gate1"):
         return tie_branch_affines(backbone)
     if variant in ("in", "bin-half"):
@@ -215,6 +216,7 @@ class ReIDModel(nn.Module):
         pretrained_path: Optional[str] = None,
         rho_init: float = 1.0,
         feat_dim: Optional[int] = None,
+        in_affine_init: str = "copy",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -227,7 +229,7 @@ class ReIDModel(nn.Module):
             net, channels = backbone, feat_dim
         if pretrained_path:
             load_pretrained(net, pretrained_path)  # before conversion: BN keys load as they are
-        self.backbone = apply_norm_variant(net, norm, rho_init)
+        self.backbone = apply_norm_variant(net, norm, rho_init, in_affine_init)
         self.norm = norm
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.neck = nn.BatchNorm1d(channels)

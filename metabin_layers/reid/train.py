@@ -128,11 +128,12 @@ class Trainer:
             last_stride=cfg.last_stride,
             pretrained_path=cfg.pretrained,
             rho_init=cfg.rho_init,
+            in_affine_init=cfg.in_affine_init,
         ).to(self.device)
         base_sampler = RandomIdentitySampler(
             self.data.train_items, cfg.batch_size, cfg.num_instances, seed=cfg.seed, rank=self.rank, world_size=self.world_size
         )
-        self.ipe = cfg.iters_per_epoch or max(1, base_sampler.estimated_num_images // cfg.batch_size - 1)
+        self.ipe = cfg.iters_per_epoch or max(1, base_sampler.estimated_num_images // cfg.batch_size)
         self.max_iters = cfg.max_iters or cfg.epochs * self.ipe
         self.base_batches = _Batches(self.data.train_set, base_sampler, cfg.workers, self.device)
         self.meta_batches: Optional[_Batches] = None
@@ -238,21 +239,27 @@ class Trainer:
         x, pid, dom = self.meta_batches.next()
         split = self.opt.split(dom, self.cfg.num_meta_train_domains)
         tr, te = split.train_mask, split.test_mask
-        model, margin = self.model, self.cfg.margin  # the unwrapped model: meta steps bypass DDP
+        model, margin, cfg = self.model, self.cfg.margin, self.cfg  # the unwrapped model: meta steps bypass DDP
 
         def meta_train_loss() -> Tensor:
             with self.autocast():
-                f, _ = model(x[tr])
-            return (
+                f, logits = model(x[tr])
+            loss = (
                 inter_domain_shuffle_loss(f, pid[tr], dom[tr])
                 + triplet_loss(f, pid[tr], margin)
                 + intra_domain_scatter_loss(f, dom[tr])
             )
+            if cfg.meta_train_ce:  # the authors' single-source configs
+                loss = loss + cross_entropy_label_smooth(logits, pid[tr], cfg.ce_epsilon)
+            return loss
 
         def meta_test_loss() -> Tensor:
             with self.autocast():
-                f, _ = model(x[te])
-            return triplet_loss(f, pid[te], margin)
+                f, logits = model(x[te])
+            loss = triplet_loss(f, pid[te], margin)
+            if cfg.meta_test_ce:
+                loss = loss + cross_entropy_label_smooth(logits, pid[te], cfg.ce_epsilon)
+            return loss
 
         out = self.opt.meta_step(meta_train_loss, meta_test_loss)
         logs = {"mtr": float(out["meta_train_loss"]), "inner_lr": out["inner_lr"]}
@@ -368,7 +375,11 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
         for split in splits:
             q = DataLoader(split.query, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
             g = DataLoader(split.gallery, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
-            runs.append(evaluate(model, q, g, device=device, metric=cfg.metric, flip=cfg.eval_flip))
+            runs.append(
+                evaluate(
+                    model, q, g, device=device, metric=cfg.metric, flip=cfg.eval_flip, invalid_as_zero=cfg.eval_invalid_as_zero
+                )
+            )
         entry: dict[str, Any] = {}
         for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
             values = np.array([r[key] for r in runs], dtype=np.float64)
@@ -376,6 +387,8 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
             entry[f"{key}_std"] = float(values.std())  # population std over splits, as the authors
         entry["cmc"] = np.mean([np.asarray(r["cmc"]) for r in runs], axis=0).tolist()
         entry["num_splits"] = len(runs)
+        # which queries mAP / mINP average over (the authors' Cython evaluator: all of them)
+        entry["map_averaging"] = "all queries, invalid ones as 0" if cfg.eval_invalid_as_zero else "valid queries"
         results[name] = entry
     return results
 
