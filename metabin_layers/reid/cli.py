@@ -6,6 +6,7 @@
     metabin-reid train --data-root datasets --sources market1501 dukemtmcreid cuhk02 cuhk03_detected cuhksysu \
                        --targets grid viper prid ilids --set backbone=resnet50 pretrained=resnet50.pth
     metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt
+    metabin-reid eval --checkpoint DG-resnet/model_final.pth --data-root datasets   # the authors' release
     metabin-reid compare --seeds 0 1 2       # BN / IN / BIN-half / BIN / MetaBIN on the same data
     torchrun --nproc_per_node 4 -m metabin_layers.reid.cli train ...   # DDP
 """
@@ -94,6 +95,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .authors_checkpoint import evaluate_authors_checkpoint, is_authors_checkpoint
+
+    if is_authors_checkpoint(args.checkpoint):  # a released model of the MetaBIN authors
+        return evaluate_authors_checkpoint(args.checkpoint, _config(args))
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results

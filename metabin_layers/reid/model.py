@@ -16,6 +16,7 @@ from ..convert import convert_bn_to_metabin, metabin_modules
 
 __all__ = [
     "NORM_VARIANTS",
+    "MOBILENETV2_X1_4",
     "META_LEARNED_NORMS",
     "END_TO_END_RHO_NORMS",
     "ReIDModel",
@@ -32,6 +33,8 @@ __all__ = [
 #: ``metabin``: rho meta-learned (the paper); ``metabin-gate1``: rho meta-learned in gate1 layers
 #: (the paper's ablation "MetaBIN, replace with BIN").
 NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "bin-gate1", "metabin", "metabin-gate1")
+#: The authors' MobileNetV2 x1.4 (torchreid widths; timm's ``mobilenetv2_140`` has other widths).
+MOBILENETV2_X1_4 = "mobilenetv2_x1_4"
 #: Variants whose rho is meta-learned by MetaBINOptimizer episodes.
 META_LEARNED_NORMS = ("metabin", "metabin-gate1")
 #: Variants whose rho is trained end to end with the base loss (its own SGD, clamped to [0, 1]).
@@ -77,7 +80,8 @@ class _TorchvisionTrunk(nn.Module):
 
 
 def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
-    """Build a feature-map backbone by name: ``"resnet50"`` (timm) or ``"tv:resnet50"`` (torchvision).
+    """Build a feature-map backbone by name: ``"resnet50"`` (timm), ``"tv:resnet50"`` (torchvision)
+    or ``"mobilenetv2_x1_4"`` (the authors' MobileNetV2 x1.4, :mod:`metabin_layers.reid.mobilenetv2`).
 
     Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
     No weights are downloaded; load them with :func:`load_pretrained`.
@@ -89,6 +93,11 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
     """
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+    if name == MOBILENETV2_X1_4:  # the authors' torchreid-style MobileNetV2 (their widths)
+        from .mobilenetv2 import MobileNetV2x14
+
+        net = MobileNetV2x14(last_stride=last_stride)
+        return net, net.feature_dim
     if name.startswith("tv:"):
         import torchvision
 
@@ -125,6 +134,10 @@ def load_pretrained(module: nn.Module, path: str) -> list[str]:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict (or a dict with 'model'/'state_dict'), got {type(state).__name__}")
+    if type(module).__name__ == "MobileNetV2x14":  # torchreid's ImageNet files use other names
+        from .mobilenetv2 import rename_torchreid_keys
+
+        state = rename_torchreid_keys(state)
     own = module.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:
