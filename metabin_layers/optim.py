@@ -23,6 +23,51 @@ def _straight_through_clamp(t: Tensor) -> Tensor:
     return t + (t.clamp(0.0, 1.0) - t).detach()
 
 
+@contextlib.contextmanager
+def _hold_plain_norms(model: nn.Module) -> Iterator[None]:
+    """Hold the running statistics of every non-MetaBIN norm layer that tracks them.
+
+    Held: a layer in training mode normalises with batch statistics and its ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` stay exactly as they were; a layer in eval mode
+    keeps normalising with its running statistics. Restored on exit, also when the block raises.
+
+    * ``_BatchNorm`` subclasses (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, timm's
+      ``BatchNormAct2d`` / ``SyncBatchNormAct``, whose forward is a copy of torch's): their
+      ``track_running_stats`` is set to False inside the block. torch's forward then passes no
+      buffers in training (batch statistics, no update, no ``num_batches_tracked`` bump) and still
+      passes them in eval mode. No copy, no update arithmetic, and ``SyncBatchNorm`` still
+      synchronises its batch statistics (the same collectives on every rank), so it is DDP-safe.
+      ``momentum=0`` would not do: it still bumps ``num_batches_tracked``, and ``momentum=None``
+      averages cumulatively.
+    * Any other ``_NormBase`` that tracks statistics (e.g. ``nn.InstanceNorm2d(...,
+      track_running_stats=True)``, whose forward updates the buffers whenever it uses input
+      statistics, whatever the flag): its buffers are saved and copied back in place, bit-exact
+      and keeping the tensors' identity (DDP holds references to them).
+    """
+    flipped: list[nn.modules.batchnorm._NormBase] = []
+    saved: list[tuple[Tensor, Tensor]] = []
+    try:
+        for m in model.modules():
+            if isinstance(m, _MetaBINBase) or not isinstance(m, nn.modules.batchnorm._NormBase):
+                continue
+            if not m.track_running_stats:
+                continue
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                flipped.append(m)
+            else:
+                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if isinstance(buf, Tensor):
+                        saved.append((buf, buf.detach().clone()))
+        yield
+    finally:
+        for m in flipped:
+            m.track_running_stats = True
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
 def _check_loss(value: Any, name: str) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise TypeError(f"{name} must return a scalar loss tensor, got {type(value).__name__}")
@@ -37,8 +82,13 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     * ``step`` is the base update (Algorithm 1, line 8): it steps ``base_optimizer``, which
       must not hold any rho. rho is frozen (``requires_grad=False``) outside ``meta_step``, so
       the base backward spends nothing on it.
-    * ``meta_step`` is the episode (lines 9-15): every MetaBIN layer in ``hold`` mode (batch
-      statistics, running statistics untouched); ``L_mtr = meta_train_loss()``; the inner gradient
+    * ``meta_step`` is the episode (lines 9-15): every normalization layer of the model that
+      tracks running statistics is held (MetaBIN layers in ``hold`` mode; ``nn.BatchNorm*``,
+      ``nn.SyncBatchNorm``, timm's ``BatchNormAct2d`` and any other ``_NormBase``, e.g. a plain
+      BN neck, too): in training mode it normalises with batch statistics and its running
+      statistics and ``num_batches_tracked`` stay untouched; a layer in eval mode stays so. The
+      meta batches are small domain subsets run with rho', so, as the authors, only base steps
+      update running statistics. ``L_mtr = meta_train_loss()``; the inner gradient
       with respect to rho only (no weight gradients are computed); ``rho' = clamp(rho - beta * g)``
       (first order: ``g`` detached and the clamp straight-through, as the authors; second order:
       through the graph, with the layers on their differentiable composite path);
@@ -291,7 +341,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             self._freeze_rho(False)
             # A DDP forward in a closure must not arm the reducer: nothing here calls backward().
             no_sync = self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
-            with torch.enable_grad(), no_sync:
+            with torch.enable_grad(), no_sync, _hold_plain_norms(self.model):
                 yield
         finally:
             for m, mode, backend in zip(self.layers, modes, backends):

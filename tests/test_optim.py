@@ -395,3 +395,90 @@ def test_a_failed_meta_step_changes_nothing():
     # the schedule goes on as if the failed calls never happened
     assert opt.meta_step(*good)["inner_lr"] == pytest.approx(0.1 * reference.step())
     assert opt.num_meta_steps == 2
+
+
+class WithPlainNorms(nn.Module):
+    """A converted trunk plus layers the converter never sees: a BN neck and other tracked norms."""
+
+    def __init__(self):
+        super().__init__()
+        import timm.layers
+
+        self.trunk = make_model()  # MetaBIN layers
+        self.act_norm = timm.layers.BatchNormAct2d(3, act_layer=nn.ReLU).double()
+        self.cumulative = nn.BatchNorm2d(3, momentum=None).double()  # cumulative averaging
+        self.inorm = nn.InstanceNorm2d(3, track_running_stats=True).double()  # updates whenever it normalises
+        self.frozen = nn.BatchNorm2d(3).double().eval()  # the user froze it: running statistics
+        self.neck = nn.BatchNorm1d(3).double()
+
+    def forward(self, x):
+        h = self.frozen(self.inorm(self.cumulative(self.act_norm(x))))
+        return self.neck(self.trunk(h))
+
+
+def _norm_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_meta_step_holds_every_tracked_norm_layer_and_base_step_updates_them():
+    model = WithPlainNorms()
+    with torch.no_grad():
+        model.frozen.running_mean.uniform_(-1, 1)
+        model.frozen.running_var.uniform_(0.5, 2)
+    x, y = data()
+    opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=0.1)
+    model(x)  # one update so that the buffers are not at their initial values
+    before = _norm_buffers(model)
+    seen = {}
+
+    def mtr():
+        out = model(x[:6])
+        # the neck normalised with the statistics of this batch: reference from its input
+        feats = model.trunk(model.frozen(model.inorm(model.cumulative(model.act_norm(x[:6])))))
+        ref = F.batch_norm(feats, None, None, model.neck.weight, model.neck.bias, True, 0.0, model.neck.eps)
+        seen["neck_batch_stats"] = torch.allclose(out, ref, atol=1e-12)
+        h = model.act_norm(x[:6])
+        ref_frozen = F.batch_norm(
+            h, model.frozen.running_mean, model.frozen.running_var, model.frozen.weight, model.frozen.bias, False, 0.0, 1e-5
+        )
+        seen["frozen_running_stats"] = torch.allclose(model.frozen(h), ref_frozen, atol=1e-12)
+        return mtr_loss(out)
+
+    opt.meta_step(mtr, lambda: mte_loss(model(x[6:]), y[6:]))
+    after = _norm_buffers(model)
+    assert seen == {"neck_batch_stats": True, "frozen_running_stats": True}
+    assert before.keys() == after.keys() and len(before) == 3 * 7  # 2 MetaBIN + 5 plain layers
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed in meta_step"
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+    assert not model.frozen.training
+
+    opt.zero_grad()
+    mte_loss(model(1.5 * x + 0.3), y).backward()  # other data than the first update
+    opt.step()
+    updated = _norm_buffers(model)
+    for k in before:
+        if k.startswith("frozen.") or k == "inorm.num_batches_tracked":  # InstanceNorm never counts
+            assert torch.equal(before[k], updated[k]), f"{k} must stay as it is"
+        else:
+            assert not torch.equal(before[k], updated[k]), f"{k} not updated by the base forward"
+
+
+def test_plain_norms_are_restored_when_a_closure_raises():
+    model = WithPlainNorms()
+    x, _ = data()
+    opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=0.1)
+    before = _norm_buffers(model)
+    tracked_inside = []
+
+    def boom():
+        model(x[6:])  # buffers of the instance norm change here, and are restored
+        tracked_inside.append(model.neck.track_running_stats)
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.meta_step(lambda: mtr_loss(model(x[:6])), boom)
+    assert tracked_inside == [False]
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+    after = _norm_buffers(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -2,10 +2,12 @@
 
     metabin-reid train                       # MetaBIN on the synthetic data, held-out style results
     metabin-reid train --quick               # a smoke run of well under a minute
+    metabin-reid train --preset market-to-duke --data-root datasets   # a paper setting (reproducibility.md)
     metabin-reid train --data-root datasets --sources market1501 dukemtmcreid cuhk02 cuhk03_detected cuhksysu \
                        --targets grid viper prid ilids --set backbone=resnet50 pretrained=resnet50.pth
     metabin-reid train --resume runs/synthetic --set max_iters=600   # continue a run (its folder or checkpoint)
     metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt      # results in runs/synthetic/eval
+    metabin-reid eval --checkpoint DG-resnet/model_final.pth --data-root datasets   # the authors' release
     metabin-reid compare --seeds 0 1 2       # BN / IN / BIN-half / BIN / MetaBIN on the same data
     torchrun --nproc_per_node 4 -m metabin_layers.reid.cli train ...   # DDP
 """
@@ -21,6 +23,7 @@ from typing import Any, Optional, Sequence
 from .config import TrainConfig, load_config, parse_overrides
 from .errors import RecipeError
 from .model import NORM_VARIANTS
+from .presets import PAPER_PRESETS, paper_preset
 
 __all__ = ["main", "build_parser"]
 
@@ -56,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--allow-config-change", action="store_true", help="resume although the config differs from the checkpoint's"
     )
+    p_train.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on its targets")
     p_eval.add_argument("--checkpoint", required=True)
     _add_common(p_eval)
     p_cmp = sub.add_parser("compare", help="train every normalization variant on the same data and seeds")
     _add_common(p_cmp)
+    p_cmp.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p_cmp.add_argument("--norms", nargs="+", choices=NORM_VARIANTS, default=list(NORM_VARIANTS))
     return parser
@@ -86,6 +91,18 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         if value is not None:
             overrides[key] = value
     overrides.update(extra or {})
+    preset = getattr(args, "preset", None)
+    if preset:
+        if overrides.get("data_root") is None:
+            raise RecipeError(f"--preset {preset} trains on the real datasets: pass --data-root")
+        # the preset's values first; --config, --set and the other options override them
+        values = {k: v for k, v in paper_preset(preset).to_dict().items() if k not in ("data_root", "output")}
+        if args.config is not None:
+            import yaml
+
+            with open(args.config) as f:
+                values = {k: v for k, v in values.items() if k not in (yaml.safe_load(f) or {})}
+        overrides = {**values, **overrides}
     try:
         return load_config(args.config, overrides, quick=args.quick)
     except KeyError as err:
@@ -109,6 +126,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .authors_checkpoint import evaluate_authors_checkpoint, is_authors_checkpoint
+
+    if is_authors_checkpoint(args.checkpoint):  # a released model of the MetaBIN authors
+        return evaluate_authors_checkpoint(args.checkpoint, _config(args))
+
     from .checkpoint import load_checkpoint
     from .checks import check_targets
     from .data import build_data

@@ -49,8 +49,11 @@ class TrainConfig:
     backbone: str = "resnet50"  # timm name, or "tv:<name>" for torchvision
     last_stride: int = 1
     pretrained: Optional[str] = None  # local checkpoint path; nothing is downloaded
-    norm: str = "metabin"  # bn | in | bin-half | bin | metabin
+    norm: str = "metabin"  # one of model.NORM_VARIANTS
     rho_init: float = 1.0  # BIN_INIT 'one'
+    # IN-branch affine at conversion: "copy" of the BN affine (library default) or "identity"
+    # (weight 1, bias 0: the authors' LOAD_IN_AFFINE False, used by the paper presets)
+    in_affine_init: str = "copy"
 
     # -- optimisation ----------------------------------------------------------------------------
     batch_size: int = 80  # IMS_PER_BATCH
@@ -76,6 +79,8 @@ class TrainConfig:
     first_inner_loop: int = 10  # plain base steps before the first meta step
     num_meta_train_domains: Optional[int] = None  # None: 3 of 5
     second_order: bool = False
+    meta_train_ce: bool = False  # "CrossEntropyLoss" in META.LOSS.MTRAIN_NAME (single-source configs)
+    meta_test_ce: bool = False  # "CrossEntropyLoss" in META.LOSS.MTEST_NAME (single-source configs)
     ce_epsilon: float = 0.1
     margin: float = 0.3
     amp: bool = True  # CUDA only
@@ -91,6 +96,9 @@ class TrainConfig:
     eval_flip: bool = False
     metric: str = "cosine"
     eval_batch_size: int = 128
+    # mAP / mINP over all queries, a query without a valid gallery match counting 0 (the authors'
+    # Cython evaluator, which produced their tables); False: over valid queries only
+    eval_invalid_as_zero: bool = False
 
     def __post_init__(self) -> None:
         from .model import NORM_VARIANTS
@@ -99,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {self.norm!r}")
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
+        if self.in_affine_init not in ("copy", "identity"):
+            raise ValueError(f"in_affine_init must be 'copy' or 'identity', got {self.in_affine_init!r}")
         if self.metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {self.metric!r}")
         for name in (
@@ -150,6 +160,8 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "epochs": 6,
     "milestones": [4],
     "warmup_epochs": 1,
+    # The benchmark's schedule, pinned: 6 x 48 = 288 iterations whatever the epoch formula.
+    "iters_per_epoch": 48,
     "syn_test_ids": 100,
     "syn_distractor_ids": 100,
     # A few hundred iterations instead of the paper's ~10^5: with the authors' rho lr (10x the

@@ -14,12 +14,31 @@ from torch import Tensor, nn
 
 from ..convert import convert_bn_to_metabin, metabin_modules
 
-__all__ = ["NORM_VARIANTS", "ReIDModel", "build_backbone", "apply_norm_variant", "load_pretrained"]
+__all__ = [
+    "NORM_VARIANTS",
+    "MOBILENETV2_X1_4",
+    "META_LEARNED_NORMS",
+    "END_TO_END_RHO_NORMS",
+    "ReIDModel",
+    "build_backbone",
+    "apply_norm_variant",
+    "tie_branch_affines",
+    "load_pretrained",
+]
 
 #: ``bn``: plain BatchNorm; ``in``: affine InstanceNorm everywhere; ``bin-half``: first half of
-#: the channels BN, the rest IN; ``bin``: rho trained end to end with the weights (Nam & Kim);
-#: ``metabin``: rho meta-learned (the paper).
-NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "metabin")
+#: the channels BN, the rest IN; ``bin``: MetaBIN layers (one affine per branch) with rho trained
+#: end to end with the weights; ``bin-gate1``: Nam & Kim's BIN as the paper compares it (one shared
+#: affine, ``gamma * (rho * x_hat_B + (1 - rho) * x_hat_I) + beta``, rho trained end to end);
+#: ``metabin``: rho meta-learned (the paper); ``metabin-gate1``: rho meta-learned in gate1 layers
+#: (the paper's ablation "MetaBIN, replace with BIN").
+NORM_VARIANTS = ("bn", "in", "bin-half", "bin", "bin-gate1", "metabin", "metabin-gate1")
+#: The authors' MobileNetV2 x1.4 (torchreid widths; timm's ``mobilenetv2_140`` has other widths).
+MOBILENETV2_X1_4 = "mobilenetv2_x1_4"
+#: Variants whose rho is meta-learned by MetaBINOptimizer episodes.
+META_LEARNED_NORMS = ("metabin", "metabin-gate1")
+#: Variants whose rho is trained end to end with the base loss (its own SGD, clamped to [0, 1]).
+END_TO_END_RHO_NORMS = ("bin", "bin-gate1")
 
 
 def _set_last_stride_one(backbone: nn.Module) -> None:
@@ -61,7 +80,8 @@ class _TorchvisionTrunk(nn.Module):
 
 
 def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
-    """Build a feature-map backbone by name: ``"resnet50"`` (timm) or ``"tv:resnet50"`` (torchvision).
+    """Build a feature-map backbone by name: ``"resnet50"`` (timm), ``"tv:resnet50"`` (torchvision)
+    or ``"mobilenetv2_x1_4"`` (the authors' MobileNetV2 x1.4, ``metabin_layers.reid.mobilenetv2``).
 
     Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
     No weights are downloaded; load them with ``load_pretrained``.
@@ -73,6 +93,11 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
     """
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+    if name == MOBILENETV2_X1_4:  # the authors' torchreid-style MobileNetV2 (their widths)
+        from .mobilenetv2 import MobileNetV2x14
+
+        net = MobileNetV2x14(last_stride=last_stride)
+        return net, net.feature_dim
     if name.startswith("tv:"):
         import torchvision
 
@@ -109,6 +134,10 @@ def load_pretrained(module: nn.Module, path: str) -> list[str]:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict (or a dict with 'model'/'state_dict'), got {type(state).__name__}")
+    if type(module).__name__ == "MobileNetV2x14":  # torchreid's ImageNet files use other names
+        from .mobilenetv2 import rename_torchreid_keys
+
+        state = rename_torchreid_keys(state)
     own = module.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:
@@ -116,12 +145,38 @@ def load_pretrained(module: nn.Module, path: str) -> list[str]:
     return module.load_state_dict(fitting, strict=False).missing_keys
 
 
-def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0) -> nn.Module:
+def tie_branch_affines(model: nn.Module) -> nn.Module:
+    """Make every MetaBIN layer of ``model`` a gate1 (Nam & Kim) layer: one affine for both branches.
+
+    The IN-branch ``in_weight`` / ``in_bias`` become the BN-branch ``weight`` / ``bias`` Parameter
+    objects, so the layer's single affine map per (sample, channel) computes
+    ``rho * (g x_hat_B + b) + (1 - rho) * (g x_hat_I + b) = g (rho x_hat_B + (1 - rho) x_hat_I) + b``
+    with the same code and backends as MetaBIN; both branches' gradients accumulate into the
+    shared Parameters, and ``model.parameters()`` lists each once. The state dict keeps the
+    ``in_weight`` / ``in_bias`` keys (equal to ``weight`` / ``bias``).
+
+    Examples:
+        >>> net = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        >>> m = metabin_modules(tie_branch_affines(net))[0]
+        >>> m.in_weight is m.weight, len(list(net.parameters()))
+        (True, 5)
+    """
+    for m in metabin_modules(model):
+        if m.weight is None or m.bias is None:
+            raise ValueError(f"tie_branch_affines needs affine layers, got {type(m).__name__} with affine=False")
+        m.in_weight = m.weight
+        m.in_bias = m.bias
+    return model
+
+
+def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0, in_affine_init: str = "copy") -> nn.Module:
     """Convert ``backbone``'s BatchNorms for one of ``NORM_VARIANTS``.
 
     ``in`` and ``bin-half`` are MetaBIN layers with a fixed rho (0, or 1 on the first
     ``ceil(C/2)`` channels and 0 on the rest) and the unused branch frozen: the same math as the
-    authors' IN / BIN_half layers with one implementation.
+    authors' IN / BIN_half layers with one implementation. ``bin-gate1`` and ``metabin-gate1``
+    tie the two branches' affines (``tie_branch_affines``). ``in_affine_init`` is passed to
+    ``convert_bn_to_metabin`` (``"identity"``: the authors' IN affine 1 / 0).
 
     Examples:
         >>> net, _ = build_backbone("resnet18")
@@ -133,7 +188,9 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0)
         raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {variant!r}")
     if variant == "bn":
         return backbone
-    backbone = convert_bn_to_metabin(backbone, rho_init=rho_init)
+    backbone = convert_bn_to_metabin(backbone, rho_init=rho_init, in_affine_init=in_affine_init)
+    if variant.endswith("gate1"):
+        return tie_branch_affines(backbone)
     if variant in ("in", "bin-half"):
         for m in metabin_modules(backbone):
             with torch.no_grad():
@@ -172,6 +229,7 @@ class ReIDModel(nn.Module):
         pretrained_path: Optional[str] = None,
         rho_init: float = 1.0,
         feat_dim: Optional[int] = None,
+        in_affine_init: str = "copy",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -184,7 +242,7 @@ class ReIDModel(nn.Module):
             net, channels = backbone, feat_dim
         if pretrained_path:
             load_pretrained(net, pretrained_path)  # before conversion: BN keys load as they are
-        self.backbone = apply_norm_variant(net, norm, rho_init)
+        self.backbone = apply_norm_variant(net, norm, rho_init, in_affine_init)
         self.norm = norm
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.neck = nn.BatchNorm1d(channels)

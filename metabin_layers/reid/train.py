@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError
 from .evaluation import evaluate
-from .model import ReIDModel
+from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
 from .report import write_results
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 
@@ -155,15 +155,16 @@ class Trainer:
             last_stride=cfg.last_stride,
             pretrained_path=cfg.pretrained,
             rho_init=cfg.rho_init,
+            in_affine_init=cfg.in_affine_init,
         ).to(self.device)
         base_sampler = RandomIdentitySampler(
             self.data.train_items, cfg.batch_size, cfg.num_instances, seed=cfg.seed, rank=self.rank, world_size=self.world_size
         )
-        self.ipe = cfg.iters_per_epoch or max(1, base_sampler.estimated_num_images // cfg.batch_size - 1)
+        self.ipe = cfg.iters_per_epoch or max(1, base_sampler.estimated_num_images // cfg.batch_size)
         self.max_iters = cfg.max_iters or cfg.epochs * self.ipe
         self.base_batches = _Batches(self.data.train_set, base_sampler, cfg.workers, self.device)
         self.meta_batches: Optional[_Batches] = None
-        if cfg.norm == "metabin":
+        if cfg.norm in META_LEARNED_NORMS:
             per_domain = cfg.meta_batch_size // max(1, self.data.num_domains * cfg.num_instances)
             if per_domain < 2 * self.world_size:
                 on = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
@@ -191,7 +192,7 @@ class Trainer:
         base = build_base_optimizer(self.model, cfg)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
-        if cfg.norm == "metabin":
+        if cfg.norm in META_LEARNED_NORMS:
             inner = (
                 cfg.inner_lr
                 if cfg.inner_lr is not None
@@ -214,7 +215,7 @@ class Trainer:
             )
         else:
             self.opt = base
-            if cfg.norm == "bin":  # rho trained end to end with the same loss (Nam & Kim)
+            if cfg.norm in END_TO_END_RHO_NORMS:  # rho trained end to end with the same loss (Nam & Kim)
                 self.rho_opt = torch.optim.SGD(rho_parameters(self.model), lr=rho_lr, momentum=0.0, weight_decay=0.0)
         warm = cfg.warmup_epochs * self.ipe
         milestones = [m * self.ipe for m in cfg.milestones]
@@ -275,22 +276,28 @@ class Trainer:
         x, pid, dom = self.meta_batches.next()
         split = self.opt.split(dom, self.cfg.num_meta_train_domains)
         tr, te = split.train_mask, split.test_mask
-        model, margin = self.model, self.cfg.margin  # the unwrapped model: meta steps bypass DDP
+        model, margin, cfg = self.model, self.cfg.margin, self.cfg  # the unwrapped model: meta steps bypass DDP
         self._local_degenerate += _lacks_negatives(pid[tr], dom[tr]) + _lacks_negatives(pid[tr]) + _lacks_negatives(pid[te])
 
         def meta_train_loss() -> Tensor:
             with self.autocast():
-                f, _ = model(x[tr])
-            return (
+                f, logits = model(x[tr])
+            loss = (
                 inter_domain_shuffle_loss(f, pid[tr], dom[tr])
                 + triplet_loss(f, pid[tr], margin)
                 + intra_domain_scatter_loss(f, dom[tr])
             )
+            if cfg.meta_train_ce:  # the authors' single-source configs
+                loss = loss + cross_entropy_label_smooth(logits, pid[tr], cfg.ce_epsilon)
+            return loss
 
         def meta_test_loss() -> Tensor:
             with self.autocast():
-                f, _ = model(x[te])
-            return triplet_loss(f, pid[te], margin)
+                f, logits = model(x[te])
+            loss = triplet_loss(f, pid[te], margin)
+            if cfg.meta_test_ce:
+                loss = loss + cross_entropy_label_smooth(logits, pid[te], cfg.ce_epsilon)
+            return loss
 
         out = self.opt.meta_step(meta_train_loss, meta_test_loss)
         logs = {"mtr": float(out["meta_train_loss"]), "inner_lr": out["inner_lr"]}
@@ -415,7 +422,11 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
         for split in splits:
             q = DataLoader(split.query, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
             g = DataLoader(split.gallery, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
-            runs.append(evaluate(model, q, g, device=device, metric=cfg.metric, flip=cfg.eval_flip))
+            runs.append(
+                evaluate(
+                    model, q, g, device=device, metric=cfg.metric, flip=cfg.eval_flip, invalid_as_zero=cfg.eval_invalid_as_zero
+                )
+            )
         entry: dict[str, Any] = {}
         for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
             values = np.array([r[key] for r in runs], dtype=np.float64)
@@ -423,6 +434,8 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
             entry[f"{key}_std"] = float(values.std())  # population std over splits, as the authors
         entry["cmc"] = np.mean([np.asarray(r["cmc"]) for r in runs], axis=0).tolist()
         entry["num_splits"] = len(runs)
+        # which queries mAP / mINP average over (the authors' Cython evaluator: all of them)
+        entry["map_averaging"] = "all queries, invalid ones as 0" if cfg.eval_invalid_as_zero else "valid queries"
         results[name] = entry
     return results
 

@@ -1,0 +1,175 @@
+"""Load the MetaBIN authors' released models (their fast-reid checkpoint layout) into ``ReIDModel``.
+
+Their checkpoints are ``{"model": state_dict, ...}`` with keys
+
+* ``backbone.<path>``: ResNet-50 (``conv1``, ``bn1``, ``layerS.B.{conv,bn}{1,2,3}``,
+  ``layerS.0.downsample.{conv,bn}``) or their MobileNetV2 x1.4 (``layer1`` .. ``layer9``);
+* a MetaBIN layer as ``<path>.bat_n.*`` (BN branch and running statistics), ``<path>.ins_n.*``
+  (IN affine) and ``<path>.gate`` (rho); a BIN_gate1 layer as a BatchNorm plus ``<path>.gate``;
+* ``heads.classifier_norm.*`` (the BN neck), ``heads.classifier_fc.weight`` (the classifier) and the
+  input normalisation buffers ``pixel_mean`` / ``pixel_std`` (ImageNet mean / std x 255; our
+  transforms normalise the same way, so they are checked and dropped).
+
+``load_authors_checkpoint`` maps these names onto ours and loads strictly.
+
+Examples:
+    >>> authors_key_to_recipe("backbone.layer1.0.downsample.bn.bat_n.running_var")
+    'backbone.layer1.0.downsample.1.running_var'
+    >>> authors_key_to_recipe("heads.classifier_norm.weight"), authors_key_to_recipe("backbone.bn1.gate")
+    ('neck.weight', 'backbone.bn1.rho')
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .model import MOBILENETV2_X1_4, ReIDModel
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "authors_key_to_recipe",
+    "authors_state_dict_to_recipe",
+    "is_authors_checkpoint",
+    "load_authors_checkpoint",
+    "evaluate_authors_checkpoint",
+]
+
+_CLASSIFIER = "heads.classifier_fc.weight"
+_SUFFIXES = (  # a MetaBIN layer's sub-modules -> our flat names
+    ("bat_n.weight", "weight"),
+    ("bat_n.bias", "bias"),
+    ("bat_n.running_mean", "running_mean"),
+    ("bat_n.running_var", "running_var"),
+    ("bat_n.num_batches_tracked", "num_batches_tracked"),
+    ("ins_n.weight", "in_weight"),
+    ("ins_n.bias", "in_bias"),
+    ("gate", "rho"),
+)
+
+
+def authors_key_to_recipe(key: str) -> str:
+    """One key of the authors' layout -> the ``ReIDModel`` key."""
+    if key.startswith("heads.classifier_norm."):
+        return "neck." + key[len("heads.classifier_norm.") :]
+    if key.startswith("heads.classifier_fc."):
+        return "classifier." + key[len("heads.classifier_fc.") :]
+    key = re.sub(r"\.downsample\.conv\.", ".downsample.0.", key)
+    key = re.sub(r"\.downsample\.bn\.", ".downsample.1.", key)
+    for theirs, ours in _SUFFIXES:
+        if key.endswith("." + theirs):
+            return key[: -len(theirs)] + ours
+    return key
+
+
+def _unwrap(state: Any) -> dict[str, Tensor]:
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state dict or a dict holding one under 'model', got {type(state).__name__}")
+    return state
+
+
+def is_authors_checkpoint(checkpoint: Any) -> bool:
+    """True when ``checkpoint`` (a loaded checkpoint, or a file) is in the authors' layout.
+
+    A file is read with ``weights_only=True``; one that needs more than tensors (e.g. the recipe's
+    own training checkpoints, which hold RNG states) is not theirs.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception:  # unpickling refused: not a plain tensor checkpoint
+            return False
+    try:
+        return _CLASSIFIER in _unwrap(checkpoint)
+    except ValueError:
+        return False
+
+
+def authors_state_dict_to_recipe(state: Any) -> dict[str, Tensor]:
+    """The authors' state dict (or checkpoint) with our key names; ``pixel_mean``/``pixel_std`` checked and dropped."""
+    state = _unwrap(state)
+    for name, values in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
+        if name in state:
+            expected = torch.tensor(values, dtype=torch.float64) * 255
+            if not torch.allclose(state[name].double().flatten(), expected, atol=1e-3):
+                raise ValueError(f"{name} is {state[name].flatten().tolist()}, expected ImageNet {expected.tolist()}")
+    return {authors_key_to_recipe(k): v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
+
+
+def _architecture(state: dict[str, Tensor]) -> tuple[str, str]:
+    if "backbone.layer9.conv.weight" in state:
+        backbone = MOBILENETV2_X1_4
+    elif "backbone.layer4.0.conv3.weight" in state and "backbone.layer3.5.conv1.weight" in state:
+        if "backbone.layer3.6.conv1.weight" in state:
+            raise ValueError("the checkpoint's ResNet has more than 6 blocks in layer3: only ResNet-50 is supported")
+        backbone = "resnet50"
+    else:
+        raise ValueError("unknown backbone: expected the authors' ResNet-50 or MobileNetV2 x1.4 keys")
+    if any(".bat_n." in k for k in state):
+        norm = "metabin"
+    elif any(k.endswith(".gate") for k in state):
+        norm = "bin-gate1"  # one affine + gate (BIN_gate1; rho fixed at evaluation)
+    else:
+        norm = "bn"
+    return backbone, norm
+
+
+def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.device] = None) -> ReIDModel:
+    """Build the ``ReIDModel`` of an authors' checkpoint and load it strictly.
+
+    Backbone (ResNet-50 or MobileNetV2 x1.4), normalization (MetaBIN, BIN_gate1 or BN) and the
+    number of classes are read from the keys. ``torch.load(weights_only=True)``: tensors only.
+    Returns the model in eval mode.
+    """
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    theirs = _unwrap(raw)
+    if _CLASSIFIER not in theirs:
+        raise ValueError(f"{path}: not in the authors' layout (no {_CLASSIFIER!r})")
+    backbone, norm = _architecture(theirs)
+    state = authors_state_dict_to_recipe(theirs)
+    model = ReIDModel(backbone, num_classes=int(theirs[_CLASSIFIER].shape[0]), norm=norm, last_stride=1)
+    own = model.state_dict()
+    for key in own.keys() - state.keys():
+        if key.endswith("num_batches_tracked"):  # theirs may not save the counter
+            state[key] = torch.zeros((), dtype=torch.long)
+        elif key.endswith(("in_weight", "in_bias")) and norm == "bin-gate1":  # tied: the BN affine
+            state[key] = state[key.replace(".in_", ".")]
+    model.load_state_dict(state, strict=True)
+    return model.to(device or "cpu").eval()
+
+
+def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dict[str, Any]:
+    """Evaluate an authors' checkpoint on ``cfg``'s targets with our evaluator; writes ``results.json``.
+
+    Examples:
+        >>> from metabin_layers.reid.config import load_config  # doctest: +SKIP
+        >>> cfg = load_config(overrides={"data_root": "datasets"})  # doctest: +SKIP
+        >>> evaluate_authors_checkpoint("DG-resnet/model_final.pth", cfg)["targets"]["grid"]["rank1"]  # doctest: +SKIP
+    """
+    from .data import build_data
+    from .report import write_results
+    from .train import _device, evaluate_model
+
+    device = _device(cfg.device)
+    model = load_authors_checkpoint(path, device)
+    metrics = evaluate_model(model, build_data(cfg), cfg, device)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "config": cfg.to_dict(),
+        "checkpoint": str(path),
+        "checkpoint_layout": "authors",
+        "seed": cfg.seed,
+        "norm": model.norm,
+        "iterations": None,
+        "targets": metrics,
+    }
+    write_results(results, out)
+    return results
