@@ -14,7 +14,7 @@ import torch
 from test_authors_checkpoint import to_authors_layout
 from test_reid_datasets import make_cuhk02, make_grid, make_ilids, make_prid, make_viper, touch
 
-from metabin_layers.reid.cli import main
+from metabin_layers.reid.cli import _config, build_parser, main
 from metabin_layers.reid.mobilenetv2 import MobileNetV2x14
 from metabin_layers.reid.model import ReIDModel, build_backbone
 
@@ -97,6 +97,10 @@ def test_the_recipe_lists_its_commands():
 def test_recipe_command_runs(command, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     args = with_small_settings(command)
+    if args[0] in ("train", "compare") and "--resume" not in args and "--output" not in args:
+        # the folder the command as written uses (--quick, added for speed, has a folder of its own)
+        written = build_parser().parse_args(shlex.split(command)[1:])
+        args += ["--output", _config(written).output]
     if ("--checkpoint" in args or "--resume" in args) and "runs/synthetic/checkpoint.pt" in args:
         if not (workdir / "runs" / "synthetic" / "checkpoint.pt").exists():  # made by an earlier command
             assert main(with_small_settings("metabin-reid train")) == 0

@@ -86,6 +86,7 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         ("data_root", args.data_root),
         ("sources", args.sources),
         ("targets", args.targets),
+        ("norm", getattr(args, "norm", None)),
         ("output", output),
     ):
         if value is not None:
@@ -103,6 +104,9 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
             with open(args.config) as f:
                 values = {k: v for k, v in values.items() if k not in (yaml.safe_load(f) or {})}
         overrides = {**values, **overrides}
+        if output is None:  # one folder per preset (and variant), as the synthetic runs have
+            norm = overrides.get("norm", "metabin")
+            overrides["output"] = f"runs/{preset}" if norm == "metabin" else f"runs/{preset}-{norm}"
     try:
         return load_config(args.config, overrides, quick=args.quick)
     except KeyError as err:
@@ -114,7 +118,7 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import distributed_from_env, train
 
-    cfg = _config(args, {"norm": args.norm} if args.norm else None)
+    cfg = _config(args)
     with distributed_from_env():
         return train(
             cfg,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["TrainConfig", "SYNTHETIC_PRESET", "QUICK_PRESET", "load_config", "parse_overrides"]
+__all__ = ["TrainConfig", "SYNTHETIC_PRESET", "QUICK_PRESET", "load_config", "default_output", "parse_overrides"]
 
 
 @dataclass
@@ -168,7 +168,6 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     # base lr) rho barely leaves 1 (mean 0.994 after 300 iterations, i.e. MetaBIN == BN); see
     # docs/synthetic_benchmark.md for the measurements behind this value.
     "rho_lr_factor": 300.0,
-    "output": "runs/synthetic",
     "log_every": 10,
     "checkpoint_every": 100,
     "eval_batch_size": 64,
@@ -274,7 +273,34 @@ def load_config(
     elif quick:
         raise ValueError("--quick runs on the synthetic data; drop --data-root")
     values.update(user)
+    if "output" not in user:
+        values["output"] = default_output(values.get("norm", "metabin"), synthetic=user.get("data_root") is None, quick=quick)
     return TrainConfig(**values)
+
+
+def default_output(norm: str, synthetic: bool = True, quick: bool = False) -> str:
+    """The run folder used when ``output`` is not set: one per data kind and variant, so runs of
+    different variants (or a ``--quick`` smoke run) never meet in one folder.
+
+    Args:
+        norm: the normalization variant of the run.
+        synthetic: the run trains on the built-in synthetic data.
+        quick: a ``--quick`` smoke run.
+
+    Returns:
+        ``runs/synthetic`` (MetaBIN on the synthetic data), ``runs/synthetic-<norm>``,
+        ``runs/quick[-<norm>]``, or ``runs/<norm>`` for real data.
+
+    Examples:
+        >>> default_output("metabin"), default_output("bn"), default_output("metabin", quick=True)
+        ('runs/synthetic', 'runs/synthetic-bn', 'runs/quick')
+        >>> default_output("metabin", synthetic=False)
+        'runs/metabin'
+    """
+    if not synthetic:
+        return f"runs/{norm}"
+    base = "runs/quick" if quick else "runs/synthetic"
+    return base if norm == "metabin" else f"{base}-{norm}"
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
