@@ -168,6 +168,7 @@ def child(cache: str, argv: list[str]) -> int:
 
     from metabin_layers.reid import cli
     from metabin_layers.reid import train as recipe
+    from metabin_layers.reid.checkpoint import load_checkpoint
 
     if cache:
         images = np.load(cache)
@@ -192,7 +193,7 @@ def child(cache: str, argv: list[str]) -> int:
     result: dict[str, Any] = {"seconds": time.perf_counter() - t0}
     result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     output = Path(argv[argv.index("--output") + 1])
-    state = torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    state = load_checkpoint(output / "checkpoint.pt")["model"]  # the recipe's format, loaded safely
     floats = [v for v in state.values() if v.is_floating_point()]
     result["finite"] = bool(all(torch.isfinite(v).all() for v in floats))
     rhos = {k: v for k, v in state.items() if k.endswith(".rho") and k.startswith("backbone.")}
