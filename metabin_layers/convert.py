@@ -79,8 +79,9 @@ def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[typ
 def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str) -> _MetaBINBase:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    if cls is MetaBINAct2d:
-        new: _MetaBINBase = MetaBINAct2d(
+    if cls in (MetaBINAct2d, SyncMetaBINAct2d):
+        sync: dict[str, Any] = {"process_group": getattr(bn, "process_group", None)} if cls is SyncMetaBINAct2d else {}
+        new: _MetaBINBase = cls(
             bn.num_features,
             bn.eps,
             bn.momentum,
@@ -89,19 +90,7 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
             act_layer=getattr(bn, "act", None),
             drop_layer=getattr(bn, "drop", None),
             rho_init=rho_init,
-            **factory,
-        )
-    elif cls is SyncMetaBINAct2d:
-        new = SyncMetaBINAct2d(
-            bn.num_features,
-            bn.eps,
-            bn.momentum,
-            bn.affine,
-            bn.track_running_stats,
-            act_layer=getattr(bn, "act", None),
-            drop_layer=getattr(bn, "drop", None),
-            rho_init=rho_init,
-            process_group=getattr(bn, "process_group", None),
+            **sync,
             **factory,
         )
     else:

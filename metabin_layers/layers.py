@@ -28,6 +28,19 @@ batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` 
 branch with the running statistics."""
 
 
+# The authors' checkpoints keep a layer's branches in sub-modules: theirs -> our flat names.
+AUTHORS_LAYER_KEYS = (
+    ("bat_n.weight", "weight"),
+    ("bat_n.bias", "bias"),
+    ("bat_n.running_mean", "running_mean"),
+    ("bat_n.running_var", "running_var"),
+    ("bat_n.num_batches_tracked", "num_batches_tracked"),
+    ("ins_n.weight", "in_weight"),
+    ("ins_n.bias", "in_bias"),
+    ("gate", "rho"),
+)
+
+
 class _MetaBINBase(nn.Module):
     """Shared implementation of ``MetaBIN1d``, ``MetaBIN2d`` and ``MetaBIN3d``.
 
@@ -321,17 +334,7 @@ class _MetaBINBase(nn.Module):
 
     # -- checkpoints -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # The authors' checkpoints keep the branches in sub-modules: bat_n.*, ins_n.* and gate.
-        for old, new in (
-            ("bat_n.weight", "weight"),
-            ("bat_n.bias", "bias"),
-            ("bat_n.running_mean", "running_mean"),
-            ("bat_n.running_var", "running_var"),
-            ("bat_n.num_batches_tracked", "num_batches_tracked"),
-            ("ins_n.weight", "in_weight"),
-            ("ins_n.bias", "in_bias"),
-            ("gate", "rho"),
-        ):
+        for old, new in AUTHORS_LAYER_KEYS:
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         version = local_metadata.get("version", None)

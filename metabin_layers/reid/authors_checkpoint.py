@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..layers import AUTHORS_LAYER_KEYS
 from .config import TrainConfig
 from .model import MOBILENETV2_X1_4, ReIDModel
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -41,16 +42,7 @@ __all__ = [
 ]
 
 _CLASSIFIER = "heads.classifier_fc.weight"
-_SUFFIXES = (  # a MetaBIN layer's sub-modules -> our flat names
-    ("bat_n.weight", "weight"),
-    ("bat_n.bias", "bias"),
-    ("bat_n.running_mean", "running_mean"),
-    ("bat_n.running_var", "running_var"),
-    ("bat_n.num_batches_tracked", "num_batches_tracked"),
-    ("ins_n.weight", "in_weight"),
-    ("ins_n.bias", "in_bias"),
-    ("gate", "rho"),
-)
+_SUFFIXES = AUTHORS_LAYER_KEYS  # a MetaBIN layer's sub-modules -> our flat names
 
 
 def authors_key_to_recipe(key: str) -> str:
