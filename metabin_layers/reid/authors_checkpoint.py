@@ -13,6 +13,7 @@ Their checkpoints are ``{"model": state_dict, ...}`` with keys
 ``load_authors_checkpoint`` maps these names onto ours and loads strictly.
 
 Examples:
+    >>> from metabin_layers.reid.authors_checkpoint import authors_key_to_recipe
     >>> authors_key_to_recipe("backbone.layer1.0.downsample.bn.bat_n.running_var")
     'backbone.layer1.0.downsample.1.running_var'
     >>> authors_key_to_recipe("heads.classifier_norm.weight"), authors_key_to_recipe("backbone.bn1.gate")
@@ -46,7 +47,21 @@ _SUFFIXES = AUTHORS_LAYER_KEYS  # a MetaBIN layer's sub-modules -> our flat name
 
 
 def authors_key_to_recipe(key: str) -> str:
-    """One key of the authors' layout -> the ``ReIDModel`` key."""
+    """One key of the authors' layout -> the ``ReIDModel`` key.
+
+    Args:
+        key: A state-dict key of the authors' checkpoint.
+
+    Returns:
+        The matching ``ReIDModel`` state-dict key (unchanged where the names agree).
+
+    Examples:
+        >>> from metabin_layers.reid.authors_checkpoint import authors_key_to_recipe
+        >>> authors_key_to_recipe("backbone.layer1.0.bn1.ins_n.weight")
+        'backbone.layer1.0.bn1.in_weight'
+        >>> authors_key_to_recipe("heads.classifier_fc.weight")
+        'classifier.weight'
+    """
     if key.startswith("heads.classifier_norm."):
         return "neck." + key[len("heads.classifier_norm.") :]
     if key.startswith("heads.classifier_fc."):
@@ -72,6 +87,21 @@ def is_authors_checkpoint(checkpoint: Any) -> bool:
 
     A file is read with ``weights_only=True``; one that needs more than tensors (e.g. the recipe's
     own training checkpoints, which hold RNG states) is not theirs.
+
+    Args:
+        checkpoint: A loaded checkpoint (a state dict, or a dict holding one under ``model``) or a
+            file path.
+
+    Returns:
+        Whether it holds the authors' classifier key ``heads.classifier_fc.weight``.
+
+    Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.authors_checkpoint import is_authors_checkpoint
+        >>> is_authors_checkpoint({"model": {"heads.classifier_fc.weight": torch.zeros(3, 8)}})
+        True
+        >>> is_authors_checkpoint({"classifier.weight": torch.zeros(3, 8)})
+        False
     """
     if isinstance(checkpoint, (str, Path)):
         try:
@@ -85,7 +115,25 @@ def is_authors_checkpoint(checkpoint: Any) -> bool:
 
 
 def authors_state_dict_to_recipe(state: Any) -> dict[str, Tensor]:
-    """The authors' state dict (or checkpoint) with our key names; ``pixel_mean``/``pixel_std`` checked and dropped."""
+    """The authors' state dict (or checkpoint) with our key names; ``pixel_mean``/``pixel_std`` checked and dropped.
+
+    Args:
+        state: The authors' state dict, or their checkpoint holding it under ``model``.
+
+    Returns:
+        The state dict with ``ReIDModel`` key names (``authors_key_to_recipe``).
+
+    Raises:
+        ValueError: If ``state`` holds no state dict, or ``pixel_mean`` / ``pixel_std`` are not
+            ImageNet's mean / std x 255.
+
+    Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.authors_checkpoint import authors_state_dict_to_recipe
+        >>> theirs = {"backbone.bn1.gate": torch.ones(4), "pixel_mean": torch.tensor([123.675, 116.28, 103.53])}
+        >>> list(authors_state_dict_to_recipe({"model": theirs}))
+        ['backbone.bn1.rho']
+    """
     state = _unwrap(state)
     for name, values in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
         if name in state:
@@ -118,7 +166,31 @@ def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.devic
 
     Backbone (ResNet-50 or MobileNetV2 x1.4), normalization (MetaBIN, BIN_gate1 or BN) and the
     number of classes are read from the keys. ``torch.load(weights_only=True)``: tensors only.
-    Returns the model in eval mode.
+
+    Args:
+        path: The checkpoint file (``{"model": state_dict, ...}`` or a bare state dict).
+        device: Where the model goes; ``None``: CPU.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ValueError: If the file is not in the authors' layout or its backbone is not supported.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from metabin_layers.reid.authors_checkpoint import load_authors_checkpoint
+        >>> from metabin_layers.reid.model import ReIDModel
+        >>> ours = ReIDModel("mobilenetv2_x1_4", num_classes=3, norm="bn").state_dict()
+        >>> theirs = {
+        ...     k.replace("neck.", "heads.classifier_norm.").replace("classifier.", "heads.classifier_fc."): v
+        ...     for k, v in ours.items()
+        ... }
+        >>> path = os.path.join(tempfile.mkdtemp(), "model_final.pth")
+        >>> torch.save({"model": theirs}, path)
+        >>> model = load_authors_checkpoint(path)
+        >>> model.norm, model.classifier.out_features, model.training
+        ('bn', 3, False)
     """
     raw = torch.load(path, map_location="cpu", weights_only=True)
     theirs = _unwrap(raw)
@@ -140,7 +212,17 @@ def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.devic
 def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dict[str, Any]:
     """Evaluate an authors' checkpoint on ``cfg``'s targets with our evaluator; writes ``results.json``.
 
+    Args:
+        path: The authors' checkpoint file (``load_authors_checkpoint``).
+        cfg: The recipe configuration: its target data sets, evaluation settings, ``device`` and
+            ``output`` folder (where ``results.json`` is written).
+
+    Returns:
+        The results written: configuration, checkpoint path and layout, norm and per-target metrics
+        under ``"targets"``.
+
     Examples:
+        >>> from metabin_layers.reid.authors_checkpoint import evaluate_authors_checkpoint  # doctest: +SKIP
         >>> from metabin_layers.reid.config import load_config  # doctest: +SKIP
         >>> cfg = load_config(overrides={"data_root": "datasets"})  # doctest: +SKIP
         >>> evaluate_authors_checkpoint("DG-resnet/model_final.pth", cfg)["targets"]["grid"]["rank1"]  # doctest: +SKIP

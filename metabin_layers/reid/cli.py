@@ -48,6 +48,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``metabin-reid`` argument parser: sub-commands ``train``, ``eval`` and ``compare``.
+
+    Returns:
+        The parser; ``parse_args`` gives the options of one sub-command (``command`` names it).
+
+    Examples:
+        >>> from metabin_layers.reid.cli import build_parser
+        >>> args = build_parser().parse_args(["train", "--quick", "--norm", "bn", "--set", "lr=0.02", "max_iters=2"])
+        >>> args.command, args.quick, args.norm, args.set
+        ('train', True, 'bn', ['lr=0.02', 'max_iters=2'])
+        >>> build_parser().parse_args(["compare"]).seeds
+        [0, 1, 2]
+    """
     parser = argparse.ArgumentParser(
         prog="metabin-reid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -188,7 +201,27 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``metabin-reid``; a problem with the user's files, folders, config or data is one line on
-    stderr and exit status 2 (no traceback)."""
+    stderr and exit status 2 (no traceback).
+
+    Args:
+        argv: The command-line arguments after the program name; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 after a user error (the message is on stderr).
+
+    Raises:
+        SystemExit: From argparse, for ``--help`` (status 0) or arguments it cannot parse (status 2).
+
+    Examples:
+        >>> from metabin_layers.reid.cli import main
+        >>> main(["train", "--preset", "market-to-duke"])  # a paper preset needs --data-root
+        2
+        >>> try:
+        ...     main(["train", "--norm", "layernorm"])
+        ... except SystemExit as stop:
+        ...     print("exit status", stop.code)
+        exit status 2
+    """
     args = build_parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)

@@ -19,7 +19,96 @@ __all__ = ["TrainConfig", "SYNTHETIC_PRESET", "QUICK_PRESET", "load_config", "de
 
 @dataclass
 class TrainConfig:
-    """Every setting of a recipe run. Field comments give the authors' config key where one exists."""
+    """Every setting of a recipe run. Field comments give the authors' config key where one exists.
+
+    Attributes:
+        data_root: Folder holding the datasets; ``None``: the built-in synthetic dataset.
+        sources: Training data sets (the source domains).
+        targets: Test data sets (unseen domains in the DG setting).
+        combine_all: ``DATASETS.COMBINEALL``, one value per source (a single value applies to all):
+            train on every image of a source (train + query + gallery). ``None``: the authors'
+            choice, on with several sources (their ``DG_*`` datasets), off with one.
+        num_splits: Random query/gallery splits of the small test sets.
+        cameras_as_domains: Single-source DG: cameras are the domains (``CAMERA_TO_DOMAIN``).
+        height: Input image height.
+        width: Input image width.
+        flip: Random horizontal flip in training.
+        pad: Padding before the random crop, in pixels.
+        color_jitter: Colour jitter in training (``INPUT.CJ.ENABLED``).
+        workers: Data loader processes.
+        syn_train_ids: Synthetic data: training identities.
+        syn_test_ids: Synthetic data: test identities.
+        syn_styles: Synthetic data: number of styles (domains).
+        syn_held_out: Synthetic data: the styles held out for testing.
+        syn_images_per_id: Synthetic data: images per identity and style.
+        syn_distractor_ids: Synthetic data: extra gallery-only identities per held-out style.
+        backbone: A timm name, ``"tv:<name>"`` for torchvision, or ``"mobilenetv2_x1_4"``.
+        last_stride: Stride of the backbone's last stage (1: a finer last map).
+        pretrained: Local ImageNet checkpoint path; nothing is downloaded.
+        norm: The normalization, one of ``model.NORM_VARIANTS``.
+        rho_init: Initial rho (``BIN_INIT`` ``'one'``: 1).
+        in_affine_init: IN-branch affine at conversion: ``"copy"`` of the BN affine (library
+            default) or ``"identity"`` (weight 1, bias 0: the authors' ``LOAD_IN_AFFINE`` False,
+            used by the paper presets).
+        batch_size: Base-step batch size (``IMS_PER_BATCH``), a multiple of ``num_instances``.
+        num_instances: Images per identity in a batch.
+        meta_batch_size: Meta-step batch size (``MTRAIN_MINI_BATCH``: all domains, split into
+            meta-train/test).
+        lr: Base learning rate.
+        bias_lr_factor: Learning-rate factor of the biases.
+        momentum: SGD momentum.
+        weight_decay: Weight decay.
+        epochs: Training epochs.
+        milestones: Epochs where the learning rate is multiplied by ``gamma``.
+        gamma: Learning-rate decay factor at each milestone.
+        warmup_epochs: Epochs of linear learning-rate warm-up.
+        warmup_factor: Learning-rate factor at the start of the warm-up.
+        iters_per_epoch: Iterations per epoch; ``None``: the authors' formula from the sampler.
+        max_iters: Total iterations; overrides ``epochs * iters_per_epoch``.
+        rho_lr_factor: ``LR_FACTOR.GATE``: rho learning rate = ``lr * rho_lr_factor``, constant.
+        inner_lr: Meta-train inner step size beta; ``None``: cyclic (the ``cyclic_*`` fields).
+        cyclic_middle_lr: Geometric middle of the cyclic inner learning-rate ratio.
+        cyclic_ratio: The cycle spans ``[cyclic_middle_lr / cyclic_ratio, cyclic_middle_lr * cyclic_ratio]``.
+        cyclic_period_per_epoch: Sets the cycle's period: ``iters_per_epoch / cyclic_period_per_epoch``
+            meta steps.
+        cyclic_up_ratio: Share of the cycle spent increasing.
+        first_inner_loop: Plain base steps before the first meta step.
+        num_meta_train_domains: Domains in meta-train (the rest meta-test); ``None``: 3 of 5.
+        second_order: Differentiate through the inner step's gradient (second order).
+        meta_train_ce: ``"CrossEntropyLoss"`` in ``META.LOSS.MTRAIN_NAME`` (single-source configs).
+        meta_test_ce: ``"CrossEntropyLoss"`` in ``META.LOSS.MTEST_NAME`` (single-source configs).
+        ce_epsilon: Label smoothing of the cross-entropy.
+        margin: Triplet margin.
+        amp: Automatic mixed precision (CUDA only).
+        amp_dtype: ``"float16"`` (with a GradScaler) or ``"bfloat16"``.
+        compile: ``torch.compile`` backend of the training forward, e.g. ``"inductor"``; ``None``: eager.
+        seed: Random seed.
+        device: ``"auto"`` (CUDA if available, else CPU), or a torch device string.
+        output: Run folder (results, checkpoints, logs).
+        log_every: Iterations between log lines.
+        checkpoint_every: Iterations between checkpoints.
+        eval_flip: Average the embeddings of an image and its horizontal flip at test time.
+        metric: Test distance, ``"cosine"`` or ``"euclidean"``.
+        eval_batch_size: Batch size of feature extraction at test time.
+        eval_invalid_as_zero: mAP / mINP over all queries, a query without a valid gallery match
+            counting 0 (the authors' Cython evaluator, which produced their tables); False: over
+            valid queries only.
+
+    Raises:
+        ValueError: If a setting is out of range (an unknown ``norm``, ``amp_dtype``,
+            ``in_affine_init`` or ``metric``, a size below 1, ``batch_size`` not a multiple of
+            ``num_instances``, ``combine_all`` not one boolean per source).
+
+    Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> cfg = TrainConfig(sources=["market1501"], targets=["dukemtmcreid"])
+        >>> cfg.combine_all, cfg.batch_size // cfg.num_instances
+        ([False], 20)
+        >>> TrainConfig(batch_size=30)
+        Traceback (most recent call last):
+            ...
+        ValueError: batch_size (30) must be a multiple of num_instances (4)
+    """
 
     # -- data ----------------------------------------------------------------------------------
     data_root: Optional[str] = None  # None: the synthetic dataset
@@ -228,7 +317,19 @@ def _boolean(name: str, text: str) -> bool:
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["lr=0.02", "sources=market1501,dukemtmcreid"]`` -> typed dict.
 
+    Args:
+        pairs: ``key=value`` strings (the CLI's ``--set``); lists are comma-separated, ``none``
+            gives ``None``.
+
+    Returns:
+        The values typed as the ``TrainConfig`` fields.
+
+    Raises:
+        ValueError: If a pair has no ``=`` or a boolean value is not one.
+        KeyError: If a key is not a ``TrainConfig`` field.
+
     Examples:
+        >>> from metabin_layers.reid.config import parse_overrides
         >>> parse_overrides(["lr=0.02", "milestones=10,20", "amp=false"])
         {'lr': 0.02, 'milestones': [10, 20], 'amp': False}
         >>> parse_overrides(["combine_all=true,false"])
@@ -250,7 +351,22 @@ def load_config(
 ) -> TrainConfig:
     """Defaults, then the synthetic preset (if no data root), ``--quick``, the YAML file, overrides.
 
+    Args:
+        path: A YAML file mapping config keys to values; ``None``: none.
+        overrides: Config values that take precedence over the file's (strings are parsed as in
+            ``parse_overrides``).
+        quick: Apply ``QUICK_PRESET`` (a smoke run on the synthetic data).
+
+    Returns:
+        The configuration; ``output`` defaults to ``default_output``'s folder.
+
+    Raises:
+        ValueError: If the file is not a mapping, ``quick`` is set with a ``data_root``, or a value
+            is invalid.
+        KeyError: If a key is not a ``TrainConfig`` field.
+
     Examples:
+        >>> from metabin_layers.reid.config import load_config
         >>> cfg = load_config(overrides={"lr": 0.02})
         >>> cfg.backbone, cfg.lr, cfg.data_root
         ('resnet18', 0.02, None)
@@ -292,6 +408,7 @@ def default_output(norm: str, synthetic: bool = True, quick: bool = False) -> st
         ``runs/quick[-<norm>]``, or ``runs/<norm>`` for real data.
 
     Examples:
+        >>> from metabin_layers.reid.config import default_output
         >>> default_output("metabin"), default_output("bn"), default_output("metabin", quick=True)
         ('runs/synthetic', 'runs/synthetic-bn', 'runs/quick')
         >>> default_output("metabin", synthetic=False)

@@ -57,7 +57,16 @@ class MobileNetV2x14(nn.Module):
     ``last_stride`` is the stride of the 160-channel stage (theirs: 1, so a 256x128 image gives a
     16x8 map).
 
+    Args:
+        width_mult: Width factor applied to torchreid's channel counts (the authors': 1.4).
+        last_stride: Stride of the 160-channel stage, 1 or 2.
+
+    Raises:
+        ValueError: If ``last_stride`` is not 1 or 2.
+
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.mobilenetv2 import MobileNetV2x14
         >>> net = MobileNetV2x14()
         >>> tuple(net(torch.randn(1, 3, 64, 32)).shape)
         (1, 1792, 4, 2)
@@ -90,7 +99,14 @@ class MobileNetV2x14(nn.Module):
 def rename_torchreid_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """torchreid's MobileNetV2 key names (``conv1`` .. ``conv9``, ``conv3.0`` / ``conv3.1``) -> ours.
 
+    Args:
+        state: A state dict with torchreid's MobileNetV2 key names.
+
+    Returns:
+        A new dict with the same values under ``MobileNetV2x14`` key names (other keys unchanged).
+
     Examples:
+        >>> from metabin_layers.reid.mobilenetv2 import rename_torchreid_keys
         >>> sorted(rename_torchreid_keys({"conv2.0.conv3.1.weight": 0, "conv9.bn.bias": 0, "classifier.weight": 0}))
         ['classifier.weight', 'layer2.0.bn.weight', 'layer9.bn.bias']
     """

@@ -83,10 +83,21 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
     """Build a feature-map backbone by name: ``"resnet50"`` (timm), ``"tv:resnet50"`` (torchvision)
     or ``"mobilenetv2_x1_4"`` (the authors' MobileNetV2 x1.4, ``metabin_layers.reid.mobilenetv2``).
 
-    Returns the backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
     No weights are downloaded; load them with ``load_pretrained``.
 
+    Args:
+        name: A timm model name, ``"tv:<name>"`` for a torchvision model, or ``MOBILENETV2_X1_4``.
+        last_stride: Stride of the last stride-2 stage: 1 (the Re-ID default, a finer last map) or 2.
+
+    Returns:
+        The backbone (``forward(x) -> (N, C, H, W)``) and its channel count ``C``.
+
+    Raises:
+        ValueError: If ``last_stride`` is not 1 or 2, or the model name is unknown.
+
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.model import build_backbone
         >>> net, channels = build_backbone("resnet18")
         >>> channels, tuple(net(torch.randn(2, 3, 64, 32)).shape)
         (512, (2, 512, 4, 2))
@@ -125,8 +136,31 @@ def build_backbone(name: str, last_stride: int = 1) -> tuple[nn.Module, int]:
 def load_pretrained(module: nn.Module, path: str) -> list[str]:
     """Load a local checkpoint (a state dict, or a dict holding one under ``model``/``state_dict``).
 
-    Keys that do not fit (e.g. an ImageNet classifier) are ignored; returns the missing keys.
-    Nothing is downloaded.
+    Keys that do not fit (e.g. an ImageNet classifier) are ignored. Nothing is downloaded.
+    torchreid's MobileNetV2 key names are renamed for ``MobileNetV2x14`` (``rename_torchreid_keys``).
+
+    Args:
+        module: The backbone to load into (before its BatchNorms are converted).
+        path: A local checkpoint file, read with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The keys of ``module`` that the checkpoint did not provide.
+
+    Raises:
+        ValueError: If the file holds no state dict, or no tensor of it fits ``module``.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from torch import nn
+        >>> from metabin_layers.reid.model import load_pretrained
+        >>> src = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.pth")
+        >>> torch.save({"state_dict": src.state_dict()}, path)
+        >>> dst = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+        >>> load_pretrained(dst, path)
+        ['2.weight', '2.bias']
+        >>> torch.equal(dst[0].weight, src[0].weight)
+        True
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
@@ -155,7 +189,19 @@ def tie_branch_affines(model: nn.Module) -> nn.Module:
     shared Parameters, and ``model.parameters()`` lists each once. The state dict keeps the
     ``in_weight`` / ``in_bias`` keys (equal to ``weight`` / ``bias``).
 
+    Args:
+        model: A module holding MetaBIN layers (with affines); changed in place.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: If a MetaBIN layer has no affine.
+
     Examples:
+        >>> from torch import nn
+        >>> from metabin_layers import convert_bn_to_metabin, metabin_modules
+        >>> from metabin_layers.reid.model import tie_branch_affines
         >>> net = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
         >>> m = metabin_modules(tie_branch_affines(net))[0]
         >>> m.in_weight is m.weight, len(list(net.parameters()))
@@ -178,7 +224,21 @@ def apply_norm_variant(backbone: nn.Module, variant: str, rho_init: float = 1.0,
     tie the two branches' affines (``tie_branch_affines``). ``in_affine_init`` is passed to
     ``convert_bn_to_metabin`` (``"identity"``: the authors' IN affine 1 / 0).
 
+    Args:
+        backbone: The backbone whose BatchNorms are converted (in place where possible).
+        variant: One of ``NORM_VARIANTS``; ``"bn"`` returns ``backbone`` unchanged.
+        rho_init: Initial rho of the MetaBIN layers (overridden for ``in`` and ``bin-half``).
+        in_affine_init: How the IN affine starts: ``"copy"`` (the BN affine) or ``"identity"`` (1 / 0).
+
+    Returns:
+        The converted backbone.
+
+    Raises:
+        ValueError: If ``variant`` is not one of ``NORM_VARIANTS``.
+
     Examples:
+        >>> from metabin_layers import metabin_modules
+        >>> from metabin_layers.reid.model import apply_norm_variant, build_backbone
         >>> net, _ = build_backbone("resnet18")
         >>> net = apply_norm_variant(net, "bin-half")
         >>> metabin_modules(net)[0].rho[:3].tolist(), metabin_modules(net)[0].rho[-1].item()
@@ -211,7 +271,24 @@ class ReIDModel(nn.Module):
     features *before* the neck (used by the triplet and meta losses), and the neck output (the
     test embedding) in eval mode.
 
+    Args:
+        backbone: A backbone name for ``build_backbone``, or a feature-map module (then ``feat_dim``
+            is required).
+        num_classes: Number of training identities (classifier outputs), at least 1.
+        norm: The normalization, one of ``NORM_VARIANTS``.
+        last_stride: Stride of the backbone's last stride-2 stage (1 or 2); for a name only.
+        pretrained_path: A local checkpoint loaded into the backbone (``load_pretrained``) before
+            its BatchNorms are converted; ``None``: random weights.
+        rho_init: Initial rho of the MetaBIN layers.
+        feat_dim: Channel count of a backbone given as a module.
+        in_affine_init: How the IN affine starts: ``"copy"`` (the BN affine) or ``"identity"`` (1 / 0).
+
+    Raises:
+        ValueError: If ``num_classes < 1``, or ``backbone`` is a module and ``feat_dim`` is missing.
+
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.model import ReIDModel
         >>> model = ReIDModel("resnet18", num_classes=10)
         >>> feats, logits = model(torch.randn(4, 3, 64, 32))
         >>> feats.shape, logits.shape

@@ -73,7 +73,17 @@ _TITLES = {
 def paper_preset(name: str) -> TrainConfig:
     """A fresh copy of one of ``PAPER_PRESETS``.
 
+    Args:
+        name: The preset's name, a key of ``PAPER_PRESETS``.
+
+    Returns:
+        A new ``TrainConfig`` (changing it leaves ``PAPER_PRESETS`` as it is).
+
+    Raises:
+        ValueError: If ``name`` is not a preset.
+
     Examples:
+        >>> from metabin_layers.reid.presets import paper_preset
         >>> cfg = paper_preset("market-to-duke")
         >>> cfg.meta_batch_size, cfg.rho_lr_factor, cfg.num_meta_train_domains
         (96, 20.0, 3)
@@ -88,6 +98,17 @@ class AuthorsSetting:
     """The authors' config key and value for one of our keys (``value``: one value, or one per preset).
 
     ``note`` justifies, in one line, why a preset keeps a value other than the authors'.
+
+    Attributes:
+        key: The authors' config key (with a hint where it needs one).
+        value: The authors' value: one for every preset, or a dict with one per preset name.
+        note: Why a preset differs from the authors' value (empty: no difference recorded).
+
+    Examples:
+        >>> from metabin_layers.reid.presets import AuthorsSetting
+        >>> setting = AuthorsSetting("SOLVER.BASE_LR", 0.01)
+        >>> setting.value_for("market-to-duke")
+        0.01
     """
 
     key: str
@@ -227,6 +248,19 @@ def preset_rows(preset: str) -> list[tuple[str, str, str, str, str]]:
 
     ``status`` is ``"same"``, ``"n/a: <why>"``, ``"differs: <why>"`` or ``"differs"`` (no reason
     recorded: the test suite rejects that).
+
+    Args:
+        preset: The preset's name, a key of ``PAPER_PRESETS``.
+
+    Returns:
+        One row per ``TrainConfig`` field, in field order.
+
+    Examples:
+        >>> from metabin_layers.reid.presets import preset_rows
+        >>> preset_rows("duke-to-market")[0]
+        ('data_root', '-', '-', 'None', 'n/a: where the datasets are (theirs: an environment variable)')
+        >>> [row for row in preset_rows("duke-to-market") if row[0] == "rho_lr_factor"]
+        [('rho_lr_factor', 'META.SOLVER.LR_FACTOR.GATE', '50.0', '50.0', 'same')]
     """
     cfg = PAPER_PRESETS[preset]
     rows = []
@@ -275,7 +309,19 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def reproducibility_markdown() -> str:
-    """The page ``docs/reproducibility.md``: one table per preset, then what the code fixes."""
+    """The page ``docs/reproducibility.md``: one table per preset, then what the code fixes.
+
+    Returns:
+        The page's Markdown text.
+
+    Examples:
+        >>> from metabin_layers.reid.presets import reproducibility_markdown
+        >>> page = reproducibility_markdown()
+        >>> page.splitlines()[0]
+        "# Reproducing the paper: our presets against the authors' configs"
+        >>> page.count("| `rho_lr_factor` |")
+        4
+    """
     parts = [_INTRO]
     for name in PAPER_PRESETS:
         rows = [(f"`{r[0]}`", f"`{r[1]}`" if r[1] != "-" else "-", *r[2:]) for r in preset_rows(name)]

@@ -29,6 +29,7 @@ recipe's ``ReIDItem``); ``img_path`` is ``"synthetic://style{s}/id{identity}/{in
 ``camid`` is global: ``style * cameras_per_style + camera``.
 
 Examples:
+    >>> from metabin_layers.reid.synthetic import SyntheticReID
     >>> ds = SyntheticReID(num_train_ids=8, num_test_ids=4, num_styles=3, held_out_styles=(2,),
     ...                    images_per_id_per_style=4)
     >>> len(ds.train), len(ds.query[2]), len(ds.gallery[2])
@@ -79,6 +80,7 @@ class SyntheticItem(NamedTuple):
         domain: source-domain index (one domain per style).
 
     Examples:
+        >>> from metabin_layers.reid.synthetic import SyntheticItem
         >>> item = SyntheticItem("synthetic://style1/id0/0", pid=0, camid=1, domain=1)
         >>> item.pid, item.domain
         (0, 1)
@@ -464,6 +466,7 @@ class SyntheticReID:
         cache: keep rendered images in memory (about 6 KB each at 64 x 32).
 
     Examples:
+        >>> from metabin_layers.reid.synthetic import SyntheticReID
         >>> ds = SyntheticReID(num_train_ids=8, num_test_ids=4, num_styles=3, held_out_styles=(2,))
         >>> ds.source_styles, ds.num_domains, ds.num_train_pids
         ([0, 1], 2, 8)
@@ -691,6 +694,7 @@ class SyntheticReIDDataset(Dataset):
         transform: applied to the uint8 ``(H, W, 3)`` array; None returns a uint8 tensor.
 
     Examples:
+        >>> from metabin_layers.reid.synthetic import SyntheticReID, SyntheticReIDDataset
         >>> ds = SyntheticReID(num_train_ids=4, num_test_ids=2, num_styles=2, held_out_styles=(1,))
         >>> SyntheticReIDDataset(ds, ds.query[1])[0]["img"].shape
         torch.Size([3, 64, 32])
@@ -729,6 +733,7 @@ def save_examples(
         The grid as a uint8 ``(H, W, 3)`` array (what was written).
 
     Examples:
+        >>> from metabin_layers.reid.synthetic import save_examples
         >>> import tempfile, os
         >>> with tempfile.TemporaryDirectory() as d:
         ...     grid = save_examples(os.path.join(d, "grid.png"), num_ids=2, scale=1)

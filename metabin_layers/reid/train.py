@@ -139,7 +139,36 @@ class _Batches:
 
 
 class Trainer:
-    """Holds the model, the optimizers and the data streams of one run; ``run`` trains."""
+    """Holds the model, the optimizers and the data streams of one run; ``run`` trains.
+
+    Seeds every generator with ``cfg.seed``, checks the data, builds the ``ReIDModel``, the
+    samplers, the optimizers (``MetaBINOptimizer`` for the meta-learned variants) and the
+    learning-rate schedule. ``base_step`` and ``meta_step`` do one step each; ``run`` does the
+    iterations up to ``max_iters`` (``train`` adds the output folder, resuming and evaluation).
+
+    Args:
+        cfg: The run's configuration.
+        data: The run's data; ``None``: ``build_data(cfg)``.
+
+    Raises:
+        DataError: If the data cannot fill the run's batches (``check_data``).
+
+    Examples:
+        >>> import tempfile
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.train import Trainer
+        >>> cfg = TrainConfig(
+        ...     syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2], syn_images_per_id=2,
+        ...     backbone="test_resnet", height=32, width=16, pad=2, workers=0, batch_size=4, num_instances=2,
+        ...     meta_batch_size=8, max_iters=1, iters_per_epoch=1, first_inner_loop=1, warmup_epochs=0,
+        ...     milestones=[10], num_meta_train_domains=1, output=tempfile.mkdtemp(), eval_batch_size=8,
+        ... )
+        >>> trainer = Trainer(cfg)
+        >>> trainer.max_iters, type(trainer.opt).__name__
+        (1, 'MetaBINOptimizer')
+        >>> sorted(trainer.base_step())
+        ['ce', 'tri']
+    """
 
     def __init__(self, cfg: TrainConfig, data: Optional[RecipeData] = None) -> None:
         self.cfg = cfg
@@ -414,7 +443,33 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Rank-1/5/10, mAP, mINP (and the CMC) of every target; mean and std over its splits."""
+    """Rank-1/5/10, mAP, mINP (and the CMC) of every target; mean and std over its splits.
+
+    Args:
+        model: The model; called in eval mode, it returns the test embeddings.
+        data: The run's data; its ``targets`` map each target to its query/gallery splits.
+        cfg: The evaluation settings (``metric``, ``eval_flip``, ``eval_batch_size``, ``workers``,
+            ``eval_invalid_as_zero``).
+        device: Where features are computed.
+
+    Returns:
+        Per target: ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP`` (percent, mean over the
+        splits) with their ``*_std``, the mean ``cmc``, ``num_splits`` and ``map_averaging``.
+
+    Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> from metabin_layers.reid.model import ReIDModel
+        >>> from metabin_layers.reid.train import evaluate_model
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2],
+        ...                   syn_images_per_id=2, height=32, width=16, workers=0)
+        >>> data = build_data(cfg)
+        >>> model = ReIDModel("test_resnet", data.num_classes, norm="bn")
+        >>> metrics = evaluate_model(model, data, cfg, torch.device("cpu"))
+        >>> list(metrics), metrics["style2"]["num_splits"], 0 <= metrics["style2"]["rank1"] <= 100
+        (['style2'], 1, True)
+    """
     results: dict[str, dict[str, Any]] = {}
     model.eval()
     for name, splits in data.targets.items():
@@ -455,8 +510,28 @@ def check_output(output: Path, overwrite: bool = False, resuming: bool = False) 
     A folder holding files of an earlier run (``RUN_FILES``) is refused unless ``overwrite``
     or ``resuming``; ``clear_output`` then removes what would otherwise be left stale.
 
+    Args:
+        output: The run folder.
+        overwrite: An earlier run there may be replaced.
+        resuming: The run continues the one there.
+
     Raises:
         OutputFolderError: an earlier run is there and neither flag is given, or ``output`` is a file.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.errors import OutputFolderError
+        >>> from metabin_layers.reid.train import check_output
+        >>> run = Path(tempfile.mkdtemp())
+        >>> check_output(run)  # empty: fine
+        >>> _ = (run / "results.json").write_text("{}")
+        >>> try:
+        ...     check_output(run)
+        ... except OutputFolderError as err:
+        ...     print(str(err).split(";")[0].replace(str(run), "<run>"))
+        output <run>: holds an earlier run (results.json)
+        >>> check_output(run, overwrite=True)
     """
     if output.exists() and not output.is_dir():
         raise OutputFolderError(f"output {output}: exists and is not a folder")
@@ -472,6 +547,27 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
     """Create ``output``; delete an earlier run's files (``overwrite``) or its results (``resuming``).
 
     So a run that fails later never leaves its new files beside stale results.
+
+    Args:
+        output: The run folder (created with its parents if missing).
+        overwrite: Delete every file of an earlier run (``RUN_FILES``).
+        resuming: Delete only an earlier run's results (``RESULT_FILES``); it takes precedence
+            over ``overwrite``. With neither, only the results are deleted too.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.train import clear_output
+        >>> run = Path(tempfile.mkdtemp()) / "run"
+        >>> clear_output(run)
+        >>> for name in ("checkpoint.pt", "results.json", "notes.txt"):
+        ...     _ = (run / name).write_text("")
+        >>> clear_output(run, resuming=True)
+        >>> sorted(os.listdir(run))
+        ['checkpoint.pt', 'notes.txt']
+        >>> clear_output(run, overwrite=True)
+        >>> sorted(os.listdir(run))
+        ['notes.txt']
     """
     output.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
@@ -481,7 +577,18 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
     """``"key: saved -> now"`` for every config key whose value differs (keys in ``ignore`` skipped).
 
+    Args:
+        saved: A run's saved config (``TrainConfig.to_dict()``, e.g. from a checkpoint).
+        cfg: The config now.
+        ignore: Keys allowed to differ (default ``RESUME_FREE_KEYS``).
+
+    Returns:
+        One ``"key: saved -> now"`` line per differing key (a key missing from ``saved`` shows
+        ``'<missing>'``), in field order.
+
     Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.train import config_differences
         >>> cfg = TrainConfig()
         >>> config_differences({**cfg.to_dict(), "lr": 0.5, "max_iters": 7}, cfg)
         ['lr: 0.5 -> 0.01']
@@ -544,6 +651,33 @@ def train(
         progress: show a progress bar (else log lines).
         overwrite: replace an earlier run in ``cfg.output`` (refused otherwise, see ``check_output``).
         allow_config_change: resume although the config differs from the checkpoint's.
+
+    Returns:
+        On rank 0, the results written to ``results.json``: ``config``, ``seed``, ``norm``,
+        ``iterations``, ``train_seconds``, per-target ``targets`` metrics (``evaluate_model``),
+        ``test_splits``, ``rho_per_layer`` and ``history``; ``{}`` on the other ranks.
+
+    Raises:
+        OutputFolderError: If ``cfg.output`` holds an earlier run and neither ``overwrite`` nor
+            ``resume`` is given.
+        CheckpointError: If the checkpoint to resume cannot be read, its config differs (without
+            ``allow_config_change``) or it does not fit the run.
+
+    Examples:
+        >>> import contextlib, io, os, tempfile
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.train import train
+        >>> cfg = TrainConfig(
+        ...     syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2], syn_images_per_id=2,
+        ...     backbone="test_resnet", height=32, width=16, pad=2, workers=0, batch_size=4, num_instances=2,
+        ...     meta_batch_size=8, max_iters=1, iters_per_epoch=1, first_inner_loop=1, warmup_epochs=0,
+        ...     milestones=[10], num_meta_train_domains=1, output=tempfile.mkdtemp(), eval_batch_size=8,
+        ...     norm="bn",  # the plain baseline keeps this one-iteration run short; "metabin" works alike
+        ... )
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the data, a log line, the results table
+        ...     results = train(cfg, progress=False)
+        >>> results["iterations"], list(results["targets"]), "checkpoint.pt" in os.listdir(cfg.output)
+        (1, ['style2'], True)
     """
     output = Path(cfg.output)
     check_output(output, overwrite=overwrite, resuming=bool(resume))

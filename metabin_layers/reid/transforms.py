@@ -16,6 +16,7 @@ of shape ``(3, H, W)``.
 
 Examples:
     >>> import numpy as np
+    >>> from metabin_layers.reid.transforms import build_test_transform
     >>> t = build_test_transform(64, 32)
     >>> t(np.zeros((128, 64, 3), dtype=np.uint8)).shape
     torch.Size([3, 64, 32])
@@ -49,6 +50,8 @@ class ToPILImage:
     Module-level class (not a lambda) so that transforms pickle into DataLoader workers.
 
     Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.transforms import ToPILImage
         >>> ToPILImage()(np.zeros((4, 2, 3), dtype=np.uint8)).size
         (2, 4)
     """
@@ -113,6 +116,8 @@ def build_train_transform(
         A ``torchvision.transforms.Compose`` mapping an image to a float tensor ``(3, H, W)``.
 
     Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.transforms import build_train_transform
         >>> t = build_train_transform(64, 32, pad=3)
         >>> t(np.full((64, 32, 3), 128, dtype=np.uint8)).shape
         torch.Size([3, 64, 32])
@@ -154,6 +159,8 @@ def build_test_transform(
         A ``torchvision.transforms.Compose`` mapping an image to a float tensor ``(3, H, W)``.
 
     Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.transforms import build_test_transform
         >>> t = build_test_transform(64, 32, mean=None, std=None)
         >>> float(t(np.full((8, 4, 3), 255, dtype=np.uint8)).max())
         1.0
