@@ -110,3 +110,34 @@ def test_in_a_browser_diagrams_render_as_svg_and_reference_shows_signatures(site
     assert "flowchart LR" not in _text(concepts)
     reference = re.sub(r"\s+", "", _text(_dom(site / "reference" / "index.html", tmp_path)))
     assert "MetaBIN2d(num_features" in reference
+
+
+def _documented_modules() -> list[str]:
+    return re.findall(r"^::: (\S+)", (ROOT / "docs" / "reference.md").read_text(), flags=re.M)
+
+
+def test_every_public_name_in_the_reference_has_parameters_and_an_example():
+    """The Reference renders a parameter table and an example for every public name."""
+    import importlib
+    import inspect
+
+    missing = []
+    for module_name in _documented_modules():
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue  # constants and type aliases: a docstring suffices
+            doc = inspect.getdoc(obj) or ""
+            init = getattr(obj, "__init__", None)
+            if inspect.isclass(obj) and getattr(init, "__module__", "").startswith("metabin_layers"):
+                doc += inspect.getdoc(init) or ""  # merged into the class entry by the Reference
+            try:
+                params = [p for p in inspect.signature(obj).parameters if p not in ("self", "cls")]
+            except (TypeError, ValueError):
+                params = []
+            if params and not re.search(r"^\s*(Args|Attributes):", doc, flags=re.M):
+                missing.append(f"{module_name}.{name}: no Args")
+            if ">>>" not in doc:
+                missing.append(f"{module_name}.{name}: no example")
+    assert not missing, "\n".join(missing)
