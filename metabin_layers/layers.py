@@ -149,7 +149,7 @@ class _MetaBINBase(nn.Module):
 
     @property
     def backend(self) -> str:
-        """``"auto"``, ``"fused"`` or ``"composite"``: which implementation of the math runs."""
+        """``"auto"`` or one of ``BACKENDS`` (``"fused"``, ``"composite"``, ``"triton"``): the implementation that runs."""
         return self._backend
 
     @backend.setter
