@@ -85,6 +85,7 @@ def _count_worker(rank, port, tmp):
         everyone = [torch.zeros_like(counts) for _ in range(2)]
         dist.all_gather(everyone, counts)
         assert everyone[0].tolist() == everyone[1].tolist() == [1, 1], everyone
+        dist.barrier()  # no rank tears its group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
