@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig, load_config, parse_overrides
+from .config import TrainConfig, default_output, load_config, parse_overrides
 from .errors import RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
@@ -118,8 +118,7 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
                 values = {k: v for k, v in values.items() if k not in (yaml.safe_load(f) or {})}
         overrides = {**values, **overrides}
         if output is None:  # one folder per preset (and variant), as the synthetic runs have
-            norm = overrides.get("norm", "metabin")
-            overrides["output"] = f"runs/{preset}" if norm == "metabin" else f"runs/{preset}-{norm}"
+            overrides["output"] = default_output(overrides.get("norm", "metabin"), synthetic=False, preset=preset)
     try:
         return load_config(args.config, overrides, quick=args.quick)
     except KeyError as err:

@@ -394,29 +394,34 @@ def load_config(
     return TrainConfig(**values)
 
 
-def default_output(norm: str, synthetic: bool = True, quick: bool = False) -> str:
-    """The run folder used when ``output`` is not set: one per data kind and variant, so runs of
-    different variants (or a ``--quick`` smoke run) never meet in one folder.
+def default_output(norm: str, synthetic: bool = True, quick: bool = False, preset: Optional[str] = None) -> str:
+    """The run folder used when ``output`` is not set: one per data kind, preset and variant, so
+    runs of different variants (or a ``--quick`` smoke run) never meet in one folder.
 
     Args:
         norm: the normalization variant of the run.
         synthetic: the run trains on the built-in synthetic data.
         quick: a ``--quick`` smoke run.
+        preset: the paper preset of a real-data run, if any.
 
     Returns:
         ``runs/synthetic`` (MetaBIN on the synthetic data), ``runs/synthetic-<norm>``,
-        ``runs/quick[-<norm>]``, or ``runs/<norm>`` for real data.
+        ``runs/quick[-<norm>]``, ``runs/<preset>[-<norm>]``, or ``runs/<norm>`` for other
+        real-data runs.
 
     Examples:
         >>> from metabin_layers.reid.config import default_output
         >>> default_output("metabin"), default_output("bn"), default_output("metabin", quick=True)
         ('runs/synthetic', 'runs/synthetic-bn', 'runs/quick')
-        >>> default_output("metabin", synthetic=False)
-        'runs/metabin'
+        >>> default_output("metabin", synthetic=False), default_output("bn", synthetic=False, preset="market-to-duke")
+        ('runs/metabin', 'runs/market-to-duke-bn')
     """
-    if not synthetic:
+    if synthetic:
+        base = "runs/quick" if quick else "runs/synthetic"
+    elif preset:
+        base = f"runs/{preset}"
+    else:
         return f"runs/{norm}"
-    base = "runs/quick" if quick else "runs/synthetic"
     return base if norm == "metabin" else f"{base}-{norm}"
 
 
