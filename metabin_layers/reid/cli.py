@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig, default_output, load_config, parse_overrides
+from .config import TrainConfig, default_output, load_config, parse_overrides, read_config_file
 from .errors import RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
@@ -45,6 +48,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (refused otherwise)")
     p.add_argument("--quick", action="store_true", help="tiny synthetic run (< 1 minute on 2 CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    _add_debug(p, argparse.SUPPRESS)
+
+
+def _add_debug(p: argparse.ArgumentParser, default: Any) -> None:
+    # before or after the sub-command; SUPPRESS keeps a sub-parser from resetting the global value
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metabin-reid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train one model and evaluate it")
     _add_common(p_train)
@@ -104,6 +114,8 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
     ):
         if value is not None:
             overrides[key] = value
+    if resume and not extra:
+        return _resume_config(args, overrides)
     overrides.update(extra or {})
     preset = getattr(args, "preset", None)
     if preset:
@@ -127,6 +139,30 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         raise RecipeError(f"config: {err}") from err
 
 
+def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> TrainConfig:
+    """A resumed run's config: the one it was started with, then what the command line sets."""
+    from .train import read_resume
+
+    ignored = [flag for flag, given in (("--quick", args.quick), ("--preset", getattr(args, "preset", None))) if given]
+    if ignored:
+        print(f"metabin-reid: note: {' and '.join(ignored)} ignored: a resumed run keeps its own config", file=sys.stderr)
+    _, saved, source = read_resume(args.resume)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    if args.config is not None:
+        try:
+            values.update(read_config_file(args.config))
+        except KeyError as err:
+            raise RecipeError(f"{args.config}: {err.args[0]}") from err
+        except ValueError as err:
+            raise RecipeError(f"{args.config}: {err}") from err
+    values.update(overrides)  # --set and the options given (--output: default the run's folder)
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"resume {source}: config: {err}") from err
+
+
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import distributed_from_env, train
 
@@ -135,7 +171,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         return train(
             cfg,
             resume=args.resume,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),  # a log file gets log lines
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
         )
@@ -198,15 +234,36 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     return runs
 
 
+def _interrupted(stop: KeyboardInterrupt) -> str:
+    """The lines printed after Ctrl-C: where training stopped and how to continue."""
+    from .train import TrainingInterrupted
+
+    if not isinstance(stop, TrainingInterrupted):
+        return "metabin-reid: interrupted (no training iteration was running; nothing partial was written)"
+    if stop.checkpoint_iteration is None:
+        saved = "no checkpoint was saved yet, a resume starts again from iteration 0"
+    else:
+        saved = f"the last checkpoint is from iteration {stop.checkpoint_iteration} ({Path(stop.output) / 'checkpoint.pt'})"
+    return (
+        f"metabin-reid: interrupted at iteration {stop.iteration} of {stop.max_iters}; {saved}\n"
+        f"resume with: {stop.resume_command}"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``metabin-reid``; a problem with the user's files, folders, config or data is one line on
-    stderr and exit status 2 (no traceback).
+    stderr and exit status 2 (no traceback; ``--debug`` shows it).
+
+    Ctrl-C (or SIGTERM) while training prints the iteration reached, the last checkpoint and the
+    command that resumes the run, and returns 130 (143 after SIGTERM); a checkpoint being written
+    is discarded, never left partial.
 
     Args:
         argv: The command-line arguments after the program name; ``None``: ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success, 2 after a user error (the message is on stderr).
+        The exit status: 0 on success, 2 after a user error (the message is on stderr), 130
+        after Ctrl-C, 143 after SIGTERM.
 
     Raises:
         SystemExit: From argparse, for ``--help`` (status 0) or arguments it cannot parse (status 2).
@@ -222,11 +279,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exit status 2
     """
     args = build_parser().parse_args(argv)
+    received: list[int] = []
+
+    def terminate(signum: int, frame: Any) -> None:  # SIGTERM stops training as Ctrl-C does
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    # signal handlers can only be set from the main thread
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
     except RecipeError as err:
+        if args.debug:
+            raise
         print(f"metabin-reid: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        if args.debug:
+            raise
+        print(_interrupted(stop), file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

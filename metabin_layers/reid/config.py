@@ -14,7 +14,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["TrainConfig", "SYNTHETIC_PRESET", "QUICK_PRESET", "load_config", "default_output", "parse_overrides"]
+__all__ = [
+    "TrainConfig",
+    "SYNTHETIC_PRESET",
+    "QUICK_PRESET",
+    "load_config",
+    "read_config_file",
+    "default_output",
+    "parse_overrides",
+]
 
 
 @dataclass
@@ -86,7 +94,9 @@ class TrainConfig:
         device: ``"auto"`` (CUDA if available, else CPU), or a torch device string.
         output: Run folder (results, checkpoints, logs).
         log_every: Iterations between log lines.
-        checkpoint_every: Iterations between checkpoints.
+        checkpoint_every: Iterations between checkpoints; ``None``: by time only.
+        checkpoint_every_minutes: Minutes between checkpoints; ``None``: by iterations only.
+            A checkpoint is saved when either is due, and always after the last iteration.
         eval_flip: Average the embeddings of an image and its horizontal flip at test time.
         metric: Test distance, ``"cosine"`` or ``"euclidean"``.
         eval_batch_size: Batch size of feature extraction at test time.
@@ -181,7 +191,8 @@ class TrainConfig:
     device: str = "auto"
     output: str = "runs/metabin"
     log_every: int = 20
-    checkpoint_every: int = 500
+    checkpoint_every: Optional[int] = None  # iterations; None: by time only
+    checkpoint_every_minutes: Optional[float] = 10.0  # None: by iterations only (and always at the end)
     eval_flip: bool = False
     metric: str = "cosine"
     eval_batch_size: int = 128
@@ -208,10 +219,13 @@ class TrainConfig:
             "height",
             "width",
             "log_every",
-            "checkpoint_every",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
+            raise ValueError(f"checkpoint_every_minutes must be > 0 or None, got {self.checkpoint_every_minutes}")
         self.combine_all = _per_source(self.combine_all, self.sources)
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances ({self.num_instances})")
@@ -275,7 +289,9 @@ QUICK_PRESET: dict[str, Any] = {
     "iters_per_epoch": 2,
     "backbone": "resnet18",
     "log_every": 1,
-    "checkpoint_every": 2,
+    # one checkpoint, after the last iteration
+    "checkpoint_every": None,
+    "checkpoint_every_minutes": None,
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -298,12 +314,19 @@ def _coerce(name: str, value: Any) -> Any:
             return [int(t) for t in items] if default and isinstance(default[0], int) else items
         if isinstance(default, bool):
             return _boolean(name, text)
-        if isinstance(default, int) or name in ("iters_per_epoch", "max_iters", "num_meta_train_domains"):
-            return int(text)
+        if isinstance(default, int) or name in ("iters_per_epoch", "max_iters", "num_meta_train_domains", "checkpoint_every"):
+            return _number(name, text, int, "an integer")
         if isinstance(default, float) or name == "inner_lr":
-            return float(text)
+            return _number(name, text, float, "a number")
         return text
     return value
+
+
+def _number(name: str, text: str, kind: type, expected: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} expects {expected}, got {text!r}") from None
 
 
 def _boolean(name: str, text: str) -> bool:
@@ -344,6 +367,37 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    """The config keys of a YAML file, typed as the ``TrainConfig`` fields (no defaults added).
+
+    Args:
+        path: A YAML file mapping config keys to values.
+
+    Returns:
+        The file's keys and values, each parsed as in ``parse_overrides``.
+
+    Raises:
+        ValueError: If the file is not a mapping or a value does not fit its key.
+        KeyError: If a key is not a ``TrainConfig`` field.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.config import read_config_file
+        >>> path = Path(tempfile.mkdtemp()) / "run.yaml"
+        >>> _ = path.write_text("lr: 0.02\nmilestones: 10,20\n")
+        >>> read_config_file(path)
+        {'lr': 0.02, 'milestones': [10, 20]}
+    """
+    import yaml
+
+    with open(path) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return {k: _coerce(k, v) for k, v in loaded.items()}
+
+
 def load_config(
     path: Optional[Union[str, Path]] = None,
     overrides: Optional[dict[str, Any]] = None,
@@ -371,15 +425,7 @@ def load_config(
         >>> cfg.backbone, cfg.lr, cfg.data_root
         ('resnet18', 0.02, None)
     """
-    user: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        user.update({k: _coerce(k, v) for k, v in loaded.items()})
+    user: dict[str, Any] = read_config_file(path) if path is not None else {}
     user.update({k: _coerce(k, v) for k, v in (overrides or {}).items()})
     values: dict[str, Any] = {}
     if user.get("data_root") is None:

@@ -197,6 +197,7 @@ NOT_IN_AUTHORS_CONFIGS: dict[str, str] = {
     "output": "where results go",
     "log_every": "logging only",
     "checkpoint_every": "checkpointing only",
+    "checkpoint_every_minutes": "checkpointing only",
     "compile": "torch.compile of the base-step forward: speed only",
     **{
         f.name: "synthetic data only"

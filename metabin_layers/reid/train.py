@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shlex
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -34,10 +35,132 @@ from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError
 from .evaluation import evaluate
 from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
-from .report import write_results
+from .report import write_results, write_text_atomic
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 
-__all__ = ["train", "evaluate_model", "Trainer", "check_output", "clear_output", "config_differences"]
+__all__ = [
+    "train",
+    "evaluate_model",
+    "Trainer",
+    "TrainingInterrupted",
+    "check_output",
+    "clear_output",
+    "config_differences",
+    "checkpoint_due",
+    "progress_postfix",
+    "format_log_line",
+    "read_resume",
+]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (or SIGTERM): where it stopped and what can be resumed.
+
+    A ``KeyboardInterrupt``, so code that catches that keeps working. Nothing partial is left
+    behind: a checkpoint being written when the interrupt came is discarded (see
+    ``metabin_layers.reid.checkpoint.save_checkpoint``) and the last complete one stays.
+
+    Attributes:
+        output: The run folder (``--resume`` it to continue).
+        iteration: The iterations completed when the interrupt came.
+        max_iters: The iterations the run was to do.
+        checkpoint_iteration: The iteration of the last complete checkpoint in ``output``;
+            ``None``: none was saved (a resume starts again from iteration 0).
+
+    Examples:
+        >>> from metabin_layers.reid.train import TrainingInterrupted
+        >>> stop = TrainingInterrupted("runs/quick", iteration=3, max_iters=4, checkpoint_iteration=2)
+        >>> isinstance(stop, KeyboardInterrupt), stop.resume_command
+        (True, 'metabin-reid train --resume runs/quick')
+    """
+
+    def __init__(self, output: str, iteration: int, max_iters: int, checkpoint_iteration: Optional[int]) -> None:
+        super().__init__(output, iteration, max_iters, checkpoint_iteration)
+        self.output = output
+        self.iteration = iteration
+        self.max_iters = max_iters
+        self.checkpoint_iteration = checkpoint_iteration
+
+    @property
+    def resume_command(self) -> str:
+        """The command that continues the run from its last checkpoint."""
+        return f"metabin-reid train --resume {shlex.quote(self.output)}"
+
+
+def checkpoint_due(
+    iteration: int,
+    max_iters: int,
+    every_iters: Optional[int],
+    every_minutes: Optional[float],
+    minutes_since_save: float,
+) -> bool:
+    """Whether a checkpoint is saved after ``iteration``: at the end, every ``every_iters``
+    iterations, and once ``every_minutes`` minutes have passed since the last save.
+
+    Args:
+        iteration: Iterations completed.
+        max_iters: The run's last iteration (always saved).
+        every_iters: Iterations between checkpoints (``None``: not by iterations).
+        every_minutes: Minutes between checkpoints (``None``: not by time).
+        minutes_since_save: Minutes since the last save (or since training started).
+
+    Returns:
+        True when a checkpoint is due.
+
+    Examples:
+        >>> from metabin_layers.reid.train import checkpoint_due
+        >>> [it for it in range(1, 8) if checkpoint_due(it, 7, 3, None, 0.0)]
+        [3, 6, 7]
+        >>> checkpoint_due(5, 100, None, 10.0, 9.9), checkpoint_due(5, 100, None, 10.0, 10.0)
+        (False, True)
+        >>> checkpoint_due(99, 100, None, None, 60.0), checkpoint_due(100, 100, None, None, 0.0)
+        (False, True)
+    """
+    if iteration >= max_iters:
+        return True
+    if every_iters is not None and iteration % every_iters == 0:
+        return True
+    return every_minutes is not None and minutes_since_save >= every_minutes
+
+
+def progress_postfix(loss: float, rho: Optional[float]) -> str:
+    """The progress bar's text after the counts: the base-step loss and the mean rho.
+
+    Short, so that a terminal of 80 columns shows it whole beside tqdm's iteration rate and ETA.
+
+    Args:
+        loss: The base step's loss (cross-entropy + triplet).
+        rho: The mean rho over every MetaBIN layer; ``None``: a variant without rho.
+
+    Returns:
+        ``"loss=<3 decimals> rho=<3 decimals>"`` (without ``rho`` when it is ``None``).
+
+    Examples:
+        >>> from metabin_layers.reid.train import progress_postfix
+        >>> progress_postfix(1.23449, 0.93431)
+        'loss=1.234 rho=0.934'
+        >>> progress_postfix(12.5, None)
+        'loss=12.500'
+    """
+    text = f"loss={loss:.3f}"
+    return text if rho is None else f"{text} rho={rho:.3f}"
+
+
+def format_log_line(logs: dict[str, Any]) -> str:
+    """One line of ``log.txt``: ``key=value`` pairs, floats to 4 significant digits.
+
+    Args:
+        logs: One iteration's logged values (a ``Trainer.history`` entry).
+
+    Returns:
+        The line, without a newline.
+
+    Examples:
+        >>> from metabin_layers.reid.train import format_log_line
+        >>> format_log_line({"ce": 3.18249, "it": 7, "rho": 0.93431})
+        'ce=3.182 it=7 rho=0.9343'
+    """
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
 
 
 def seed_everything(seed: int) -> None:
@@ -262,6 +385,8 @@ class Trainer:
         if cfg.compile:  # the base step's forward; meta steps run the eager model (rho' overrides)
             self.net = torch.compile(self.net, backend=cfg.compile)  # type: ignore[assignment]
         self.iteration = 0
+        #: The iteration of the last complete checkpoint written or loaded (None: none yet).
+        self.checkpoint_iteration: Optional[int] = None
         self.history: list[dict[str, float]] = []
         # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks.
         self.degenerate_losses = 0
@@ -383,14 +508,32 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
         self.degenerate_losses = int(state.get("degenerate_losses", 0))
+        self.checkpoint_iteration = self.iteration
 
     def save(self, path: Path) -> None:
         """Write ``state_dict`` to ``path`` (rank 0; atomic, see ``.checkpoint``)."""
         if self.rank == 0:
             save_checkpoint(self.state_dict(), path)
+        self.checkpoint_iteration = self.iteration
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, output: Path, progress: bool = True) -> None:
+        """Train from ``self.iteration`` to ``max_iters``, logging into and checkpointing to ``output``.
+
+        ``log.txt`` is rewritten from ``history`` first, so a resumed run logs every iteration
+        once (lines logged after the checkpoint it resumes from are dropped: those iterations run
+        again). Checkpoints follow ``checkpoint_due`` (``checkpoint_every``,
+        ``checkpoint_every_minutes``, and after the last iteration).
+
+        Args:
+            output: The run folder (it must exist).
+            progress: A progress bar (loss, mean rho, iterations per second, ETA); else log
+                lines are printed.
+
+        Raises:
+            TrainingInterrupted: On ``KeyboardInterrupt``, with the iteration reached and the
+                last complete checkpoint.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -402,8 +545,12 @@ class Trainer:
             desc=f"train {cfg.norm}",
             dynamic_ncols=True,
         )
-        log = open(output / "log.txt", "a") if is_main else None
-        start = time.perf_counter()
+        log = None
+        if is_main:
+            log = open(output / "log.txt", "w")
+            log.writelines(format_log_line(entry) + "\n" for entry in self.history)
+            log.flush()
+        start = last_save = time.perf_counter()
         try:
             while self.iteration < self.max_iters:
                 self.model.train()
@@ -411,6 +558,7 @@ class Trainer:
                 warm = cfg.first_inner_loop if self.iteration == 0 else 1
                 for _ in range(warm):
                     logs = self.base_step()
+                loss = logs["ce"] + logs["tri"]
                 if self.meta_batches is not None:
                     logs.update(self.meta_step())
                 self.scheduler.step()
@@ -422,18 +570,24 @@ class Trainer:
                     logs["rho"] = rho
                 if not all(math.isfinite(v) for v in logs.values()):
                     raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {logs}")
+                bar.set_postfix_str(progress_postfix(loss, rho), refresh=False)
                 bar.update(1)
                 if self.iteration % cfg.log_every == 0 or self.iteration == self.max_iters:
                     self.history.append(logs)
-                    line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-                    bar.set_postfix_str(line[:80])
+                    line = format_log_line(logs)
                     if log is not None:
                         log.write(line + "\n")
                         log.flush()
                     if not progress and is_main:
                         print(line, flush=True)
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == self.max_iters:
+                minutes = (time.perf_counter() - last_save) / 60
+                if checkpoint_due(self.iteration, self.max_iters, cfg.checkpoint_every, cfg.checkpoint_every_minutes, minutes):
                     self.save(output / "checkpoint.pt")
+                    last_save = time.perf_counter()
+        except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM, see the CLI): what is saved, how to go on
+            if isinstance(err, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(str(output), self.iteration, self.max_iters, self.checkpoint_iteration) from err
         finally:
             bar.close()
             if log is not None:
@@ -501,7 +655,17 @@ RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results
 RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png")
 #: Config keys that may differ from the checkpoint's when resuming: where the run writes, how far it
 #: goes and how it is logged or evaluated, none of which changes the iterations already done.
-RESUME_FREE_KEYS = ("output", "max_iters", "log_every", "checkpoint_every", "device", "eval_flip", "metric", "eval_batch_size")
+RESUME_FREE_KEYS = (
+    "output",
+    "max_iters",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_every_minutes",
+    "device",
+    "eval_flip",
+    "metric",
+    "eval_batch_size",
+)
 
 
 def check_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
@@ -598,36 +762,68 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[st
     return [f"{k}: {saved.get(k, '<missing>')!r} -> {now[k]!r}" for k in keys]
 
 
-def _resume_state(resume: str, cfg: TrainConfig, allow_config_change: bool) -> Optional[dict[str, Any]]:
-    """The checkpoint to resume from (None: a run folder whose first save never completed)."""
+def read_resume(resume: str) -> tuple[Optional[dict[str, Any]], dict[str, Any], Path]:
+    """What ``--resume`` points at: the checkpoint's state, the run's config and where it was read.
+
+    Args:
+        resume: A ``checkpoint.pt``, or a run folder (its ``checkpoint.pt``; without one, its
+            ``config.json``: a run stopped before its first save).
+
+    Returns:
+        ``(state, config, source)``: the checkpoint's state (``None`` when only ``config.json``
+        is there), the run's saved config (``TrainConfig.to_dict()``) and the file it came from.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be read, or the folder holds no run, or no
+            config is found; the message names the file or folder.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.train import read_resume
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "config.json").write_text(json.dumps(TrainConfig(lr=0.5).to_dict()))
+        >>> state, config, source = read_resume(str(run))
+        >>> state, config["lr"], source.name
+        (None, 0.5, 'config.json')
+    """
     path = Path(resume)
     state: Optional[dict[str, Any]] = None
     if path.is_dir():
         if (path / "checkpoint.pt").exists():
-            state = load_checkpoint(path / "checkpoint.pt")
-            saved, source = state.get("config"), path / "checkpoint.pt"
+            source = path / "checkpoint.pt"
+            state = load_checkpoint(source)
+            saved = state.get("config")
         elif (path / "config.json").exists():
-            # Stopped before its first checkpoint: start again from iteration 0 with the same config.
             source = path / "config.json"
             try:
                 saved = json.loads(source.read_text())
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"resume {source}: unreadable run config ({err})") from err
-            print(f"{path}: no checkpoint yet (the run stopped before its first save); training from iteration 0")
         else:
             raise CheckpointError(f"resume {path}: the folder holds no checkpoint.pt and no config.json of a run")
     else:
+        source = path
         state = load_checkpoint(path)
-        saved, source = state.get("config"), path
+        saved = state.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"resume {source}: no run config in it")
+    return state, saved, source
+
+
+def _resume_state(resume: str, cfg: TrainConfig, allow_config_change: bool) -> tuple[Optional[dict[str, Any]], Path]:
+    """The checkpoint to resume from (None: a run folder whose first save never completed) and its file."""
+    state, saved, source = read_resume(resume)
+    if state is None:  # stopped before its first checkpoint: start again from iteration 0, same config
+        print(f"{source.parent}: no checkpoint yet (the run stopped before its first save); training from iteration 0")
     diff = config_differences(saved, cfg)
     if diff and not allow_config_change:
         raise CheckpointError(
             f"resume {source}: the config differs from the one the run was started with ({'; '.join(diff)}); "
             "pass --allow-config-change to continue with the new values"
         )
-    return state
+    return state, source
 
 
 def train(
@@ -647,7 +843,8 @@ def train(
         resume: a ``checkpoint.pt``, or a run folder, to continue from. The checkpoint is opened
             and checked before anything is written; its config must equal ``cfg`` except for
             ``RESUME_FREE_KEYS`` unless ``allow_config_change``. A run folder without a
-            checkpoint (stopped before its first save) starts again from iteration 0.
+            checkpoint (stopped before its first save) starts again from iteration 0. Prints
+            ``resumed from iteration N (<checkpoint>)``.
         progress: show a progress bar (else log lines).
         overwrite: replace an earlier run in ``cfg.output`` (refused otherwise, see ``check_output``).
         allow_config_change: resume although the config differs from the checkpoint's.
@@ -662,6 +859,8 @@ def train(
             ``resume`` is given.
         CheckpointError: If the checkpoint to resume cannot be read, its config differs (without
             ``allow_config_change``) or it does not fit the run.
+        TrainingInterrupted: On ``KeyboardInterrupt`` (Ctrl-C) while training (``Trainer.run``):
+            it gives the iteration reached and the last complete checkpoint; nothing partial is left.
 
     Examples:
         >>> import contextlib, io, os, tempfile
@@ -681,7 +880,7 @@ def train(
     """
     output = Path(cfg.output)
     check_output(output, overwrite=overwrite, resuming=bool(resume))
-    state = _resume_state(resume, cfg, allow_config_change) if resume else None
+    state, source = _resume_state(resume, cfg, allow_config_change) if resume else (None, None)
     trainer = Trainer(cfg)
     if state is not None:
         try:
@@ -689,10 +888,13 @@ def train(
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"resume {resume}: the checkpoint does not fit this run ({first})") from err
+        del state  # the model and optimizers hold their copies now
     if trainer.rank == 0:
         clear_output(output, overwrite=overwrite, resuming=bool(resume))
-        (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(output / "config.json", json.dumps(cfg.to_dict(), indent=2))
         print(trainer.data.description, flush=True)
+        if trainer.checkpoint_iteration is not None:
+            print(f"resumed from iteration {trainer.checkpoint_iteration} ({source})", flush=True)
     trainer.run(output, progress=progress)
     results: dict[str, Any] = {}
     if trainer.rank == 0:
