@@ -13,14 +13,38 @@ Examples:
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
 from .config import TrainConfig
 from .data import RecipeData
-from .errors import DataError
+from .errors import DataError, RecipeError
 
-__all__ = ["check_targets", "check_sources", "check_data"]
+__all__ = ["check_targets", "check_sources", "check_data", "check_pretrained"]
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """The ``pretrained`` checkpoint, if set, is a file: checked before the data are built.
+
+    Args:
+        cfg: the run's config; ``pretrained`` is read.
+
+    Raises:
+        RecipeError: ``pretrained`` names no file (the message gives the path).
+
+    Examples:
+        >>> from metabin_layers.reid.checks import check_pretrained
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> check_pretrained(TrainConfig())  # none set: nothing to check
+        >>> try:
+        ...     check_pretrained(TrainConfig(pretrained="/no/such/resnet50.pth"))
+        ... except RecipeError as err:
+        ...     print(err)
+        pretrained /no/such/resnet50.pth: no such file (a local ImageNet checkpoint; nothing is downloaded)
+    """
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise RecipeError(f"pretrained {cfg.pretrained}: no such file (a local ImageNet checkpoint; nothing is downloaded)")
 
 
 def _where(data: RecipeData, name: str) -> str:

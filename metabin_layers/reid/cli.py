@@ -94,7 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_config_file(path: str) -> None:
+    """A ``--config`` that is no readable YAML file is one error line, not a traceback."""
+    import yaml
+
+    try:
+        read_config_file(path)
+    except OSError as err:
+        raise RecipeError(f"--config {path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"--config {path}: not valid YAML ({first})") from err
+    except (KeyError, ValueError):
+        pass  # reported with the key by load_config's caller
+
+
 def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) -> TrainConfig:
+    if args.config is not None:
+        _check_config_file(args.config)
     try:
         overrides = parse_overrides(args.set)
     except KeyError as err:  # an unknown key: the message lists the known ones

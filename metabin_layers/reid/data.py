@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -10,6 +11,7 @@ from torch.utils.data import Dataset
 
 from .config import TrainConfig
 from .datasets import ImageDataset, ReIDDataset, SplitReIDDataset, build_dataset, cameras_as_domains, combine_sources
+from .errors import DataError
 from .synthetic import SyntheticReID, SyntheticReIDDataset
 from .transforms import build_test_transform, build_train_transform
 
@@ -146,17 +148,20 @@ def _warn_not_comparable(test_splits: dict[str, dict[str, Any]]) -> None:
 
 
 def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
-    syn = SyntheticReID(
-        num_train_ids=cfg.syn_train_ids,
-        num_test_ids=cfg.syn_test_ids,
-        num_styles=cfg.syn_styles,
-        held_out_styles=tuple(cfg.syn_held_out),
-        images_per_id_per_style=cfg.syn_images_per_id,
-        height=cfg.height,
-        width=cfg.width,
-        seed=cfg.seed,
-        num_distractor_ids=cfg.syn_distractor_ids,
-    )
+    try:
+        syn = SyntheticReID(
+            num_train_ids=cfg.syn_train_ids,
+            num_test_ids=cfg.syn_test_ids,
+            num_styles=cfg.syn_styles,
+            held_out_styles=tuple(cfg.syn_held_out),
+            images_per_id_per_style=cfg.syn_images_per_id,
+            height=cfg.height,
+            width=cfg.width,
+            seed=cfg.seed,
+            num_distractor_ids=cfg.syn_distractor_ids,
+        )
+    except ValueError as err:  # a syn_* setting out of range
+        raise DataError(f"synthetic data (the syn_* config keys): {err}") from err
     targets = {
         f"style{s}": [
             TargetSplit(SyntheticReIDDataset(syn, syn.query[s], test_tf), SyntheticReIDDataset(syn, syn.gallery[s], test_tf))
@@ -179,10 +184,15 @@ def _synthetic(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> Recip
 
 def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData:
     assert cfg.data_root is not None
+    if not os.path.isdir(cfg.data_root):
+        raise DataError(f"--data-root {cfg.data_root}: no such folder")
     # combine_all (the authors' DATASETS.COMBINEALL / DG_* names): every image of a source is
     # training data in multi-source DG; single-source and supervised runs use the train split.
     flags = cfg.combine_all or [False] * len(cfg.sources)
-    sources = [build_dataset(name, cfg.data_root, combine_all=flag) for name, flag in zip(cfg.sources, flags)]
+    problems = _DatasetProblems(cfg.data_root)  # every missing or malformed dataset in one error
+    sources = [problems.build(name, combine_all=flag) for name, flag in zip(cfg.sources, flags)]
+    probes = {name: problems.build(name) for name in cfg.targets}
+    problems.check()
     train = combine_sources(sources)
     items = train.train
     if cfg.cameras_as_domains:
@@ -192,7 +202,7 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
     targets: dict[str, list[TargetSplit]] = {}
     test_splits: dict[str, dict[str, Any]] = {}
     for name in cfg.targets:
-        probe = build_dataset(name, cfg.data_root)
+        probe = probes[name]
         _check_no_leak(name, probe, sources)
         splits = cfg.num_splits if isinstance(probe, SplitReIDDataset) else 1
         sets = [probe] + [build_dataset(name, cfg.data_root, split_id=i) for i in range(1, splits)]
@@ -205,11 +215,43 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
     )
 
 
+class _DatasetProblems:
+    """Builds datasets, noting each that fails, so that one ``DataError`` lists them all: a wrong
+    ``--data-root`` makes every dataset fail, and the user learns it from one message."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.missing: dict[str, str] = {}
+        self.unreadable: dict[str, str] = {}  # found but malformed: layout, file names, split file
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        try:
+            return build_dataset(name, self.root, **kwargs)
+        except FileNotFoundError as err:
+            self.missing.setdefault(name, str(err))
+        except ValueError as err:  # also an unknown dataset name (the message lists the known ones)
+            self.unreadable.setdefault(name, str(err))
+        return None
+
+    def check(self) -> None:
+        problems = {**self.missing, **self.unreadable}
+        if len(problems) == 1:
+            raise DataError(next(iter(problems.values())))
+        if problems:
+            kinds = (("not found", self.missing), ("unreadable", self.unreadable))
+            parts = [f"{kind}: {', '.join(names)}" for kind, names in kinds if names]
+            example = next(iter((self.unreadable or self.missing).values()))
+            raise DataError(
+                f"--data-root {self.root}: {len(problems)} datasets cannot be read ({'; '.join(parts)})\n"
+                f"e.g. {example} (every layout: docs/recipe.md, 'Dataset preparation')"
+            )
+
+
 def _check_no_leak(name: str, target: ReIDDataset, sources: Sequence[ReIDDataset]) -> None:
     """A source trained with combine_all holds the query/gallery images of the same dataset."""
     for src in sources:
         if src.combine_all and type(src) is type(target) and src.dataset_dir == target.dataset_dir:
-            raise ValueError(
+            raise DataError(
                 f"target {name!r} is also a source with combine_all on: its query and gallery images would be "
                 "training data; set combine_all=false for that source (supervised protocol)"
             )
@@ -232,8 +274,9 @@ def build_data(cfg: TrainConfig) -> RecipeData:
         splits come from.
 
     Raises:
-        ValueError: a target is also a source built with ``combine_all`` (its query and gallery
-            images would be training data).
+        DataError: ``cfg.data_root`` is not a folder; datasets are missing or malformed (one
+            error lists them all); a target is also a source built with ``combine_all`` (its
+            query and gallery images would be training data).
 
     Warns:
         SplitProvenanceWarning: once, naming every target whose splits are not the authors'.

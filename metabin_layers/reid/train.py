@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader
 from .. import CyclicInnerLR, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .checks import check_data
+from .checks import check_data, check_pretrained
 from .config import TrainConfig
 from .data import RecipeData, build_data
-from .errors import CheckpointError, OutputFolderError
+from .errors import CheckpointError, OutputFolderError, RecipeError
 from .evaluation import evaluate
 from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
 from .report import write_results, write_text_atomic
@@ -298,6 +298,7 @@ class Trainer:
         self.rank, self.world_size = _dist_info()
         self.device = _device(cfg.device)
         seed_everything(cfg.seed)
+        check_pretrained(cfg)
         self.data = data if data is not None else build_data(cfg)
         check_data(cfg, self.data)  # before the first iteration, not after hours of training
         self.model = ReIDModel(
@@ -320,7 +321,7 @@ class Trainer:
             per_domain = cfg.meta_batch_size // max(1, self.data.num_domains * cfg.num_instances)
             if per_domain < 2 * self.world_size:
                 on = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
-                raise ValueError(
+                raise RecipeError(
                     f"meta_batch_size={cfg.meta_batch_size} gives {per_domain // self.world_size} identities per "
                     f"domain{on} for {self.data.num_domains} domains x {cfg.num_instances} instances; the "
                     f"inter-domain shuffle loss needs >= 2: use meta_batch_size >= "
