@@ -160,9 +160,6 @@ def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
     """A resumed run's config: the one it was started with, then what the command line sets."""
     from .train import read_resume
 
-    ignored = [flag for flag, given in (("--quick", args.quick), ("--preset", getattr(args, "preset", None))) if given]
-    if ignored:
-        print(f"metabin-reid: note: {' and '.join(ignored)} ignored: a resumed run keeps its own config", file=sys.stderr)
     _, saved, source = read_resume(args.resume)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in known}
@@ -175,9 +172,13 @@ def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
             raise RecipeError(f"{args.config}: {err}") from err
     values.update(overrides)  # --set and the options given (--output: default the run's folder)
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"resume {source}: config: {err}") from err
+    ignored = [flag for flag, given in (("--quick", args.quick), ("--preset", getattr(args, "preset", None))) if given]
+    if ignored:
+        print(f"metabin-reid: note: {' and '.join(ignored)} ignored: a resumed run keeps its own config", file=sys.stderr)
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
