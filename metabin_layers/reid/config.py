@@ -385,7 +385,7 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
         >>> from pathlib import Path
         >>> from metabin_layers.reid.config import read_config_file
         >>> path = Path(tempfile.mkdtemp()) / "run.yaml"
-        >>> _ = path.write_text("lr: 0.02\nmilestones: 10,20\n")
+        >>> _ = path.write_text("lr: 0.02\\nmilestones: 10,20\\n")
         >>> read_config_file(path)
         {'lr': 0.02, 'milestones': [10, 20]}
     """
