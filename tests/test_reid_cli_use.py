@@ -136,11 +136,13 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_the_resume_logs_each_itera
 
     # The printed command, verbatim: no flag repeated, the run's own config.
     monkeypatch.undo()
+    (out / ".checkpoint.pt.99999.tmp").write_bytes(b"left by a process killed while saving")
     command = err.strip().splitlines()[-1].split("resume with: metabin-reid ")[1].split()
     assert main(command) == 0
     printed = capsys.readouterr().out
     assert f"resumed from iteration 2 ({out / 'checkpoint.pt'})" in printed
     assert _log_iterations(out) == [1, 2, 3, 4]  # iteration 3 once, though it ran twice
+    assert not (out / ".checkpoint.pt.99999.tmp").exists()
     results = json.loads((out / "results.json").read_text())
     assert results["iterations"] == 4 and results["config"]["syn_train_ids"] == 16
 
@@ -222,10 +224,11 @@ def _market_with_bad_names(root: Path) -> None:
         (base / sub / "not_a_market_name.jpg").write_bytes(b"")
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["all_missing", "missing_and_malformed", "no_data_root", "bad_set_value", "bad_checkpoint", "missing_checkpoint", "pretrained"],
-)
+USER_ERRORS = ("all_missing", "missing_and_malformed", "no_data_root", "bad_set_value")
+USER_ERRORS += ("bad_checkpoint", "missing_checkpoint", "pretrained")
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
 def test_user_errors_are_short_exit_2_and_create_no_run_folder(tmp_path, capsys, case):
     out = tmp_path / "out"
     data = tmp_path / "data"
@@ -286,7 +289,7 @@ def test_debug_raises_the_error_and_unexpected_errors_are_not_hidden(tmp_path, m
 @pytest.mark.slow
 def test_debug_prints_the_traceback_from_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "metabin_layers.reid.cli", "train", "--quick", "--set", "lr=abc", "--output", str(tmp_path / "o")]
+    command = [sys.executable, "-m", "metabin_layers.reid.cli", *f"train --quick --set lr=abc --output {tmp_path / 'o'}".split()]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert plain.returncode == 2 and plain.stderr.strip() == "metabin-reid: error: --set: lr expects a number, got 'abc'"

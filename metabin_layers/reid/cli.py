@@ -257,7 +257,7 @@ def _interrupted(stop: KeyboardInterrupt) -> str:
     from .train import TrainingInterrupted
 
     if not isinstance(stop, TrainingInterrupted):
-        return "metabin-reid: interrupted (no training iteration was running; nothing partial was written)"
+        return "metabin-reid: interrupted (outside the training iterations)"
     if stop.checkpoint_iteration is None:
         saved = "no checkpoint was saved yet, a resume starts again from iteration 0"
     else:

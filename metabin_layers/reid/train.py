@@ -711,7 +711,9 @@ def check_output(output: Path, overwrite: bool = False, resuming: bool = False) 
 def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
     """Create ``output``; delete an earlier run's files (``overwrite``) or its results (``resuming``).
 
-    So a run that fails later never leaves its new files beside stale results.
+    So a run that fails later never leaves its new files beside stale results. The temporary
+    file of a checkpoint save cut short by a killed process (``.checkpoint.pt.<pid>.tmp``) is
+    deleted too.
 
     Args:
         output: The run folder (created with its parents if missing).
@@ -737,6 +739,8 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
     output.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
         (output / name).unlink(missing_ok=True)
+    for stale in output.glob(".checkpoint.pt.*.tmp"):  # a save cut short by a killed process
+        stale.unlink(missing_ok=True)
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
