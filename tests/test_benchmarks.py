@@ -103,6 +103,8 @@ def test_every_entry_point_has_the_same_defaults():
     for parser in (bench_layer.parser(), run_all.parser()):
         text = parser.format_help()
         assert "8,32,64" in text and "15 on CPU" in text and "resnet50" in text
+    text = bench_iteration.parser().format_help()
+    assert "7 on CPU" in text and "resnet18 on CPU" in text and "torch's own choice" in text
 
 
 def test_int_list_rejects_bad_batches():
