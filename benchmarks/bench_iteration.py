@@ -439,7 +439,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     _, first_failed = common.first_calls(steps)
     failed.update(first_failed)
     ran = [c for c in configs if c not in failed]
-    stats = common.interleaved({c: steps[c] for c in ran}, repeats=args.repeats, warmup=args.warmup)
+    # the first call was one warm-up
+    stats = common.interleaved({c: steps[c] for c in ran}, repeats=args.repeats, warmup=max(args.warmup - 1, 0))
     memory = memory_in_subprocesses(args, ran) if args.memory else {}
     sizes = {
         "base": int(data["base"][0].shape[0]),

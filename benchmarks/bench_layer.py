@@ -223,7 +223,8 @@ def measure_shape(
     # first call of each: lazy set-up and, for the compiled mix, tracing and compilation
     first, failed = common.first_calls(measures)
     status.update(failed)
-    stats = common.interleaved({n: measures[n] for n in measures if n not in failed}, args.repeats, args.warmup)
+    ran = {n: measures[n] for n in measures if n not in failed}
+    stats = common.interleaved(ran, args.repeats, max(args.warmup - 1, 0))  # the first call was one warm-up
     rows: dict[str, dict[str, Any]] = {}
     for name in order:
         row: dict[str, Any] = {"status": status.get(name, "ok")}

@@ -98,7 +98,12 @@ def add_run_arguments(p: argparse.ArgumentParser, benchmark: Optional[str]) -> N
             default=None,
             help=f"interleaved repeats (default: {reps['cpu']} on CPU, {reps['cuda']} on CUDA)",
         )
-        p.add_argument("--warmup", type=int, default=warm, help="untimed calls per candidate first (default: %(default)s)")
+        p.add_argument(
+            "--warmup",
+            type=int,
+            default=warm,
+            help="untimed calls per candidate first; the first one also tells whether it runs (default: %(default)s)",
+        )
     p.add_argument(
         "--output",
         default=OUTPUT_DIR,
