@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -221,3 +222,20 @@ def test_run_all_update_results_writes_the_results_folder(tmp_path, monkeypatch)
     assert not scratch.exists()
     with pytest.raises(SystemExit):
         run_all.parse(["--update-results", "--output", str(scratch)])
+
+
+@pytest.mark.slow
+def test_compiled_row_without_a_cxx_compiler_says_failed(tmp_path, committed_results_unchanged):
+    """Inductor with no working C++ compiler (and an empty cache): the row stays, saying why."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CXX=str(tmp_path / "no-such-c++"))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(BENCH / "bench_layer.py"), *TINY_LAYER, "--batch", "2", "--backends", "fused"]
+    run = subprocess.run([*cmd, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    payload = json.loads((tmp_path / "out" / "layer.json").read_text())
+    compiled = next(r for r in payload["results"] if r["candidate"] == "naive BN+IN mix (torch.compile)")
+    assert compiled["status"].startswith("failed: ") and "C++ compiler" in compiled["status"]
+    fused = next(r for r in payload["results"] if r["candidate"] == "MetaBIN2d[fused]")
+    assert fused["status"] == "ok"
+    assert payload["summary"]["float32"]["2"]["MetaBIN2d[fused]"]["worst_ratio_vs_compiled"] is None
