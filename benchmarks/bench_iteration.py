@@ -3,7 +3,9 @@ against the authors' iteration structure rebuilt with the naive layer.
 
     python benchmarks/bench_iteration.py                     # CPU: ResNet-18, 64x32 images, batch 40
     python benchmarks/bench_iteration.py --device cuda       # CUDA: ResNet-50, 256x128, batch 80
-    python benchmarks/bench_iteration.py --json benchmarks/results/iteration.json
+    python benchmarks/bench_iteration.py --threads 1 --repeats 11
+
+Tables and JSON go to ``--output`` (default benchmarks/out/, untracked).
 
 Configurations (same model architecture, same synthetic batches, interleaved, medians):
 
@@ -51,9 +53,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import common  # noqa: E402
 
 #: which statistic of the repeats the tables use (``--stat``): "median" or "min"
-STAT = "median"
+STAT = common.STAT
 
-from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin, metabin_modules  # noqa: E402
+from metabin_layers import MetaBIN2d, MetaBINOptimizer, convert_bn_to_metabin  # noqa: E402
 from metabin_layers.losses import (  # noqa: E402
     cross_entropy_label_smooth,
     inter_domain_shuffle_loss,
@@ -307,9 +309,12 @@ class Ours:
     def __init__(self, args, data, device):
         torch.manual_seed(0)
         self.model = convert_bn_to_metabin(ReIDNet(args.arch, data["num_classes"]), exclude="neck").to(device).train()
-        for m in metabin_modules(self.model):
+        layers = [m for m in self.model.modules() if isinstance(m, MetaBIN2d)]
+        for m in layers:
             m.backend = args.backend
-        base = torch.optim.SGD(base_parameters(self.model), lr=LR, momentum=0.9, weight_decay=5e-4)
+        rho_ids = {id(m.rho) for m in layers}
+        base_params = [p for p in self.model.parameters() if id(p) not in rho_ids]
+        base = torch.optim.SGD(base_params, lr=LR, momentum=0.9, weight_decay=5e-4)
         self.opt = MetaBINOptimizer(self.model, base, rho_lr=RHO_LR, inner_lr=0.001)
         self.data, self.device, self.autocast = data, device, args.autocast
 
@@ -425,9 +430,18 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     env = common.environment(device)
     data = make_data(args, device)
     configs = [c for c in CONFIGS if c in args.configs]
-    steps = {c: build(c, args, data, device) for c in configs}
-    stats = common.interleaved(steps, repeats=args.repeats, warmup=args.warmup)
-    memory = memory_in_subprocesses(args, configs) if args.memory else {}
+    steps, failed = {}, {}
+    for c in configs:
+        try:
+            steps[c] = build(c, args, data, device)
+        except Exception as e:  # noqa: BLE001  (reported in the configuration's row)
+            failed[c] = "failed: " + common.short_reason(e)
+    _, first_failed = common.first_calls(steps)
+    failed.update(first_failed)
+    ran = [c for c in configs if c not in failed]
+    # the first call was one warm-up
+    stats = common.interleaved({c: steps[c] for c in ran}, repeats=args.repeats, warmup=max(args.warmup - 1, 0))
+    memory = memory_in_subprocesses(args, ran) if args.memory else {}
     sizes = {
         "base": int(data["base"][0].shape[0]),
         "split": [int(data["split"][0][0].shape[0]), int(data["split"][1][0].shape[0])],
@@ -448,7 +462,10 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "device": args.device,
             "backend": args.backend,
         },
-        "results": {c: {"timing": stats[c], "peak_mib": memory.get(c)} for c in configs},
+        "results": {
+            c: {"status": "ok", "timing": stats[c], "peak_mib": memory.get(c)} if c in stats else {"status": failed[c]}
+            for c in configs
+        },
     }
     payload["summary"] = summarize(payload["results"])
     return render(payload), payload
@@ -456,7 +473,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def _t(results, config, phase="total") -> Optional[float]:
     r = results.get(config)
-    if r is None or phase not in r["timing"]:
+    if r is None or r.get("status", "ok") != "ok" or phase not in r["timing"]:
         return None
     return r["timing"][phase][STAT]
 
@@ -505,6 +522,9 @@ def render(payload: dict[str, Any]) -> str:
     a = _t(res, "a_plain")
     rows = []
     for c, r in res.items():
+        if r.get("status", "ok") != "ok":
+            rows.append([LABELS[c], r["status"]] + ["-"] * 6)
+            continue
         t = r["timing"]
         naive = _t(res, "b_naive_" + ("full" if c.endswith("full") else "split"))
         mem = r.get("peak_mib")
@@ -539,13 +559,13 @@ def render(payload: dict[str, Any]) -> str:
     prow = []
     for size in ("split", "full"):
         b, c = res.get(f"b_naive_{size}"), res.get(f"c_ours_{size}")
-        if b is None or c is None:
+        if b is None or c is None or "timing" not in b or "timing" not in c:
             continue
         cells = [f"(c)/(b), {size} meta batch"]
         for phase in ("base", "meta-train", "meta-test", "total"):
             cells.append(common.ratio(c["timing"][phase][STAT], b["timing"][phase][STAT]))
         prow.append(cells)
-        if "a_plain" in res:
+        if a is not None:
             prow.append(
                 [
                     f"(c)/(a), {size} meta batch",
@@ -575,17 +595,19 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--arch", default=None, help="torchvision ResNet (default: resnet18 on CPU, resnet50 on CUDA)")
-    p.add_argument("--batch", type=int, default=None, help="images per batch (default: 40 on CPU, 80 on CUDA)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: 64 on CPU, 256 on CUDA)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: 32 on CPU, 128 on CUDA)")
-    p.add_argument("--ids-per-domain", type=int, default=50)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_run_arguments(p, "iteration")
+    cpu, cuda = common.ITERATION["cpu"], common.ITERATION["cuda"]
+
+    def both(key: str) -> str:
+        return f"default: {cpu[key]} on CPU, {cuda[key]} on CUDA"
+
+    p.add_argument("--arch", default=None, help=f"torchvision ResNet ({both('arch')})")
+    p.add_argument("--batch", type=int, default=None, help=f"images per batch ({both('batch')})")
+    p.add_argument("--height", type=int, default=None, help=f"image height ({both('height')})")
+    p.add_argument("--width", type=int, default=None, help=f"image width ({both('width')})")
+    p.add_argument("--ids-per-domain", type=int, default=50, help="identities per synthetic domain (default: %(default)s)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 7 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="autocast (dtype: --amp-dtype)")
     p.add_argument(
         "--amp-dtype",
@@ -593,28 +615,24 @@ def parser() -> argparse.ArgumentParser:
         choices=["float16", "bfloat16"],
         help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)",
     )
-    p.add_argument("--backend", default="auto", help="MetaBIN backend of configuration (c) (default auto)")
+    p.add_argument("--backend", default="auto", help="MetaBIN backend of configuration (c) (default: %(default)s)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-configuration memory subprocesses")
-    p.add_argument(
-        "--stat",
-        default="median",
-        choices=["median", "min"],
-        help="statistic of the repeats shown in the tables (default median; min on a noisy machine)",
-    )
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the options and fill in the device-dependent defaults."""
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    args.arch = args.arch or ("resnet50" if cuda else "resnet18")
-    args.batch = args.batch or (80 if cuda else 40)
-    args.height = args.height or (256 if cuda else 64)
-    args.width = args.width or (128 if cuda else 32)
-    args.repeats = args.repeats or (20 if cuda else 7)
+    defaults = common.ITERATION[args.device]
+    args.arch = args.arch or defaults["arch"]
+    args.batch = args.batch or defaults["batch"]
+    args.height = args.height or defaults["height"]
+    args.width = args.width or defaults["width"]
+    args.repeats = args.repeats or common.REPEATS["iteration"][args.device]
     if args.batch % 4 or args.batch // 4 < NUM_DOMAINS:
         raise SystemExit("--batch must be a multiple of 4 with at least 5 identities (K = 4 images each)")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -643,6 +661,8 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, dict[str, Any]]:
         print(json.dumps(measure_memory(args._memory, args, torch.device(args.device))))
         raise SystemExit(0)
     text, payload = run(args)
+    common.write_text(os.path.join(args.output, "iteration.md"), text)
+    common.write_json(os.path.join(args.output, "iteration.json"), payload)
     if args.json:
         common.write_json(args.json, payload)
     return text, payload

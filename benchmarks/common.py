@@ -13,6 +13,7 @@ Timing rules used everywhere:
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -25,6 +26,109 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+
+# -- defaults shared by every entry point (bench_layer.py, bench_iteration.py, run_all.py) -------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: where runs write their tables and JSON unless told otherwise (untracked: listed in .gitignore)
+OUTPUT_DIR = os.path.join(HERE, "out")
+#: the committed results the docs cite; only ``run_all.py --update-results`` writes here
+RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_STEM = "latest"
+
+#: torch.set_num_threads; None keeps torch's default (one thread per physical core)
+THREADS: Optional[int] = None
+STAT = "median"
+#: interleaved repeats and untimed warm-up calls per candidate, by benchmark and device type
+REPEATS = {"layer": {"cpu": 15, "cuda": 50}, "iteration": {"cpu": 7, "cuda": 20}}
+WARMUP = {"layer": 3, "iteration": 2}
+
+LAYER_BATCHES = (8, 32, 64)
+LAYER_SHAPES = "resnet50"
+LAYER_DTYPES = ("float32",)
+#: every MetaBIN2d backend gets a row; one that cannot run says why instead of vanishing
+LAYER_BACKENDS = ("fused", "composite", "triton")
+#: torch.compile of the naive mix: "static" compiles each shape on its own (as compiling a model
+#: at a fixed input size does), "dynamic" once with dynamic shapes, "off" skips the row
+COMPILE_NAIVE = "static"
+COMPILE_BACKEND = "inductor"
+
+#: the iteration benchmark's model and batch, by device type
+ITERATION = {
+    "cpu": {"arch": "resnet18", "batch": 40, "height": 64, "width": 32},
+    "cuda": {"arch": "resnet50", "batch": 80, "height": 256, "width": 128},
+}
+
+#: ``run_all.py --quick``: a smoke run of both benchmarks (defaults of run_all's options; any
+#: option given explicitly still wins)
+QUICK: dict[str, Any] = {
+    "shapes": "small",
+    "batch": [8],
+    "layer_repeats": 5,
+    "layer_warmup": 1,
+    "iteration_repeats": 2,
+    "iteration_warmup": 1,
+    "configs": "a_plain,b_naive_split,c_ours_split",
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _threads_help() -> str:
+    return f"torch.set_num_threads (default: torch's own choice, {torch.get_num_threads()} here)"
+
+
+def add_run_arguments(p: argparse.ArgumentParser, benchmark: Optional[str]) -> None:
+    """The options every entry point shares: device, threads, statistic, repeats, output folder."""
+    p.add_argument("--device", default=default_device(), choices=["cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--threads", type=int, default=THREADS, help=_threads_help())
+    p.add_argument(
+        "--stat",
+        default=STAT,
+        choices=["median", "min"],
+        help="statistic of the repeats shown in the tables (default %(default)s; min on a noisy machine)",
+    )
+    if benchmark is not None:
+        reps, warm = REPEATS[benchmark], WARMUP[benchmark]
+        p.add_argument(
+            "--repeats",
+            type=int,
+            default=None,
+            help=f"interleaved repeats (default: {reps['cpu']} on CPU, {reps['cuda']} on CUDA)",
+        )
+        p.add_argument(
+            "--warmup",
+            type=int,
+            default=warm,
+            help="untimed calls per candidate first; the first one also tells whether it runs (default: %(default)s)",
+        )
+    p.add_argument(
+        "--output",
+        default=OUTPUT_DIR,
+        metavar="DIR",
+        help="folder of the tables and JSON (default: benchmarks/out/, not tracked by git)",
+    )
+
+
+def int_list(text: str) -> list[int]:
+    """``"8,32,64"`` -> ``[8, 32, 64]`` (argparse type of the ``--batch`` options)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def short_reason(exc: BaseException, limit: int = 90) -> str:
+    """One line saying why a candidate could not run: the exception type and its first line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # -- timing -------------------------------------------------------------------------------------
 
@@ -57,6 +161,26 @@ class Stats(dict):
     @classmethod
     def of(cls, samples: Sequence[float]) -> Stats:
         return cls(median=statistics.median(samples), min=min(samples), n=len(samples))
+
+
+def first_calls(candidates: Mapping[str, Callable[[], Any]]) -> tuple[dict[str, float], dict[str, str]]:
+    """Call each candidate once, untimed by the tables (lazy initialisation, compilation).
+
+    Returns the wall-clock seconds of that call for every candidate that ran, and
+    ``"failed: <reason>"`` for every one that raised (it is then left out of the timing, and the
+    tables show the reason in its row).
+    """
+    seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for name, fn in candidates.items():
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (any failure is reported, not raised)
+            failed[name] = "failed: " + short_reason(e)
+            continue
+        seconds[name] = time.perf_counter() - t0
+    return seconds, failed
 
 
 def interleaved(
@@ -207,17 +331,15 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
 
 
-def refuse_overwrite(paths: Iterable[str], overwrite: bool) -> None:
-    """Exit with a clear message if any of ``paths`` exists and ``overwrite`` is False
-    (results committed to the repository are never replaced by accident)."""
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise SystemExit(f"refusing to overwrite {', '.join(existing)}: choose another --name / --out-dir or pass --overwrite")
-
-
 def write_json(path: str, payload: Any) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
         f.write("\n")
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")

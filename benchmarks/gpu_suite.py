@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for layout in ("nchw", "channels_last"):
             dtypes = ("float32" if layout == "nchw" else "bfloat16") if args.dry_run else "float32,bfloat16"
             cmd = [py, os.path.join(HERE, "bench_layer.py"), *base, "--dtypes", dtypes]
-            cmd += ["--json", o(f"layer_{layout}.json"), "--verbose"]
+            cmd += ["--json", o(f"layer_{layout}.json"), "--verbose", "--output", o(f"raw/layer_{layout}")]
             cmd += ["--channels-last"] if layout == "channels_last" else []
             if suite.run(f"layer benchmark ({layout})", cmd, o(f"layer_{layout}.log"), 150):
                 _markdown_from_log(o(f"layer_{layout}.log"), o(f"layer_{layout}.md"))
@@ -189,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             base = ["--device", "cuda", "--arch", "resnet50", "--batch", "80", "--height", "256", "--width", "128"]
             base += ["--repeats", "15", "--warmup", "3", "--amp", "--amp-dtype", "bfloat16"]
         cmd = [py, os.path.join(HERE, "bench_iteration.py"), *base, "--configs", "a_plain,b_naive_split,c_ours_split"]
+        cmd += ["--output", o("raw/iteration")]
         if suite.run("iteration benchmark", cmd + ["--json", o("iteration.json")], o("iteration.log"), 150):
             _markdown_from_log(o("iteration.log"), o("iteration.md"))
         from metabin_layers import kernels
@@ -196,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Ours with the Triton kernels (on CPU Triton's interpreter would take minutes: not in a dry run)
         if kernels.triton_importable() and not args.dry_run:
             cmd = [py, os.path.join(HERE, "bench_iteration.py"), *base, "--configs", "c_ours_split", "--backend", "triton"]
-            cmd += ["--json", o("iteration_triton.json")]
+            cmd += ["--json", o("iteration_triton.json"), "--output", o("raw/iteration_triton")]
             if suite.run("iteration benchmark (triton)", cmd, o("iteration_triton.log"), 90):
                 _markdown_from_log(o("iteration_triton.log"), o("iteration_triton.md"))
 

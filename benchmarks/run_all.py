@@ -1,10 +1,12 @@
-"""Run the layer and the iteration benchmark with their defaults and write the results.
+"""Run the layer and the iteration benchmark with the shared defaults and write both tables.
 
-    python benchmarks/run_all.py --name mymachine # writes benchmarks/results/mymachine.md and .json
-    python benchmarks/run_all.py --quick         # small shapes, few repeats (a smoke run, ~1 min on CPU)
-    python benchmarks/run_all.py --device cuda
+    python benchmarks/run_all.py                    # writes benchmarks/out/latest.{md,json} (untracked)
+    python benchmarks/run_all.py --update-results   # writes the committed benchmarks/results/latest.{md,json}
+    python benchmarks/run_all.py --quick            # small shapes, batch 8, few repeats (a smoke run)
+    python benchmarks/run_all.py --threads 1 --output /tmp/one-thread
 
-With the defaults the whole suite takes about 2-4 minutes on a 2-core CPU.
+The layer options and every default are those of bench_layer.py and bench_iteration.py (one
+definition, in benchmarks/common.py). Only ``--update-results`` touches benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -13,66 +15,111 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_iteration  # noqa: E402
 import bench_layer  # noqa: E402
 import common  # noqa: E402
-import torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def main(argv: Optional[list[str]] = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both benchmarks")
-    p.add_argument("--stat", default="median", choices=["median", "min"], help="statistic shown in the tables")
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    p.add_argument("--batch", type=int, default=64, help="layer benchmark batch (64: the ResNet-50 shapes of the targets)")
-    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--name", default="latest", help="file name stem of the results (default: latest)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing result files of that name")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_run_arguments(p, None)
+    bench_layer.add_layer_arguments(p)
+    reps, warm = common.REPEATS, common.WARMUP
+    p.add_argument(
+        "--layer-repeats",
+        type=int,
+        default=None,
+        help=f"interleaved repeats of the layer benchmark (default: {reps['layer']['cpu']} on CPU, "
+        f"{reps['layer']['cuda']} on CUDA)",
+    )
+    p.add_argument(
+        "--iteration-repeats",
+        type=int,
+        default=None,
+        help=f"interleaved repeats of the iteration benchmark (default: {reps['iteration']['cpu']} on CPU, "
+        f"{reps['iteration']['cuda']} on CUDA)",
+    )
+    p.add_argument("--layer-warmup", type=int, default=warm["layer"], help="default: %(default)s")
+    p.add_argument("--iteration-warmup", type=int, default=warm["iteration"], help="default: %(default)s")
+    p.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the iteration benchmark's peak-memory subprocesses"
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(bench_iteration.CONFIGS),
+        help="iteration benchmark configurations (default: %(default)s)",
+    )
+    p.add_argument("--quick", action="store_true", help="small shapes, batch 8, few repeats (a smoke run)")
+    p.add_argument(
+        "--update-results",
+        action="store_true",
+        help=f"write the committed benchmarks/results/{common.RESULTS_STEM}.{{md,json}} instead of --output",
+    )
+    return p
+
+
+def sub_arguments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The command lines of the two benchmarks."""
+    shared = ["--device", args.device, "--stat", args.stat] + (["--threads", str(args.threads)] if args.threads else [])
+    layer = shared + ["--batch", ",".join(map(str, args.batch)), "--shapes", args.shapes]
+    layer += ["--dtypes", args.dtypes, "--backends", args.backends, "--compile-naive", args.compile_naive]
+    layer += ["--compile-backend", args.compile_backend, "--warmup", str(args.layer_warmup)]
+    layer += ["--channels-last"] if args.channels_last else []
+    layer += ["--repeats", str(args.layer_repeats)] if args.layer_repeats else []
+    iteration = shared + ["--warmup", str(args.iteration_warmup), "--configs", args.configs]
+    iteration += ["--repeats", str(args.iteration_repeats)] if args.iteration_repeats else []
+    iteration += [] if args.memory else ["--no-memory"]
+    return layer, iteration
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = parser()
+    if "--quick" in argv:
+        p.set_defaults(**common.QUICK)
     args = p.parse_args(argv)
-    targets = [os.path.join(args.out_dir, f"{args.name}.{ext}") for ext in ("md", "json")]
-    common.refuse_overwrite(targets, args.overwrite)
+    if args.update_results and any(a == "--output" or a.startswith("--output=") for a in argv):
+        p.error("--update-results writes benchmarks/results/: do not combine it with --output")
+    return args
 
-    common_args = ["--device", args.device, "--stat", args.stat]
-    common_args += ["--threads", str(args.threads)] if args.threads else []
-    layer_args = list(common_args) + ([] if args.quick else ["--batch", str(args.batch)])
-    iter_args = list(common_args)
-    if args.quick:
-        layer_args += ["--shapes", "small", "--repeats", "5", "--warmup", "1"]
-        iter_args += ["--repeats", "2", "--warmup", "1", "--configs", "a_plain,b_naive_split,c_ours_split"]
+
+def main(argv: Optional[list[str]] = None) -> tuple[str, dict[str, Any]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    out_dir = common.RESULTS_DIR if args.update_results else args.output
+    layer_argv, iteration_argv = sub_arguments(args)
 
     t0 = time.perf_counter()
-    layer_md, layer_json = bench_layer.main(layer_args)
+    layer_md, layer_json = bench_layer.run(bench_layer.finish_args(bench_layer.parser().parse_args(layer_argv)))
     t1 = time.perf_counter()
-    iter_md, iter_json = bench_iteration.main(iter_args)
+    iter_md, iter_json = bench_iteration.run(bench_iteration.finish_args(bench_iteration.parser().parse_args(iteration_argv)))
     t2 = time.perf_counter()
 
     env = common.environment(args.device)
     header = [
         "# metabin-layers benchmark results",
         "",
-        f"Generated by `python benchmarks/run_all.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-        f"on {common.describe(env)}.",
+        f"Generated by `{' '.join(['python benchmarks/run_all.py', *argv])}` on {common.describe(env)}.",
         f"Layer benchmark {t1 - t0:.0f} s, iteration benchmark {t2 - t1:.0f} s. "
         "See benchmarks/README.md for what is measured and how.",
         "",
     ]
     text = "\n".join(header) + "\n" + layer_md + "\n" + iter_md
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(targets[0], "w") as f:
-        f.write(text)
-    common.write_json(
-        targets[1],
-        {"env": env, "seconds": {"layer": t1 - t0, "iteration": t2 - t1}, "layer": layer_json, "iteration": iter_json},
-    )
+    payload = {
+        "env": env,
+        "command": ["benchmarks/run_all.py", *argv],
+        "seconds": {"layer": t1 - t0, "iteration": t2 - t1},
+        "layer": layer_json,
+        "iteration": iter_json,
+    }
+    common.write_text(os.path.join(out_dir, f"{common.RESULTS_STEM}.md"), text)
+    common.write_json(os.path.join(out_dir, f"{common.RESULTS_STEM}.json"), payload)
     print(text)
-    return text
+    print(f"[run_all] wrote {os.path.join(out_dir, common.RESULTS_STEM)}.md and .json", file=sys.stderr)
+    return text, payload
 
 
 if __name__ == "__main__":
