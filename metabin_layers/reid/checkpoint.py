@@ -31,7 +31,7 @@ import pickle
 import random
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -107,10 +107,12 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
         state: the values to save: a dict of tensors and plain Python values (dict with str or
             int keys, list, tuple, str, int, float, bool, None), nested at will.
         path: the checkpoint file; replaced in one rename, so an interrupted save leaves the
-            previous file intact.
+            previous file intact (and no temporary file).
 
     Raises:
         TypeError: ``state`` holds another kind of object (a numpy array, a custom class, ...).
+        KeyboardInterrupt: Ctrl-C came while writing, also when torch's writer then failed
+            because of it.
 
     Examples:
         >>> import tempfile
@@ -130,8 +132,25 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        # Ctrl-C inside torch.save makes its zip writer fail on the way out ("unexpected pos"):
+        # report the interrupt, not that consequence of it.
+        if _caused_by_interrupt(err):
+            raise KeyboardInterrupt from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: Optional[BaseException] = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
