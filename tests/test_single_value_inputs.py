@@ -180,3 +180,25 @@ def test_meta_step_leaves_the_rho_of_single_value_layers_alone():
     assert not torch.equal(model[1].rho, before[0])  # the mixing layer is meta-learned
     assert torch.equal(model[4].rho, before[1]) and torch.equal(model[7].rho, before[2])
     assert model[4].weight.grad is not None and model[7].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 1, 1)])
+def test_triton_backend_equals_the_batchnorm_too(shape):
+    pytest.importorskip("triton")
+    from metabin_layers import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(shape, device=device, requires_grad=True)
+    if not kernels.is_available(x.detach().reshape(*shape[:2], -1)):  # the layer passes (N, C) on as (N, C, 1)
+        pytest.skip("no Triton kernels here (neither CUDA nor TRITON_INTERPRET=1)")
+    bn = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(4).to(device)
+    layer = (MetaBIN1d if len(shape) == 2 else MetaBIN2d)(4, rho_init=0.3, backend="triton").to(device)
+    layer.load_state_dict(bn.state_dict(), strict=False)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match=MATCH):
+        y = layer(x)
+    y_ref = bn(x_ref)
+    (y * y).sum().backward()
+    (y_ref * y_ref).sum().backward()
+    for got, want in ((y, y_ref), (x.grad, x_ref.grad), (layer.weight.grad, bn.weight.grad), (layer.running_var, bn.running_var)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
