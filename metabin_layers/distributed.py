@@ -390,12 +390,9 @@ class SyncMetaBIN(_MetaBINBase):
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(-1)
-        if math.prod(x.shape[2:]) == 1:
-            raise ValueError(
-                f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {shape}; exclude this layer from "
-                "conversion or feed (N, C, L) with L > 1"
-            )
+        rho = self._rho_override if self._rho_override is not None else self.rho
+        if math.prod(x.shape[2:]) == 1:  # no instance statistics: the batch branch only, as the plain layer
+            rho = self._batch_branch_only(shape)
         update = self._stats_mode == "update" and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if update:
@@ -404,7 +401,6 @@ class SyncMetaBIN(_MetaBINBase):
             tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(tracked)
-        rho = self._rho_override if self._rho_override is not None else self.rho
         w_b = _or_fill(self.weight, 1.0, rho)
         b_b = _or_fill(self.bias, 0.0, rho)
         w_i = _or_fill(self.in_weight, 1.0, rho)

@@ -52,7 +52,10 @@ class FoldedMetaBIN(nn.Module):
 
     * ``scale``, ``shift``: the BN branch with the running statistics and ``rho`` folded in, plus
       the IN-branch bias ``(1 - rho) * b_I`` in ``shift``;
-    * ``in_scale``: ``(1 - rho) * w_I``, the weight of the normalised instance term.
+    * ``in_scale``: ``(1 - rho) * w_I``, the weight of the normalised instance term;
+    * ``bn_scale``, ``bn_shift``: the layer's BatchNorm alone (as if ``rho`` were 1), which is what
+      the layer computes for inputs with a single value per channel and sample (``(N, C)``,
+      spatial size 1), where instance statistics do not exist.
 
     Modes, fixed at construction (plain attributes, constants for TorchScript):
 
@@ -70,6 +73,8 @@ class FoldedMetaBIN(nn.Module):
         eps: the layer's eps.
         instance_stats: None (default) decides from ``in_scale`` as above.
         batch_stats: see above.
+        bn_scale: ``(C,)``, the weight of the BatchNorm alone (see above); default ``scale``.
+        bn_shift: ``(C,)``, the bias of the BatchNorm alone; default ``shift``.
 
     Inputs ``(N, C, *spatial)`` of any rank, and ``(N, C)`` (one value per instance, as
     ``MetaBIN1d`` accepts in eval mode). Statistics are computed in float32 at least (float64 for
@@ -93,6 +98,8 @@ class FoldedMetaBIN(nn.Module):
         eps: float = 1e-5,
         instance_stats: Optional[bool] = None,
         batch_stats: bool = False,
+        bn_scale: Optional[Tensor] = None,
+        bn_shift: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if scale.dim() != 1 or shift.shape != scale.shape or in_scale.shape != scale.shape:
@@ -113,6 +120,11 @@ class FoldedMetaBIN(nn.Module):
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
         self.register_buffer("in_scale", in_scale.detach().clone())
+        for name, value, default in (("bn_scale", bn_scale, scale), ("bn_shift", bn_shift, shift)):
+            value = default if value is None else value
+            if value.shape != scale.shape:
+                raise ValueError(f"{name} must have the shape of scale {tuple(scale.shape)}, got {tuple(value.shape)}")
+            self.register_buffer(name, value.detach().clone())
 
     @classmethod
     def from_metabin(cls, layer: _MetaBINBase) -> FoldedMetaBIN:
@@ -143,6 +155,9 @@ class FoldedMetaBIN(nn.Module):
         in_scale = self.in_scale.view(shape)  # type: ignore[operator]
         if scale.dtype != xs.dtype:  # e.g. float32 coefficients, float64 input
             scale, shift, in_scale = scale.to(xs.dtype), shift.to(xs.dtype), in_scale.to(xs.dtype)
+        if _single_value(xs):  # no instance statistics: the layer is its BatchNorm alone
+            y = self._batch_norm_only(xs, shape).to(x.dtype)
+            return y.squeeze(-1) if squeeze else y
         if self.instance_stats:
             # Exact two-pass statistics, as the fused eager path: m0 = mean(x), d = x - m0, then
             # mean(d) (the rounding residual: mu_nc = m0 + mean(d)) and mean(d^2). The affine map
@@ -173,6 +188,15 @@ class FoldedMetaBIN(nn.Module):
             y = y.squeeze(-1)
         return y
 
+    def _batch_norm_only(self, xs: Tensor, shape: list[int]) -> Tensor:
+        bn_scale = self.bn_scale.view(shape).to(xs.dtype)  # type: ignore[operator]
+        bn_shift = self.bn_shift.view(shape).to(xs.dtype)  # type: ignore[operator]
+        if self.batch_stats:  # batch statistics over the samples, as BatchNorm without running ones
+            mu_b = xs.mean(0, keepdim=True)
+            var_b = ((xs - mu_b) * (xs - mu_b)).mean(0, keepdim=True)
+            return (xs - mu_b) * (bn_scale * torch.rsqrt(var_b + self.eps)) + bn_shift
+        return xs * bn_scale + bn_shift
+
     def _normalize(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._fold(x)
@@ -181,7 +205,7 @@ class FoldedMetaBIN(nn.Module):
     @torch.jit.unused
     def _eager_normalize(self, x: Tensor) -> Tensor:
         legacy_onnx = torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()  # the TorchScript-based exporter
-        if legacy_onnx and not self.batch_stats and x.dim() > 2 and x.dtype == self.scale.dtype:
+        if legacy_onnx and not self.batch_stats and not _single_value(x) and x.dtype == self.scale.dtype:
             # BatchNormalization (the affine: mean 0, variance 1, eps 0) + InstanceNormalization: the
             # map of _fold as two standard ONNX ops. The elementwise form's equal coefficient tensors
             # become Identity nodes there, which onnxruntime's EliminateIdentity rewrite breaks.
@@ -214,6 +238,8 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
         batch_stats: the layer tracks no running statistics.
         drop: module applied after the normalization (default ``nn.Identity``).
         act: module applied last (default ``nn.Identity``).
+        bn_scale: the BatchNorm alone, for single-value inputs (see ``FoldedMetaBIN``).
+        bn_shift: the BatchNorm alone, for single-value inputs.
 
     Examples:
         >>> from metabin_layers.export import FoldedMetaBINAct2d
@@ -234,8 +260,10 @@ class FoldedMetaBINAct2d(FoldedMetaBIN):
         batch_stats: bool = False,
         drop: Optional[nn.Module] = None,
         act: Optional[nn.Module] = None,
+        bn_scale: Optional[Tensor] = None,
+        bn_shift: Optional[Tensor] = None,
     ) -> None:
-        super().__init__(scale, shift, in_scale, eps, instance_stats, batch_stats)
+        super().__init__(scale, shift, in_scale, eps, instance_stats, batch_stats, bn_scale, bn_shift)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
@@ -290,10 +318,13 @@ def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
     if batch_stats:
         scale = rho * w_b
         shift = rho * b_b + in_bias
+        bn_scale, bn_shift = w_b, b_b
     else:
         inv = torch.rsqrt(layer.running_var.detach().to(cd) + layer.eps)  # type: ignore[union-attr]
         scale = rho * w_b * inv
         shift = rho * b_b - scale * layer.running_mean.detach().to(cd) + in_bias  # type: ignore[union-attr]
+        bn_scale = w_b * inv  # the BatchNorm alone: inputs with a single value per channel and sample
+        bn_shift = b_b - bn_scale * layer.running_mean.detach().to(cd)  # type: ignore[union-attr]
     sd = _coef_dtype(ref_dtype)
     return {
         "scale": scale.to(sd),
@@ -302,7 +333,17 @@ def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
         "eps": layer.eps,
         "instance_stats": True if for_capture else bool((in_scale != 0).any()) or batch_stats,
         "batch_stats": batch_stats,
+        "bn_scale": bn_scale.to(sd),
+        "bn_shift": bn_shift.to(sd),
     }
+
+
+def _single_value(x: Tensor) -> bool:
+    """True for inputs ``(N, C, *spatial)`` with spatial size 1 (and ``(N, C)``): no instance statistics."""
+    spatial = 1
+    for size in x.shape[2:]:
+        spatial *= size
+    return spatial == 1
 
 
 def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
@@ -315,7 +356,8 @@ def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
     ``torch.onnx.export(model.eval(), x)`` of a converted model gives ONNX ``BatchNormalization``
     and ``InstanceNormalization`` nodes, which every runtime knows (onnxruntime fuses the first into
     the preceding convolution). Layers without running statistics, inputs with a single value per
-    instance and inputs of another dtype than the layer's use the ``FoldedMetaBIN`` formula.
+    instance (the layer is then its BatchNorm alone) and inputs of another dtype than the layer's
+    use the ``FoldedMetaBIN`` formula.
 
     Args:
         layer: a MetaBIN layer (``MetaBIN1d`` / ``2d`` / ``3d``, ``MetaBINAct2d``, or a synchronised

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
@@ -47,6 +48,13 @@ class _MetaBINBase(nn.Module):
     Tensors: ``weight``, ``bias`` (BN-branch affine), ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (same names and semantics as ``nn.BatchNorm``), ``in_weight``,
     ``in_bias`` (IN-branch affine) and ``rho`` (per-channel mixing weight in [0, 1]).
+
+    Inputs with a single value per channel and sample (``(N, C)``, or spatial size 1: squeeze-excite
+    blocks, auxiliary heads on 1x1 maps) have no instance statistics. For them the layer uses its
+    batch branch only, as if ``rho`` were 1: it computes exactly its BatchNorm (``weight``,
+    ``bias``, running statistics used and updated per ``stats_mode``), in training, in eval and
+    folded for export, and ``rho`` gets no gradient from such a call. The first such call of each
+    layer warns once.
     """
 
     _input_dims: tuple[int, ...] = ()
@@ -62,6 +70,8 @@ class _MetaBINBase(nn.Module):
     _rho_override: Optional[Tensor]  # attribute types for TorchScript
     _stats_mode: str
     _backend: str
+    # Set once the layer has warned about an input with a single value per channel and sample.
+    _single_value_warned: bool = False
     __jit_unused_properties__ = ["stats_mode", "backend"]
     _version = 2  # same as nn.BatchNorm: num_batches_tracked exists
 
@@ -196,6 +206,25 @@ class _MetaBINBase(nn.Module):
         finally:
             self._rho_override = previous
 
+    @torch.jit.unused
+    def _batch_branch_only(self, shape: tuple[int, ...]) -> Tensor:
+        """The rho of a call whose input has a single value per channel and sample: all ones.
+
+        Such an input (``(N, C)``, ``(N, C, 1)``, ``(N, C, 1, 1)``: squeeze-excite blocks, auxiliary
+        heads on 1x1 maps, BatchNorm1d over token features) has no instance statistics, so the
+        layer uses its batch branch only and is exactly its BatchNorm. Warns once per layer.
+        """
+        if not self._single_value_warned:
+            self._single_value_warned = True
+            warnings.warn(
+                f"{type(self).__name__}({self.num_features}): input of shape {shape} has a single value per "
+                "channel and sample, which has no instance statistics; this layer uses its batch branch only "
+                "for such inputs (it computes its BatchNorm, rho gets no gradient from them). Warned once per layer.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return torch.ones_like(self.rho)
+
     # -- forward -----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in self._input_dims:
@@ -246,6 +275,8 @@ class _MetaBINBase(nn.Module):
             assert running_mean is not None and running_var is not None
             mu_b, var_b = running_mean.to(stat_dtype), running_var.to(stat_dtype)
         rho = self._rho_override if self._rho_override is not None else self.rho
+        if xs.numel() == xs.shape[0] * xs.shape[1]:  # a single value per channel and sample: BatchNorm
+            rho = torch.ones_like(rho)
         rho = rho.to(stat_dtype)
         ones, zeros = torch.ones_like(rho), torch.zeros_like(rho)
         w_b = self.weight.to(stat_dtype) if self.weight is not None else ones
@@ -289,12 +320,11 @@ class _MetaBINBase(nn.Module):
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input of "
                 f"shape {shape} (batch 1 with a single spatial value)"
             )
-        if self.training and spatial == 1:
-            raise ValueError(
-                f"{type(self).__name__}: the instance-norm branch needs more than one spatial value per "
-                f"channel when training, got input of shape {shape}; exclude this layer from "
-                "conversion or feed (N, C, L) with L > 1"
-            )
+        rho = self._rho_override if self._rho_override is not None else self.rho
+        if spatial == 1:
+            # One value per channel and sample: instance statistics do not exist, so the layer is
+            # its BatchNorm (train, eval and folded alike); rho gets no gradient from this call.
+            rho = self._batch_branch_only(shape)
         has_running = self.running_mean is not None and self.running_var is not None
         mode = self._stats_mode if self.training else "eval"
         use_batch = mode != "eval" or not has_running
@@ -306,7 +336,6 @@ class _MetaBINBase(nn.Module):
             tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(tracked)
-        rho = self._rho_override if self._rho_override is not None else self.rho
         backend = self._backend
         if backend == "auto":
             # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
@@ -377,7 +406,8 @@ def _check_rho_init(rho_init: float) -> None:
 class MetaBIN1d(_MetaBINBase):
     """MetaBIN over ``(N, C)`` or ``(N, C, L)`` inputs (the counterpart of ``nn.BatchNorm1d``).
 
-    The instance-norm branch needs ``L > 1`` in training; ``(N, C)`` inputs only work in eval mode.
+    ``(N, C)`` inputs (and ``L == 1``) have no instance statistics: the layer then computes its
+    BatchNorm (batch branch only, in training and eval; one warning per layer).
 
     Examples:
         >>> m = MetaBIN1d(8, rho_init=0.5)

@@ -130,8 +130,8 @@ def test_an_empty_batch_behaves_like_batchnorm_in_eval_and_says_so_in_training(c
 
 def test_metabin1d_shape_errors_show_the_callers_shape():
     layer = MetaBIN1d(4).train()
-    with pytest.raises(ValueError, match=r"input of shape \(8, 4\);"):
-        layer(torch.randn(8, 4))  # (N, C) has one value per instance: no instance statistics
+    with pytest.warns(UserWarning, match=r"input of shape \(8, 4\) has a single value"):
+        layer(torch.randn(8, 4))  # (N, C) has one value per instance: the batch branch only
     with pytest.raises(ValueError, match=r"input of shape \(1, 4\) \(batch 1"):
         layer(torch.randn(1, 4))
     with pytest.raises(ValueError, match=r"got 4D input of shape \(2, 4, 3, 3\)"):

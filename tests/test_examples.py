@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -16,8 +17,12 @@ def _run(args, cwd):
     # One intra-op thread: these are tiny tensors, and a busy 2-core machine slows multi-threaded
     # CPU kernels down by 10x (OpenMP threads waiting for each other).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    # -W error: an example that warns fails; nothing may be logged to stderr either.
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.stderr == "", proc.stderr
     return proc.stdout
 
 
@@ -32,7 +37,7 @@ def test_custom_loop_timm(tmp_path):
 
 
 def test_finetune_torchvision_folder(tmp_path):
-    demo, saved = tmp_path / "demo", tmp_path / "folded.pt"
+    demo, saved = tmp_path / "demo", tmp_path / "folded.pt2"
     args = ["--make-demo-data", demo, "--epochs", "2", "--iters", "1", "--size", "48", "--save", saved]
     out = _run([EXAMPLES / "finetune_torchvision_folder.py", *args], tmp_path)
     assert sorted(p.name for p in demo.iterdir()) == ["night", "photo", "sketch"]
@@ -45,7 +50,9 @@ def test_finetune_torchvision_folder(tmp_path):
     assert len(re.findall(r"^accuracy (night|photo|sketch): [\d.]+ \(24 images\)$", out, re.M)) == 3
     diff = float(re.search(r"folded model: max \|difference\| to the eval model (\S+)", out).group(1))
     assert diff < 1e-3
-    assert saved.is_file()
+    assert f"saved the folded model (torch.export program) to {saved}" in out
+    loaded = torch.export.load(str(saved)).module()  # any batch size
+    assert loaded(torch.zeros(3, 3, 48, 48))[1].shape == (3, 3)
 
     # The same run on an existing folder (no generation), through --root.
     out = _run([EXAMPLES / "finetune_torchvision_folder.py", "--root", demo, "--iters", "1", "--size", "48"], tmp_path)

@@ -90,14 +90,12 @@ def test_training_with_one_value_per_channel():
         MetaBIN2d(3)(torch.randn(1, 3, 1, 1))
 
 
-def test_training_with_spatial_size_one_for_instance_branch():
-    with pytest.raises(ValueError, match="instance-norm branch needs more than one spatial value"):
-        MetaBIN2d(3)(torch.randn(8, 3, 1, 1))
-    with pytest.raises(ValueError, match="instance-norm branch"):
-        MetaBIN1d(3)(torch.randn(8, 3))
-    m = MetaBIN1d(3, rho_init=0.5).eval()  # in eval the IN branch degenerates to its bias
-    y = m(torch.randn(8, 3))
-    assert y.shape == (8, 3)
+def test_spatial_size_one_uses_the_batch_branch_only():
+    # No instance statistics: the layer is its BatchNorm (tests/test_single_value_inputs.py has the rest).
+    x = torch.randn(8, 3)
+    with pytest.warns(UserWarning, match="single value per channel and sample"):
+        y = MetaBIN1d(3, rho_init=0.5)(x)
+    torch.testing.assert_close(y, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5))
 
 
 def test_1d_layer_accepts_two_and_three_dims():

@@ -112,3 +112,33 @@ def test_wheel_builds_and_runs_in_a_fresh_venv(tmp_path):
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (work / "run" / "results.json").exists() and "style4" in cli.stdout
+
+
+@pytest.mark.slow
+def test_sdist_carries_what_its_tests_read(tmp_path):
+    """Every tracked file of the tests, docs, benchmarks and CI scripts is in the sdist, and tests run there."""
+    pytest.importorskip("build")
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(dist), str(ROOT)], check=True, capture_output=True)
+    (sdist,) = dist.glob("metabin_layers-*.tar.gz")
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+        members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode != 0:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    wanted = [f for f in git.stdout.split() if f.startswith(("tests/", "docs/", "benchmarks/", ".ci/")) or "/" not in f]
+    missing = sorted(set(wanted) - members - {".gitignore"})
+    assert not missing, f"the sdist lacks {missing}"
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    env = dict(os.environ, PYTHONPATH=str(unpacked))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_readme.py", "tests/test_repository.py"],
+        cwd=unpacked,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

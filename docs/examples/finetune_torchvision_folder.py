@@ -3,7 +3,7 @@
 Layout: ROOT/<domain>/<class>/<image>.jpg (e.g. ROOT/photo/dog/1.jpg, ROOT/sketch/dog/7.jpg). Each
 domain folder is read with torchvision's ImageFolder; the domain label is the index of the domain
 folder (sorted names) and classes are matched by name across domains. After training the model is
-folded for inference (metabin_layers.export) and optionally saved as TorchScript.
+folded for inference (metabin_layers.export) and optionally saved as a torch.export program.
 
     python docs/examples/finetune_torchvision_folder.py --make-demo-data /tmp/demo --epochs 1 --iters 3
     python docs/examples/finetune_torchvision_folder.py --root ROOT --arch resnet50 --weights DEFAULT --epochs 20
@@ -123,7 +123,7 @@ def main():
     p.add_argument("--instances", type=int, default=4, help="K images per class and domain in a batch")
     p.add_argument("--classes-per-domain", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--save", help="write the folded model as TorchScript to this file")
+    p.add_argument("--save", help="write the folded model as a torch.export program (.pt2) to this file")
     args = p.parse_args()
     if args.make_demo_data:
         args.root = args.root or make_demo_data(args.make_demo_data)
@@ -182,9 +182,10 @@ def main():
     for d, name in enumerate(domains):
         print(f"accuracy {name}: {correct[d] / total[d]:.3f} ({total[d]} images)")
     print(f"folded model: max |difference| to the eval model {diff:.2e}")
-    if args.save:
-        torch.jit.script(folded).save(args.save)
-        print(f"saved the folded model (TorchScript) to {args.save}")
+    if args.save:  # torch.export, not TorchScript (deprecated): load with torch.export.load(path).module()
+        program = torch.export.export(folded, (e["img"],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        torch.export.save(program, args.save)
+        print(f"saved the folded model (torch.export program) to {args.save}")
 
 
 if __name__ == "__main__":
