@@ -2,7 +2,7 @@
 the naive composition ``rho * BN(x) + (1 - rho) * IN(x)`` and a raw copy, at ResNet-50 layer shapes.
 
     python benchmarks/bench_layer.py                       # CPU, batch 8, ResNet-50 shapes
-    python benchmarks/bench_layer.py --batch 64            # the batch (slow on 2 cores)
+    python benchmarks/bench_layer.py --batch 64            # the batch of the targets (slow on 2 cores)
     python benchmarks/bench_layer.py --device cuda --dtypes float32,bfloat16
     python benchmarks/bench_layer.py --json benchmarks/results/layer.json
 
@@ -335,7 +335,7 @@ def render(payload: dict[str, Any]) -> str:
     ]
     if env["device"] == "cpu" and cfg["batch"] < 64:
         lines.append(
-            f"CPU run at batch {cfg['batch']} (the issue's shapes use batch 64; pass `--batch 64` for them): "
+            f"CPU run at batch {cfg['batch']} (the targets are stated for batch 64; pass `--batch 64` for them): "
             "the tensors are 8x smaller, so per-call overhead weighs more than at batch 64."
         )
     lines += [

@@ -130,7 +130,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[plots]')")
+        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[reid]')")
         return None
     return plt
 
