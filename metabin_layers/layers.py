@@ -24,6 +24,7 @@ __all__ = [
     "rho_parameters",
     "base_parameters",
     "replace_modules",
+    "AUTHORS_LAYER_KEYS",
 ]
 
 STATS_MODES = ("update", "hold", "eval")
@@ -33,7 +34,7 @@ batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` 
 branch with the running statistics."""
 
 
-# The authors' checkpoints keep a layer's branches in sub-modules: theirs -> our flat names.
+#: The authors' checkpoints keep a layer's branches in sub-modules: (their key, our flat name) pairs.
 AUTHORS_LAYER_KEYS = (
     ("bat_n.weight", "weight"),
     ("bat_n.bias", "bias"),
