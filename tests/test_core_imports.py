@@ -13,7 +13,7 @@ import sys
 import torch
 already = set(sys.modules)  # what torch itself imports (some torch versions load tqdm)
 import metabin_layers
-from metabin_layers import convert, distributed, episode, export, factory, functional, layers, losses, optim
+from metabin_layers import convert, distributed, episode, export, factory, functional, kernels, layers, losses, optim
 from torch import nn
 model = metabin_layers.convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), rho_init=0.5)
 model(torch.randn(2, 3, 8, 8)).sum().backward()
