@@ -1,6 +1,8 @@
 """The core needs only torch: importing and using it loads none of the recipe's dependencies."""
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +49,31 @@ def test_recipe_cli_without_its_dependencies_says_what_to_install(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "install metabin-layers[reid]" in lines[0], run.stderr
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is loaded (not inside functions), as dotted names relative to the package."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.update(f"{base}.{alias.name}" if node.module is None else base for alias in node.names)
+    return names
+
+
+def test_module_roles():
+    pkg = ROOT / "metabin_layers"
+    core = [p for p in pkg.glob("*.py")] + list((pkg / "kernels").glob("*.py"))
+    for path in core:
+        imports = _top_level_imports(path)
+        assert not any("reid" in name for name in imports), f"{path.name} imports the recipe"
+        assert not any(name.split(".")[0] in ("timm", "torchvision") for name in imports), path.name
+    # the converter reaches the synchronised layers only when a model needs them
+    assert ".distributed" not in _top_level_imports(pkg / "convert.py")
+    assert ".distributed" not in _top_level_imports(pkg / "factory.py")
+    # the recipe uses the package's public names only
+    for path in (pkg / "reid").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"from \.\.+\w*(\.\w+)* import [^\n]*\b_[a-z]", text), path.name
