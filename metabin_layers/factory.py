@@ -2,16 +2,13 @@
 
 Names are case-insensitive, ``_`` and ``-`` are ignored (as in timm):
 
-=====================  ==================
-name                   layer
-=====================  ==================
-``metabin``            ``MetaBIN2d``
-``metabin1d``          ``MetaBIN1d``
-``metabin2d``          ``MetaBIN2d``
-``metabin3d``          ``MetaBIN3d``
-``metabinact2d``       ``MetaBINAct2d``
-``syncmetabin``        ``SyncMetaBIN``
-=====================  ==================
+| name | layer |
+|---|---|
+| ``metabin``, ``metabin2d`` | ``MetaBIN2d`` |
+| ``metabin1d`` | ``MetaBIN1d`` |
+| ``metabin3d`` | ``MetaBIN3d`` |
+| ``metabinact2d`` | ``MetaBINAct2d`` |
+| ``syncmetabin`` | ``SyncMetaBIN`` (norm-only models) |
 """
 
 from __future__ import annotations
@@ -73,10 +70,10 @@ def get_norm_layer(name: str, **kwargs: Any) -> Union[type[nn.Module], Callable[
     """The MetaBIN layer class called ``name``, with ``kwargs`` bound: what a model takes as ``norm_layer``.
 
     Pass the result to any constructor that builds its normalization as ``norm_layer(C)``
-    (torchvision ResNets, timm ResNets, fast-reid style backbones). When timm is imported, it is
-    also taught that the norm + activation counterpart of ``MetaBIN2d`` is ``MetaBINAct2d``, so
-    timm models that fuse norm and activation (EfficientNet, MobileNetV3, ...) build
-    ``MetaBINAct2d`` layers with their own activation.
+    (torchvision ResNets, timm ResNets, fast-reid style backbones). When timm is imported (call
+    this after ``import timm``), timm is also taught that the norm + activation counterpart of
+    ``MetaBIN2d`` is ``MetaBINAct2d``, so timm models that fuse norm and activation
+    (EfficientNet, MobileNetV3, ...) build ``MetaBINAct2d`` layers with their own activation.
 
     Args:
         name: one of ``NORM_LAYERS`` (case-insensitive; ``_`` and ``-`` ignored).

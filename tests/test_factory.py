@@ -81,8 +81,9 @@ def test_timm_resnet18_with_metabin_norm_layer_trains():
 
 def test_timm_efficientnet_b0_with_metabin_norm_layer_keeps_its_activations_and_trains():
     timm = pytest.importorskip("timm")
-    reference = timm.create_model("efficientnet_b0", num_classes=4)
     model = timm.create_model("efficientnet_b0", num_classes=4, norm_layer=get_norm_layer("metabin", rho_init=0.5))
+    reference = timm.create_model("efficientnet_b0", num_classes=4)  # timm's own layers are unaffected
+    assert {type(m).__name__ for m in reference.modules() if isinstance(m, _BatchNorm)} == {"BatchNormAct2d"}
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
     ref_norms = [(n, m) for n, m in reference.named_modules() if isinstance(m, _BatchNorm)]
     ours = dict(model.named_modules())
