@@ -1,4 +1,4 @@
-"""Turn the BatchNorm layers of any model into MetaBIN layers, and find them again."""
+"""Turn the BatchNorm layers of any model into MetaBIN layers."""
 
 from __future__ import annotations
 
@@ -11,17 +11,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._tree import replace_modules
-from .distributed import SyncMetaBIN, SyncMetaBINAct2d, convert_sync_metabin
-from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase
+from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase, replace_modules
 
-__all__ = [
-    "convert_bn_to_metabin",
-    "metabin_modules",
-    "rho_parameters",
-    "base_parameters",
-    "LayerFilter",
-]
+__all__ = ["convert_bn_to_metabin", "LayerFilter"]
 
 #: A layer selector: a qualified-name pattern (``fnmatch``, e.g. ``"layer4.*"``), or a callable
 #: ``(qualified_name, module) -> bool``, or a sequence of those (any match selects).
@@ -31,14 +23,11 @@ IN_AFFINE_INITS = ("copy", "identity")
 
 
 def _timm_norm_act_types() -> tuple[type, ...]:
-    # Only look timm up if the user imported it: a model cannot hold timm layers otherwise.
-    if "timm" not in sys.modules:
+    # A model can only hold timm's layers once timm defined them: look in sys.modules, import nothing.
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is None:
         return ()
-    try:
-        from timm.layers import BatchNormAct2d, SyncBatchNormAct
-    except ImportError:  # pragma: no cover - very old timm
-        return ()
-    return (BatchNormAct2d, SyncBatchNormAct)
+    return tuple(t for t in (getattr(norm_act, "BatchNormAct2d", None), getattr(norm_act, "SyncBatchNormAct", None)) if t)
 
 
 def _matches(selector: Optional[LayerFilter], name: str, module: nn.Module) -> bool:
@@ -60,43 +49,32 @@ def _matches(selector: Optional[LayerFilter], name: str, module: nn.Module) -> b
 
 def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[type[_MetaBINBase]]:
     if norm_act and isinstance(module, norm_act):
-        # timm's SyncBatchNormAct stays synchronised (a subclass of nn.SyncBatchNorm).
-        return SyncMetaBINAct2d if isinstance(module, nn.SyncBatchNorm) else MetaBINAct2d
+        return MetaBINAct2d  # timm's BatchNormAct2d; its SyncBatchNormAct is synchronised afterwards
     t = type(module)
     if t is nn.BatchNorm1d:
         return MetaBIN1d
     if t is nn.BatchNorm2d:
         return MetaBIN2d
-    if t is nn.SyncBatchNorm:
-        # Synchronised as before, over the same process group; like SyncBatchNorm, SyncMetaBIN
-        # takes inputs of any dimensionality ((N, C) to (N, C, D, H, W)).
-        return SyncMetaBIN
     if t is nn.BatchNorm3d:
         return MetaBIN3d
+    if t is nn.SyncBatchNorm:
+        # Only a model that already synchronises its BatchNorm imports the distributed module.
+        from .distributed import SyncMetaBIN  # any input dimensionality, as nn.SyncBatchNorm
+
+        return SyncMetaBIN
     return None
 
 
 def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str) -> _MetaBINBase:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    if cls in (MetaBINAct2d, SyncMetaBINAct2d):
-        sync: dict[str, Any] = {"process_group": getattr(bn, "process_group", None)} if cls is SyncMetaBINAct2d else {}
-        new: _MetaBINBase = cls(
-            bn.num_features,
-            bn.eps,
-            bn.momentum,
-            bn.affine,
-            bn.track_running_stats,
-            act_layer=getattr(bn, "act", None),
-            drop_layer=getattr(bn, "drop", None),
-            rho_init=rho_init,
-            **sync,
-            **factory,
-        )
+    config = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new: _MetaBINBase
+    if cls is MetaBINAct2d:
+        act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+        new = MetaBINAct2d(*config, act_layer=act, drop_layer=drop, rho_init=rho_init, **factory)
     else:
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, rho_init=rho_init, **factory)
-        if isinstance(new, SyncMetaBIN):
-            new.process_group = getattr(bn, "process_group", None)
+        new = cls(*config, rho_init=rho_init, **factory)
     with torch.no_grad():
         if bn.affine:
             # Share the Parameter objects: device, dtype, requires_grad and optimizer references
@@ -118,6 +96,10 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
     new.train(bn.training)
     if hasattr(bn, "qconfig"):
         new.qconfig = bn.qconfig  # type: ignore[assignment]
+    if isinstance(bn, nn.SyncBatchNorm):  # stays synchronised, over the same process group
+        from .distributed import convert_sync_metabin
+
+        new = convert_sync_metabin(new, bn.process_group)  # type: ignore[assignment]
     return new
 
 
@@ -134,10 +116,8 @@ def convert_bn_to_metabin(
     """Replace the BatchNorm layers of ``module`` by MetaBIN layers, recursively.
 
     Converted: ``nn.BatchNorm1d/2d/3d``, timm's ``BatchNormAct2d`` (to ``MetaBINAct2d``,
-    keeping ``act`` and ``drop``), and the synchronised layers to synchronised MetaBIN layers over
-    the same ``process_group``: ``nn.SyncBatchNorm`` to
-    ``SyncMetaBIN`` (any input dimensionality, as SyncBatchNorm)
-    and timm's ``SyncBatchNormAct`` to ``SyncMetaBINAct2d``.
+    keeping ``act`` and ``drop``), and synchronised BatchNorm (``nn.SyncBatchNorm``, timm's
+    ``SyncBatchNormAct``) to synchronised MetaBIN over the same ``process_group``.
     Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
     ``FrozenBatchNormAct2d``: fixed statistics are a choice of the model's author, and they have no
     batch branch to mix), other ``_BatchNorm`` subclasses such as timm's ``SplitBatchNorm2d`` (their
@@ -163,19 +143,22 @@ def convert_bn_to_metabin(
             of rho changes the function smoothly; ``"identity"`` starts it at weight 1 / bias 0, the
             authors' default (``LOAD_IN_AFFINE=False``).
         strict: raise instead of warning when nothing was converted.
-        sync: then make every MetaBIN layer of the model a synchronised one
-            (``convert_sync_metabin``: BN-branch statistics over
-            the whole process group, for multi-GPU training; see ``docs/distributed.md``).
+        sync: shorthand for ``convert_sync_metabin(convert_bn_to_metabin(module, ...), process_group)``:
+            every MetaBIN layer synchronises its BN-branch statistics over the process group
+            (multi-GPU training; see ``docs/distributed.md``). Composing the two converters says
+            the same and is the preferred spelling.
         process_group: the group ``sync`` synchronises over; None is the default group.
 
     Returns:
         ``module`` (or the new root layer when ``module`` itself is a BatchNorm).
 
     Examples:
-        >>> import torchvision
-        >>> model = convert_bn_to_metabin(torchvision.models.resnet18(), exclude="fc")
-        >>> len(metabin_modules(model))
-        20
+        >>> from torch import nn
+        >>> from metabin_layers import convert_bn_to_metabin
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(1), nn.BatchNorm1d(8 * 6 * 6))
+        >>> model = convert_bn_to_metabin(model, exclude="4")  # keep the last BatchNorm (a BNNeck, say)
+        >>> type(model[1]).__name__, type(model[4]).__name__
+        ('MetaBIN2d', 'BatchNorm1d')
     """
     _check_rho_init(rho_init)
     if process_group is not None and not sync:
@@ -211,64 +194,7 @@ def convert_bn_to_metabin(
             raise ValueError(msg)
         warnings.warn(msg + "; the model is returned unchanged", stacklevel=2)
     if sync:
+        from .distributed import convert_sync_metabin
+
         result = convert_sync_metabin(result, process_group)
     return result
-
-
-def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
-    """All MetaBIN layers of ``model``, in ``model.modules()`` order.
-
-    Args:
-        model: any module.
-
-    Returns:
-        The MetaBIN layers (plain and synchronised), each once.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8), nn.ReLU())
-        >>> [type(m).__name__ for m in metabin_modules(model)]
-        ['MetaBIN2d']
-    """
-    return [m for m in model.modules() if isinstance(m, _MetaBINBase)]
-
-
-def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The ``rho`` Parameters of every MetaBIN layer (each once, in module order).
-
-    Args:
-        model: any module.
-
-    Returns:
-        The ``rho`` Parameters: what ``MetaBINOptimizer`` meta-learns.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
-        >>> [p.shape for p in rho_parameters(model)]
-        [torch.Size([8])]
-    """
-    seen: set[int] = set()
-    out = []
-    for m in metabin_modules(model):
-        if id(m.rho) not in seen:
-            seen.add(id(m.rho))
-            out.append(m.rho)
-    return out
-
-
-def base_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of ``model`` except the MetaBIN ``rho`` (what the base optimizer steps).
-
-    Args:
-        model: any module.
-
-    Returns:
-        Every Parameter of ``model`` that is not a ``rho``, in ``model.parameters()`` order.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
-        >>> opt = torch.optim.SGD(base_parameters(model), lr=0.01)
-        >>> len(base_parameters(model))  # conv weight and bias, BN and IN affines
-        6
-    """
-    rho_ids = {id(p) for p in rho_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in rho_ids]

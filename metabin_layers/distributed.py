@@ -43,9 +43,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._tree import replace_modules
 from .functional import _apply, _coefficients, _instance_stats, _update_running
-from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _MetaBINBase
+from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _MetaBINBase, replace_modules
 
 __all__ = [
     "SyncMetaBIN",

@@ -24,6 +24,8 @@ class DomainSplit(NamedTuple):
         test_mask: boolean ``(N,)`` mask of the batch samples from meta-test domains, or None.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers.episode import split_domains
         >>> s = split_domains(torch.tensor([0, 0, 1, 1, 2, 2]), num_meta_train=2, generator=torch.Generator().manual_seed(0))
         >>> int(s.train_mask.sum()), int(s.test_mask.sum())
         (4, 2)
@@ -44,8 +46,6 @@ def split_domains(
     domains: Union[Tensor, Sequence[int]],
     num_meta_train: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    *,
-    is_labels: Optional[bool] = None,
 ) -> DomainSplit:
     """Draw meta-train and meta-test domains for one episode.
 
@@ -53,13 +53,11 @@ def split_domains(
     meta-train domains and the rest the meta-test domains (the authors' split: 3 of 5).
 
     Args:
-        domains: per-sample domain labels of a batch (a 1-D tensor, masks are returned too), or a
-            list of domain ids (``is_labels=False``). A tensor is read as labels, a list/tuple as a
-            list of domains unless ``is_labels`` says otherwise.
+        domains: the per-sample domain labels of a batch (a 1-D tensor: the masks of the two
+            sides are returned too), or the domain ids to split (a list or tuple: no masks).
         num_meta_train: how many domains go to meta-train; default ``round(3/5 * D)`` clipped to
             ``[1, D - 1]`` (3 of 5, 1 of 2, 2 of 3, 2 of 4).
         generator: a seeded ``torch.Generator`` for reproducible splits.
-        is_labels: force the interpretation of ``domains``.
 
     Returns:
         A ``DomainSplit``: the meta-train and meta-test domain ids (on the CPU), and, for labels,
@@ -70,6 +68,8 @@ def split_domains(
             distinct domains, or ``num_meta_train`` is not an int in ``[1, D - 1]``.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers.episode import split_domains
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
         >>> split = split_domains(labels, generator=torch.Generator().manual_seed(0))
         >>> len(split.train_domains), len(split.test_domains)
@@ -77,8 +77,7 @@ def split_domains(
         >>> int(split.train_mask.sum())
         6
     """
-    if is_labels is None:
-        is_labels = isinstance(domains, Tensor)
+    with_masks = isinstance(domains, Tensor)  # per-sample labels, not a list of ids
     labels = torch.as_tensor(domains)
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(
@@ -96,7 +95,7 @@ def split_domains(
         raise ValueError(f"num_meta_train must be an int in [1, {d - 1}] for {d} domains, got {num_meta_train!r}")
     perm = torch.randperm(d, generator=generator)
     train_domains, test_domains = unique[perm[:k]], unique[perm[k:]]
-    if not is_labels:
+    if not with_masks:
         return DomainSplit(train_domains, test_domains, None, None)
     train_mask = torch.isin(labels, train_domains.to(labels.device))
     return DomainSplit(train_domains, test_domains, train_mask, ~train_mask)
@@ -111,6 +110,7 @@ class InnerLR:
     Subclasses implement ``step`` (and ``state_dict`` / ``load_state_dict`` when they hold state).
 
     Examples:
+        >>> from metabin_layers.episode import InnerLR
         >>> class Halving(InnerLR):
         ...     def __init__(self):
         ...         self.value = 0.2
@@ -144,6 +144,7 @@ class ConstantInnerLR(InnerLR):
         ValueError: ``value`` is not a finite number >= 0.
 
     Examples:
+        >>> from metabin_layers.episode import ConstantInnerLR
         >>> ConstantInnerLR(0.01).step()
         0.01
     """
@@ -174,6 +175,7 @@ class CyclicInnerLR(InnerLR):
         up_ratio: share of the cycle spent increasing.
 
     Examples:
+        >>> from metabin_layers.episode import CyclicInnerLR
         >>> sched = CyclicInnerLR(iters_per_epoch=10)     # period 50 meta steps
         >>> round(sched.step(), 6)                        # 0.001 + (0.1 - 0.001) / 25
         0.00496

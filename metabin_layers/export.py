@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._tree import replace_modules
-from .layers import MetaBINAct2d, _MetaBINBase
+from .layers import MetaBINAct2d, _MetaBINBase, replace_modules
 
 __all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference", "folded_eval_forward"]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,11 @@ __all__ = [
     "STATS_MODES",
     "set_stats_mode",
     "stats_mode",
+    "metabin_modules",
+    "rho_parameters",
+    "base_parameters",
+    "replace_modules",
+    "AUTHORS_LAYER_KEYS",
 ]
 
 STATS_MODES = ("update", "hold", "eval")
@@ -29,7 +35,7 @@ batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` 
 branch with the running statistics."""
 
 
-# The authors' checkpoints keep a layer's branches in sub-modules: theirs -> our flat names.
+#: The authors' checkpoints keep a layer's branches in sub-modules: (their key, our flat name) pairs.
 AUTHORS_LAYER_KEYS = (
     ("bat_n.weight", "weight"),
     ("bat_n.bias", "bias"),
@@ -194,6 +200,8 @@ class _MetaBINBase(nn.Module):
         """Use ``rho`` (which may carry autograd history) in place of ``self.rho`` inside the block.
 
         Examples:
+            >>> import torch
+            >>> from metabin_layers import MetaBIN2d
             >>> m = MetaBIN2d(3)
             >>> with m.rho_override(m.rho * 0.5):
             ...     y = m(torch.randn(2, 3, 4, 4))
@@ -410,6 +418,8 @@ class MetaBIN1d(_MetaBINBase):
     BatchNorm (batch branch only, in training and eval; one warning per layer).
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers import MetaBIN1d
         >>> m = MetaBIN1d(8, rho_init=0.5)
         >>> m(torch.randn(4, 8, 16)).shape
         torch.Size([4, 8, 16])
@@ -424,6 +434,8 @@ class MetaBIN2d(_MetaBINBase):
     Drop-in for ``nn.BatchNorm2d``: with ``rho_init=1`` it computes exactly BatchNorm.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers import MetaBIN2d
         >>> m = MetaBIN2d(16)
         >>> m(torch.randn(4, 16, 8, 8)).shape
         torch.Size([4, 16, 8, 8])
@@ -436,6 +448,8 @@ class MetaBIN3d(_MetaBINBase):
     """MetaBIN over ``(N, C, D, H, W)`` inputs (the counterpart of ``nn.BatchNorm3d``).
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers import MetaBIN3d
         >>> m = MetaBIN3d(4)
         >>> m(torch.randn(2, 4, 3, 5, 5)).shape
         torch.Size([2, 4, 3, 5, 5])
@@ -445,10 +459,12 @@ class MetaBIN3d(_MetaBINBase):
 
 
 class MetaBINAct2d(MetaBIN2d):
-    """MetaBIN2d followed by ``drop`` and ``act``, the counterpart of timm's ``BatchNormAct2d``.
+    """MetaBIN2d followed by ``drop`` and ``act``: the counterpart of timm's ``BatchNormAct2d``.
 
-    State-dict keys are those of ``MetaBIN2d`` (plus whatever ``act``/``drop`` hold), so a
-    ``BatchNormAct2d`` checkpoint loads into it.
+    Takes ``BatchNormAct2d``'s arguments in the same order, then MetaBIN's own. Its state-dict
+    keys are those of ``BatchNormAct2d`` plus ``in_weight``, ``in_bias`` and ``rho``, so a
+    ``BatchNormAct2d`` state dict loads with ``strict=False`` and reports only those three
+    tensors as missing (they keep their initial values).
 
     Args:
         num_features: number of channels ``C``.
@@ -456,20 +472,27 @@ class MetaBINAct2d(MetaBIN2d):
         momentum: running-statistics update factor; ``None`` gives a cumulative average.
         affine: learn the BN-branch and IN-branch affines.
         track_running_stats: keep running statistics for the BN branch.
-        apply_act: apply ``act_layer`` after the normalization (else ``act`` is ``nn.Identity``).
-        act_layer: activation class or instance (built with ``inplace`` when it accepts it).
-        inplace: passed to ``act_layer``.
-        drop_layer: optional dropout / drop-block class or instance, applied before ``act``.
-        rho_init: initial per-channel balance in [0, 1]; 1 computes exactly ``BatchNormAct2d``.
-        stats_mode: ``"update"``, ``"hold"`` or ``"eval"``.
-        backend: ``"auto"`` or one of ``BACKENDS``.
+        apply_act: apply the activation (else ``act`` is ``nn.Identity``).
+        act_layer: activation: a class or factory (called with ``inplace`` when it takes that
+            argument, and ``act_kwargs``), a module instance, a timm activation name such as
+            ``"silu"`` (needs timm), or None for no activation.
+        act_kwargs: keyword arguments of ``act_layer``.
+        inplace: passed to ``act_layer`` when it takes an ``inplace`` argument.
+        drop_layer: optional dropout / drop-block class (called without arguments) or instance,
+            applied before ``act``.
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
+        rho_init: initial per-channel balance in [0, 1]; 1 computes exactly ``BatchNormAct2d``.
+        stats_mode: ``"update"``, ``"hold"`` or ``"eval"`` (see ``STATS_MODES``).
+        backend: ``"auto"`` or one of ``metabin_layers.functional.BACKENDS``.
 
     Shape:
         Input and output: ``(N, C, H, W)``.
 
     Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBINAct2d
         >>> m = MetaBINAct2d(8, act_layer=nn.ReLU)
         >>> bool((m(torch.randn(2, 8, 4, 4)) >= 0).all())
         True
@@ -483,19 +506,32 @@ class MetaBINAct2d(MetaBIN2d):
         affine: bool = True,
         track_running_stats: bool = True,
         apply_act: bool = True,
-        act_layer: Union[type[nn.Module], nn.Module, None] = nn.ReLU,
+        act_layer: Union[str, Callable[..., nn.Module], nn.Module, None] = nn.ReLU,
+        act_kwargs: Optional[dict[str, Any]] = None,
         inplace: bool = True,
-        drop_layer: Union[type[nn.Module], nn.Module, None] = None,
+        drop_layer: Union[Callable[..., nn.Module], nn.Module, None] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
         rho_init: float = 1.0,
         stats_mode: str = "update",
         backend: str = "auto",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            rho_init=rho_init,
+            stats_mode=stats_mode,
+            backend=backend,
+            device=device,
+            dtype=dtype,
+        )
         self.drop = _build(drop_layer) if drop_layer is not None else nn.Identity()
         if apply_act and act_layer is not None:
-            self.act = _build(act_layer, inplace=inplace)
+            self.act = _build(_resolve_act(act_layer), inplace=inplace, **(act_kwargs or {}))
         else:
             self.act = nn.Identity()
 
@@ -503,17 +539,145 @@ class MetaBINAct2d(MetaBIN2d):
         return self.act(self.drop(super().forward(x)))
 
 
-def _build(layer: Union[type[nn.Module], nn.Module], **kwargs) -> nn.Module:
+def _resolve_act(act_layer: Union[str, Callable[..., nn.Module], nn.Module]) -> Union[Callable[..., nn.Module], nn.Module]:
+    if not isinstance(act_layer, str):
+        return act_layer
+    try:  # activation names are timm's vocabulary ("silu", "hard_swish", "gelu_tanh", ...)
+        from timm.layers import get_act_layer
+    except ImportError as err:
+        raise ImportError(f"act_layer={act_layer!r} is a timm activation name and needs timm; pass a class (nn.SiLU)") from err
+    resolved = get_act_layer(act_layer)
+    if resolved is None:
+        raise ValueError(f"act_layer {act_layer!r} names no activation")
+    return resolved
+
+
+def _takes(factory: Callable[..., Any], name: str) -> bool:
+    """Whether ``factory`` accepts a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _build(layer: Union[Callable[..., nn.Module], nn.Module], inplace: Optional[bool] = None, **kwargs: Any) -> nn.Module:
+    """``layer`` itself when it is a module, else ``layer(**kwargs)``, with ``inplace`` only where it is accepted.
+
+    The signature decides whether ``inplace`` is passed (GELU, Sigmoid, ... take none), so a
+    ``TypeError`` raised inside the constructor reaches the caller.
+    """
     if isinstance(layer, nn.Module):
         return layer
-    try:
-        return layer(**kwargs)
-    except TypeError:  # activations without an inplace argument (GELU, Sigmoid, ...)
-        return layer()
+    if inplace is not None and _takes(layer, "inplace"):
+        kwargs["inplace"] = inplace
+    return layer(**kwargs)
 
 
-def _metabin_layers(model: nn.Module) -> list[_MetaBINBase]:
+# -- model walking ---------------------------------------------------------------------------
+
+
+def replace_modules(module: nn.Module, visit: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """Rewrite a module tree in place, depth first: the recursion shared by the converters.
+
+    ``visit(qualified_name, m)`` returns the module to put in ``m``'s place (``m`` itself to keep
+    it), or None to descend into ``m``'s children. Parents are rewritten with ``setattr``, as in
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    Args:
+        module: the root.
+        visit: the decision for each module.
+
+    Returns:
+        The new root: ``module`` unless the root itself was replaced.
+
+    Examples:
+        >>> from torch import nn
+        >>> from metabin_layers.layers import replace_modules
+        >>> net = replace_modules(nn.Sequential(nn.ReLU()), lambda _, m: nn.GELU() if isinstance(m, nn.ReLU) else None)
+        >>> net
+        Sequential(
+          (0): GELU(approximate='none')
+        )
+    """
+
+    def walk(mod: nn.Module, name: str) -> nn.Module:
+        replacement = visit(name, mod)
+        if replacement is not None:
+            return replacement
+        for child_name, child in mod.named_children():
+            new_child = walk(child, f"{name}.{child_name}" if name else child_name)
+            if new_child is not child:
+                setattr(mod, child_name, new_child)
+        return mod
+
+    return walk(module, "")
+
+
+def metabin_modules(model: nn.Module) -> list[_MetaBINBase]:
+    """All MetaBIN layers of ``model`` (plain and synchronised), in ``model.modules()`` order.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The MetaBIN layers, each once.
+
+    Examples:
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d, metabin_modules
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8), nn.ReLU())
+        >>> [type(m).__name__ for m in metabin_modules(model)]
+        ['MetaBIN2d']
+    """
     return [m for m in model.modules() if isinstance(m, _MetaBINBase)]
+
+
+def rho_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``rho`` Parameters of every MetaBIN layer of ``model`` (each once, in module order).
+
+    Args:
+        model: any module.
+
+    Returns:
+        The ``rho`` Parameters: what ``MetaBINOptimizer`` meta-learns.
+
+    Examples:
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d, rho_parameters
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
+        >>> [p.shape for p in rho_parameters(model)]
+        [torch.Size([8])]
+    """
+    seen: set[int] = set()
+    out = []
+    for m in metabin_modules(model):
+        if id(m.rho) not in seen:
+            seen.add(id(m.rho))
+            out.append(m.rho)
+    return out
+
+
+def base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` except the MetaBIN ``rho``: what the base optimizer steps.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The Parameters of ``model`` that are not a ``rho``, in ``model.parameters()`` order.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d, base_parameters
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
+        >>> opt = torch.optim.SGD(base_parameters(model), lr=0.01)
+        >>> len(base_parameters(model))  # conv weight and bias, BN and IN affines
+        6
+    """
+    rho_ids = {id(p) for p in rho_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in rho_ids]
 
 
 def set_stats_mode(model: nn.Module, mode: str) -> None:
@@ -527,6 +691,9 @@ def set_stats_mode(model: nn.Module, mode: str) -> None:
         ValueError: ``mode`` is not one of ``STATS_MODES``.
 
     Examples:
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d
+        >>> from metabin_layers.layers import set_stats_mode
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> set_stats_mode(model, "hold")
         >>> model[1].stats_mode
@@ -534,7 +701,7 @@ def set_stats_mode(model: nn.Module, mode: str) -> None:
     """
     if mode not in STATS_MODES:
         raise ValueError(f"mode must be one of {STATS_MODES}, got {mode!r}")
-    for m in _metabin_layers(model):
+    for m in metabin_modules(model):
         m.stats_mode = mode
 
 
@@ -552,6 +719,9 @@ def stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
         Nothing; the layers are in ``mode`` inside the ``with`` block.
 
     Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d, stats_mode
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), MetaBIN2d(8))
         >>> with stats_mode(model, "hold"):   # batch statistics, running stats untouched
         ...     _ = model(torch.randn(2, 3, 8, 8))
@@ -560,7 +730,7 @@ def stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """
     if mode not in STATS_MODES:
         raise ValueError(f"mode must be one of {STATS_MODES}, got {mode!r}")
-    layers = _metabin_layers(model)
+    layers = metabin_modules(model)
     previous = [m.stats_mode for m in layers]
     try:
         for m in layers:

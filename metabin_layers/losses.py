@@ -145,6 +145,7 @@ def pairwise_euclidean(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import pairwise_euclidean
         >>> pairwise_euclidean(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))[0, 1].item()
         5.0
     """
@@ -186,6 +187,7 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 0.3, normaliz
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import triplet_loss
         >>> f = torch.tensor([[0.0], [2.0], [3.0], [4.0]])
         >>> round(triplet_loss(f, torch.tensor([0, 0, 1, 1]), margin=0.3).item(), 4)
         0.4
@@ -225,6 +227,7 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import cross_entropy_label_smooth
         >>> logits = torch.tensor([[2.0, 0.0, 0.0]])
         >>> loss = cross_entropy_label_smooth(logits, torch.tensor([0]), epsilon=0.1)
         >>> logp = logits.log_softmax(1)[0]
@@ -273,6 +276,7 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import intra_domain_scatter_loss
         >>> f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0]])
         >>> loss = intra_domain_scatter_loss(f, torch.tensor([0, 0, 1, 1]))
         >>> round(loss.item(), 4)  # (cos 45 deg + 1) / 2
@@ -324,6 +328,7 @@ def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor,
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import inter_domain_shuffle_loss
         >>> f = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
         >>> labels, domains = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])
         >>> loss = inter_domain_shuffle_loss(f, labels, domains, margin=1.0)
@@ -357,6 +362,7 @@ class TripletLoss(nn.Module):
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import TripletLoss
         >>> loss_fn = TripletLoss(margin=0.3)
         >>> loss = loss_fn(torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
         >>> loss.dim()
@@ -383,6 +389,7 @@ class CrossEntropyLabelSmooth(nn.Module):
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import CrossEntropyLabelSmooth
         >>> loss_fn = CrossEntropyLabelSmooth(epsilon=0.1)
         >>> loss = loss_fn(torch.randn(4, 10), torch.tensor([0, 3, 9, 1]))
         >>> bool(loss > 0)
@@ -408,6 +415,7 @@ class IntraDomainScatterLoss(nn.Module):
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import IntraDomainScatterLoss
         >>> loss_fn = IntraDomainScatterLoss()
         >>> loss = loss_fn(torch.randn(6, 16), torch.tensor([0, 0, 1, 1, 2, 2]))
         >>> bool(0 <= loss <= 1)
@@ -433,6 +441,7 @@ class InterDomainShuffleLoss(nn.Module):
 
     Examples:
         >>> import torch
+        >>> from metabin_layers.losses import InterDomainShuffleLoss
         >>> loss_fn = InterDomainShuffleLoss()
         >>> labels = torch.tensor([0, 1, 2, 3])
         >>> loss = loss_fn(torch.randn(4, 16), labels, torch.tensor([0, 0, 1, 1]))

@@ -8,10 +8,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .convert import metabin_modules, rho_parameters
 from .distributed import active_group, average_over_group, global_domains
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
-from .layers import _MetaBINBase
+from .layers import _MetaBINBase, metabin_modules, rho_parameters
 
 __all__ = ["MetaBINOptimizer"]
 
@@ -77,73 +76,37 @@ def _check_loss(value: Any, name: str) -> Tensor:
 
 
 class MetaBINOptimizer(torch.optim.Optimizer):
-    """The whole MetaBIN iteration in one object: base update of the weights, meta update of rho.
+    """The MetaBIN iteration: ``step`` updates the weights, ``meta_step`` meta-learns rho.
 
-    * ``step`` is the base update (Algorithm 1, line 8): it steps ``base_optimizer``, which
-      must not hold any rho. rho is frozen (``requires_grad=False``) outside ``meta_step``, so
-      the base backward spends nothing on it.
-    * ``meta_step`` is the episode (lines 9-15): every normalization layer of the model that
-      tracks running statistics is held (MetaBIN layers in ``hold`` mode; ``nn.BatchNorm*``,
-      ``nn.SyncBatchNorm``, timm's ``BatchNormAct2d`` and any other ``_NormBase``, e.g. a plain
-      BN neck, too): in training mode it normalises with batch statistics and its running
-      statistics and ``num_batches_tracked`` stay untouched; a layer in eval mode stays so. The
-      meta batches are small domain subsets run with rho', so, as the authors, only base steps
-      update running statistics. ``L_mtr = meta_train_loss()``; the inner gradient
-      with respect to rho only (no weight gradients are computed); ``rho' = clamp(rho - beta * g)``
-      (first order: ``g`` detached and the clamp straight-through, as the authors; second order:
-      through the graph, with the layers on their differentiable composite path);
-      ``L_mte = meta_test_loss()`` through rho'; rho updated by ``rho_optimizer`` and clamped to
-      [0, 1]. Layers are restored even if a closure raises.
-
-    LR schedulers attached to this object (or to ``base_optimizer``) scale the base parameter
-    groups only: ``param_groups`` is the base optimizer's list. A scheduler on
-    ``rho_optimizer`` scales the rho learning rate and, with the default cyclic schedule, the
-    inner step size too (``beta = lr_rho * ratio``); the authors keep it constant.
+    ``step`` steps ``base_optimizer`` (rho is frozen outside ``meta_step``). ``meta_step`` runs
+    the episode with every normalization layer's running statistics held: ``rho' = clamp(rho -
+    beta * dL_mtr/drho)``, then rho is updated from ``L_mte`` computed through rho'. The episode,
+    the held statistics, LR schedulers, ``GradScaler`` and DDP are described in
+    ``docs/concepts.md`` and ``docs/distributed.md``.
 
     Args:
-        model: the converted model (anything containing MetaBIN layers).
-        base_optimizer: optimizer over ``base_parameters`` (never rho).
-        rho_lr: learning rate of the default rho optimizer (plain SGD, no momentum, no weight
-            decay). The authors use 10x the base lr (0.1 for base lr 0.01).
-        inner_lr: inner step size ``beta``: an ``InnerLR`` schedule,
-            a float (constant ``beta``), or None for the authors' ``CyclicInnerLR`` (pass
-            ``CyclicInnerLR(iters_per_epoch=...)`` for your epoch length).
+        model: the converted model, or a ``DistributedDataParallel`` around it.
+        base_optimizer: optimizer over ``base_parameters(model)`` (never rho).
+        rho_lr: learning rate of the default rho optimizer (SGD, no momentum, no weight decay).
+        inner_lr: inner step size ``beta``: an ``InnerLR`` schedule, a float, or None for the
+            authors' ``CyclicInnerLR``.
         second_order: differentiate through the inner step (double backward); default first order.
         rho_optimizer: replaces the default rho optimizer (must hold exactly the rho parameters).
-        grad_scaler: a ``torch.amp.GradScaler``; losses are scaled, non-finite steps skipped in
-            both phases. Use ``backward`` for the base loss then. The scaler is updated
-            once per iteration, as for any two optimizers sharing a scaler: ``step`` steps
-            the base optimizer through it and leaves the ``update()`` pending; ``meta_step``
-            steps rho through it and then calls ``update()`` once for both. A pending update left
-            by a ``step`` without a following meta step is done by the next
-            ``zero_grad`` or ``backward``, before a new loss is scaled. The order of a
-            custom loop: ``zero_grad(); backward(loss); step(); meta_step(...)``.
-        seed: seed of the generator used by ``split`` for the meta-train / meta-test domains.
-            Under ``torch.distributed`` every rank must use the same seed (checked by ``split``).
-        process_group: the group over which rho's meta gradients are averaged and the domain split
-            is agreed; None: the DDP model's group if ``model`` is a DDP, else the default group.
-        distributed: average rho's inner and outer gradients over the group (one ``all_reduce``
-            each) so that every rank holds the same rho. None (default): when ``torch.distributed``
-            is initialised and the group has more than one rank, decided at each call.
-
-    Multi-GPU (``DistributedDataParallel``; see ``docs/distributed.md``): the base step goes
-    through DDP as usual. The meta steps use ``torch.autograd.grad`` on rho, which DDP's reducer
-    never sees, so this optimizer all-reduces those gradients itself. ``model`` may be the plain
-    module or the DDP wrapper (unwrapped to ``model.module``). Recommended order: build this
-    optimizer first (it freezes rho), then wrap the model in DDP, which then ignores rho; a DDP
-    passed here that was built while rho still required grad has registered rho with its reducer,
-    so rho then stays grad-enabled in the base step (DDP gets the gradient it waits for; the base
-    optimizer never steps it). Inside the meta-step closures call the unwrapped module; calling
-    the DDP wrapper also works when the DDP was passed here (the episode runs under
-    ``no_sync()``).
+        grad_scaler: a ``torch.amp.GradScaler`` shared by both phases (call ``backward`` for the
+            base loss); it is updated once per iteration.
+        seed: seed of the domain split (the same on every rank).
+        process_group: group over which rho's meta gradients are averaged; None: the DDP's group
+            or the default group.
+        distributed: average rho's meta gradients over the group; None decides at each call.
 
     Examples:
-        >>> import torchvision
-        >>> from metabin_layers import convert_bn_to_metabin, base_parameters
-        >>> model = convert_bn_to_metabin(torchvision.models.resnet18(num_classes=8))
-        >>> base = torch.optim.SGD(base_parameters(model), lr=0.01, momentum=0.9)
-        >>> opt = MetaBINOptimizer(model, base, rho_lr=0.1, inner_lr=0.01)
-        >>> x, y = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
+        >>> import torch
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin
+        >>> model = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(1), nn.LazyLinear(4)))
+        >>> x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 4
+        >>> _ = model(x)  # materialise the lazy layer
+        >>> opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.01), rho_lr=0.1, inner_lr=0.01)
         >>> opt.zero_grad(); opt.backward(nn.functional.cross_entropy(model(x), y)); opt.step()
         >>> out = opt.meta_step(
         ...     meta_train_loss=lambda: model(x[:4]).logsumexp(1).mean(),
@@ -321,7 +284,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         state = self.generator.get_state().to(torch.int64)
         fingerprint = int((state * torch.arange(1, state.numel() + 1)).sum())
         union = global_domains(domains, group, self.rhos[0].device, fingerprint)
-        drawn = split_domains(union.tolist(), num_meta_train, generator=self.generator, is_labels=False)
+        drawn = split_domains(union.tolist(), num_meta_train, generator=self.generator)
         train_mask = torch.isin(domains, drawn.train_domains.to(domains.device))
         return DomainSplit(drawn.train_domains, drawn.test_domains, train_mask, ~train_mask)
 

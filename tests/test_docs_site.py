@@ -108,6 +108,9 @@ def test_in_a_browser_diagrams_render_as_svg_and_reference_shows_signatures(site
     diagrams = re.findall(r'<div class="diagram"[^>]*>\s*<svg\b', concepts)
     assert len(diagrams) == 2, "the two Concepts diagrams are not drawn as SVG"
     assert "flowchart LR" not in _text(concepts)
+    architecture = _dom(site / "architecture" / "index.html", tmp_path)
+    assert len(re.findall(r'<div class="diagram"[^>]*>\s*<svg\b', architecture)) == 1, "the module diagram is not drawn"
+    assert "flowchart TD" not in _text(architecture) and "_bin_math" in _text(architecture)
     reference = re.sub(r"\s+", "", _text(_dom(site / "reference" / "index.html", tmp_path)))
     assert "MetaBIN2d(num_features" in reference
 

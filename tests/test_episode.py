@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metabin_layers import ConstantInnerLR, CyclicInnerLR, split_domains
+from metabin_layers.episode import ConstantInnerLR, CyclicInnerLR, split_domains
 
 
 def test_split_of_batch_labels_covers_all_domains_with_masks():

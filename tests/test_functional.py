@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from reference import reference_bin
 
-from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, batch_instance_norm
+from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d
+from metabin_layers.functional import batch_instance_norm
 
 BACKENDS = ["fused", "composite"]
 SHAPES = [(MetaBIN1d, (5, 3, 7)), (MetaBIN2d, (4, 3, 5, 6)), (MetaBIN3d, (3, 2, 3, 4, 5))]

@@ -75,7 +75,7 @@ def test_gpu_suite_dry_run_writes_every_table(tmp_path):
     iteration = json.loads((out / "iteration.json").read_text())
     assert set(iteration["results"]) == {"a_plain", "b_naive_split", "c_ours_split"}
     assert set(iteration["results"]["c_ours_split"]["timing"]) == {"base", "meta-train", "meta-test", "total"}
-    # every target of the issue is evaluated (figures are meaningless on a CPU at these sizes)
+    # every performance target is evaluated (figures are meaningless on a CPU at these sizes)
     kinds = {t["target"] for t in summary["targets"]}
     assert any("1.10x BatchNorm2d" in k for k in kinds) and any("copy bandwidth" in k for k in kinds)
     assert any("torch.compile" in k for k in kinds) and any("0.6x" in k for k in kinds)

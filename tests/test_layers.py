@@ -5,7 +5,8 @@ import torch
 from reference import reference_bin
 from torch import nn
 
-from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, set_stats_mode, stats_mode
+from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, stats_mode
+from metabin_layers.layers import set_stats_mode
 
 
 def test_tensor_names_and_initial_values():
@@ -162,3 +163,78 @@ def test_num_features_validation():
 def test_backend_validation():
     with pytest.raises(ValueError, match="backend"):
         MetaBIN2d(3, backend="magic")
+
+
+# -- MetaBINAct2d: timm's BatchNormAct2d signature and checkpoints ---------------------------
+
+
+def test_metabin_act_takes_batchnorm_act2d_arguments_in_timm_order():
+    timm_layers = pytest.importorskip("timm.layers")
+    import inspect
+
+    ours = list(inspect.signature(MetaBINAct2d.__init__).parameters.values())[1:]
+    theirs = list(inspect.signature(timm_layers.BatchNormAct2d.__init__).parameters.values())[1:]
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+    assert [p.default for p in ours[: len(theirs)]] == [p.default for p in theirs]
+    # MetaBIN's own arguments come after, keyword-only
+    assert [(p.name, p.kind) for p in ours[len(theirs) :]] == [
+        (name, inspect.Parameter.KEYWORD_ONLY) for name in ("rho_init", "stats_mode", "backend")
+    ]
+
+
+def test_metabin_act_passes_act_kwargs_and_inplace():
+    m = MetaBINAct2d(3, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.25}, inplace=False)
+    assert isinstance(m.act, nn.LeakyReLU) and m.act.negative_slope == 0.25 and m.act.inplace is False
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    m = m.double()
+    ref = nn.functional.leaky_relu(reference_bin(x, m.rho, m.weight, m.bias, m.in_weight, m.in_bias), 0.25)
+    torch.testing.assert_close(m(x), ref)
+    # an activation without an inplace argument is built without it
+    assert isinstance(MetaBINAct2d(3, act_layer=nn.GELU, act_kwargs={"approximate": "tanh"}).act, nn.GELU)
+    assert MetaBINAct2d(3, act_layer=nn.GELU, act_kwargs={"approximate": "tanh"}).act.approximate == "tanh"
+
+
+def test_metabin_act_resolves_timm_activation_names():
+    pytest.importorskip("timm")
+    assert isinstance(MetaBINAct2d(3, act_layer="silu").act, nn.SiLU)
+    assert isinstance(MetaBINAct2d(3, act_layer="relu", apply_act=False).act, nn.Identity)
+
+
+def test_metabin_act_keeps_a_type_error_raised_inside_a_constructor():
+    class BrokenAct(nn.Module):
+        def __init__(self, inplace: bool = False):
+            super().__init__()
+            raise TypeError("bad activation config")
+
+    class BrokenDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            raise TypeError("bad drop config")
+
+    with pytest.raises(TypeError, match="bad activation config"):
+        MetaBINAct2d(3, act_layer=BrokenAct)
+    with pytest.raises(TypeError, match="bad drop config"):
+        MetaBINAct2d(3, drop_layer=BrokenDrop)
+    with pytest.raises(TypeError, match="negative_slop"):  # a misspelt act_kwargs key is an error, not dropped
+        MetaBINAct2d(3, act_layer=nn.LeakyReLU, act_kwargs={"negative_slop": 0.1})
+
+
+def test_batchnorm_act2d_state_dict_loads_non_strict_reporting_only_new_tensors():
+    timm_layers = pytest.importorskip("timm.layers")
+    bn = timm_layers.BatchNormAct2d(4, act_layer=nn.ReLU)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    bn.num_batches_tracked.fill_(7)
+    m = MetaBINAct2d(4, act_layer=nn.ReLU)
+    result = m.load_state_dict(bn.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["in_bias", "in_weight", "rho"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MetaBINAct2d(4).load_state_dict(bn.state_dict())
+    # rho = 1 (the initial value): the loaded layer computes BatchNormAct2d, in eval and training mode
+    x = torch.randn(3, 4, 5, 5)
+    bn.eval(), m.eval()
+    torch.testing.assert_close(m(x), bn(x), rtol=1e-5, atol=1e-5)
+    assert int(m.num_batches_tracked) == 7

@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabin_layers import (
-    CyclicInnerLR,
-    MetaBINOptimizer,
-    base_parameters,
-    convert_bn_to_metabin,
-    metabin_modules,
-    rho_parameters,
-)
+from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin, metabin_modules, rho_parameters
+from metabin_layers.episode import CyclicInnerLR
 
 
 class Tiny(nn.Module):

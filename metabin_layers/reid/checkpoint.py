@@ -16,6 +16,8 @@ stored: a modified or damaged file is refused. Every refusal is a
 over the destination, so an interrupted save leaves the previous checkpoint (or none) intact.
 
 Examples:
+    >>> from pathlib import Path
+    >>> from metabin_layers.reid.checkpoint import load_checkpoint, save_checkpoint
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pt"
     >>> save_checkpoint({"iteration": 3, "weights": torch.ones(2)}, path)
@@ -89,6 +91,7 @@ def checksum(state: Any) -> str:
         TypeError: ``state`` holds another kind of object; the message gives where.
 
     Examples:
+        >>> from metabin_layers.reid.checkpoint import checksum
         >>> import torch
         >>> checksum({"w": torch.zeros(2)}) == checksum({"w": torch.zeros(2)})
         True
@@ -115,6 +118,7 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
             because of it.
 
     Examples:
+        >>> from metabin_layers.reid.checkpoint import load_checkpoint, save_checkpoint
         >>> import tempfile
         >>> from pathlib import Path
         >>> import torch
@@ -170,6 +174,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
             names the file.
 
     Examples:
+        >>> from metabin_layers.reid.checkpoint import load_checkpoint, save_checkpoint
         >>> import tempfile
         >>> from pathlib import Path
         >>> import torch
@@ -240,6 +245,7 @@ def capture_rng_state() -> dict[str, Any]:
         ``save_checkpoint`` accepts and ``restore_rng_state`` reads back.
 
     Examples:
+        >>> from metabin_layers.reid.checkpoint import capture_rng_state, restore_rng_state
         >>> import random
         >>> state = capture_rng_state()
         >>> a = random.random(); restore_rng_state(state); a == random.random()
@@ -273,6 +279,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             ``load_checkpoint``).
 
     Examples:
+        >>> from metabin_layers.reid.checkpoint import capture_rng_state, restore_rng_state
         >>> import torch
         >>> state = capture_rng_state()
         >>> first = torch.rand(2)

@@ -3,6 +3,7 @@
 Each error names the dataset and the folder it was read from (synthetic data: the style).
 
 Examples:
+    >>> from metabin_layers.reid.checks import check_targets
     >>> from metabin_layers.reid.data import RecipeData, TargetSplit
     >>> data = RecipeData([(None, 0, 0, 0)], None, 1, 1, {"viper": [TargetSplit([], [1])]}, "", folders={"viper": "/data/viper"})
     >>> check_targets(data)

@@ -30,6 +30,9 @@ from .presets import PAPER_PRESETS, paper_preset
 
 __all__ = ["main", "build_parser"]
 
+#: Top-level modules of the ``reid`` extra (``pip install metabin-layers[reid]``).
+RECIPE_DEPENDENCIES = ("torchvision", "timm", "PIL", "tqdm", "yaml", "matplotlib", "scipy", "h5py")
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config keys (see metabin_layers.reid.config.TrainConfig)")
@@ -314,6 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"metabin-reid: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in RECIPE_DEPENDENCIES:
+            raise
+        print(f"metabin-reid: error: install metabin-layers[reid] (the recipe needs {err.name})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         if args.debug:

@@ -9,7 +9,6 @@ for real data (a ResNet-18 on 64x32 images, smaller batches, a few epochs), unle
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -469,7 +468,3 @@ def default_output(norm: str, synthetic: bool = True, quick: bool = False, prese
     else:
         return f"runs/{norm}"
     return base if norm == "metabin" else f"{base}-{norm}"
-
-
-def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2))

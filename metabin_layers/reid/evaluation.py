@@ -13,6 +13,7 @@ Protocol (authors' ``evaluation/reid_evaluation.py`` and ``rank.py``):
   ``invalid_as_zero=True`` reproduces that.
 
 Examples:
+    >>> from metabin_layers.reid.evaluation import evaluate_rank
     >>> import numpy as np
     >>> d = np.array([[0.1, 0.5, 0.3]])
     >>> cmc, mAP, mINP = evaluate_rank(d, np.array([1]), np.array([1, 1, 2]),
@@ -85,6 +86,8 @@ def evaluate_rank(
             or no valid query at all.
 
     Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.evaluation import evaluate_rank
         >>> d = np.array([[0.2, 0.1], [0.3, 0.2]])
         >>> cmc, mAP, mINP = evaluate_rank(d, [0, 1], [1, 0], [0, 0], [1, 1], max_rank=2)
         >>> cmc.tolist(), mAP
@@ -192,6 +195,8 @@ def extract_features(
         The model's train/eval mode is restored afterwards.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.evaluation import extract_features
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
         >>> batch = {"img": torch.randn(2, 3, 2, 2), "pid": torch.tensor([0, 1]),
         ...          "camid": torch.tensor([0, 0])}
@@ -247,6 +252,8 @@ def compute_distance(
             unknown ``metric``.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.evaluation import compute_distance
         >>> q = torch.tensor([[1.0, 0.0]]); g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> compute_distance(q, g).tolist(), [round(float(v), 3) for v in compute_distance(q, g, "euclidean")[0]]
         ([[0.0, 1.0]], [1.0, 1.414])
@@ -298,6 +305,8 @@ def evaluate(
         CMC value.
 
     Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.evaluation import evaluate
         >>> net = torch.nn.Flatten()
         >>> q = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [0, 0]}]
         >>> g = [{"img": torch.eye(2).reshape(2, 1, 1, 2), "pid": [0, 1], "camid": [1, 1]}]

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..convert import convert_bn_to_metabin, metabin_modules
+from .. import convert_bn_to_metabin, metabin_modules
 
 __all__ = [
     "NORM_VARIANTS",

@@ -40,6 +40,7 @@ def results_table(targets: Mapping[str, Mapping[str, Any]], test_splits: Optiona
         The Markdown table, one line per row, without a trailing newline.
 
     Examples:
+        >>> from metabin_layers.reid.report import results_table
         >>> print(results_table({"style4": {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2}}))
         | target | rank1 | rank5 | rank10 | mAP | mINP |
         |---|---|---|---|---|---|
@@ -72,6 +73,7 @@ def split_notice(test_splits: Optional[Mapping[str, Mapping[str, Any]]]) -> str:
         none to use.
 
     Examples:
+        >>> from metabin_layers.reid.report import split_notice
         >>> split_notice({"grid": {"authors_split_files": True}, "viper": {"authors_split_files": False}})
         "NOT COMPARABLE TO THE PAPER: viper not evaluated on the authors' split files."
     """
@@ -94,6 +96,7 @@ def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: S
         The Markdown table (percentages, ``mean ± std`` over seeds; std with ``ddof=0``).
 
     Examples:
+        >>> from metabin_layers.reid.report import comparison_table
         >>> r = {"targets": {"t": {"rank1": 0.5, "mAP": 0.25}}}
         >>> print(comparison_table({"bn": [r, r]}))
         | norm | t R-1 | t mAP | seeds |
@@ -130,7 +133,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[plots]')")
+        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[reid]')")
         return None
     return plt
 

@@ -43,6 +43,7 @@ identities of every domain, so ``m`` (identities per domain) must be a multiple 
 ``world_size``. Other settings are refused with the batch sizes that would work.
 
 Examples:
+    >>> from metabin_layers.reid.sampler import DomainBalancedSampler, RandomIdentitySampler
     >>> items = [(f"img{i}.jpg", i // 4, i % 2, (i // 4) % 2) for i in range(64)]
     >>> s = RandomIdentitySampler(items, batch_size=16, num_instances=4, seed=1, num_batches=3)
     >>> [len(b) for b in s]
@@ -245,6 +246,7 @@ class RandomIdentitySampler(_IdentityBatchSampler):
         allow_replacement: if False, an identity with fewer than K images is a ValueError.
 
     Examples:
+        >>> from metabin_layers.reid.sampler import RandomIdentitySampler
         >>> items = [(None, pid, 0, 0) for pid in range(10) for _ in range(5)]
         >>> batch = next(iter(RandomIdentitySampler(items, batch_size=8, num_instances=4)))
         >>> sorted({items[i][1] for i in batch}).__len__()
@@ -343,6 +345,7 @@ class DomainBalancedSampler(_IdentityBatchSampler):
             (default True samples with replacement, like the authors).
 
     Examples:
+        >>> from metabin_layers.reid.sampler import DomainBalancedSampler
         >>> items = [(None, pid, 0, pid % 3) for pid in range(12) for _ in range(4)]
         >>> s = DomainBalancedSampler(items, batch_size=24, num_instances=4)
         >>> s.ids_per_domain, s.domains
