@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig, default_output, load_config, parse_overrides
+from .config import BASELINE_PRESET, TrainConfig, default_output, load_config, parse_overrides
 from .errors import OutputFolderError, RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
@@ -142,6 +142,8 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
     overrides.update(extra or {})
     if output is None and (_with_baseline(args) or args.command == "compare") and overrides.get("data_root") is None:
         overrides["output"] = default_output(None, quick=args.quick)  # several variants in one folder
+    if _with_baseline(args) and not (set(BASELINE_PRESET) & (_explicit_keys(args) | set(overrides))):
+        overrides.update(BASELINE_PRESET)  # two runs in a few minutes; a size set by the user wins as a whole
     preset = getattr(args, "preset", None)
     if preset:
         if overrides.get("data_root") is None:
@@ -296,6 +298,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     metrics = evaluate_model(model, data, cfg, device, distances=distances)
     clear_output(out, overwrite=args.overwrite)
     layers = metabin_modules(model.backbone)
+    rhos = [m.rho.detach() for m in layers]
     results = {
         "config": cfg.to_dict(),
         "checkpoint": str(args.checkpoint),
@@ -304,10 +307,9 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         "iterations": state["iteration"],
         "targets": metrics,
         "test_splits": data.test_splits,
-        "mean_rho": float(torch.cat([m.rho.detach().flatten() for m in layers]).mean()) if layers else None,
+        "mean_rho": float(torch.cat([r.flatten() for r in rhos]).mean()) if rhos else None,
         "rho_per_layer": [
-            {"layer": i, "mean": float(m.rho.mean()), "min": float(m.rho.min()), "max": float(m.rho.max())}
-            for i, m in enumerate(layers)
+            {"layer": i, "mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())} for i, r in enumerate(rhos)
         ],
     }
     write_results(results, out)
