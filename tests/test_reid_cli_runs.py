@@ -92,13 +92,6 @@ def test_a_chosen_variant_trains_alone(quick_runs):
     assert _config(build_parser().parse_args(["train"])).output == str(Path("runs/synthetic"))
     assert _config(build_parser().parse_args(["train", "--norm", "metabin"])).output == "runs/synthetic-metabin"
     assert _config(build_parser().parse_args(["train", "--quick", "--set", "norm=in"])).output == "runs/quick-in"
-    # the side-by-side run's smaller images, unless set; one variant keeps the synthetic defaults
-    assert (_config(build_parser().parse_args(["train"])).height, _config(build_parser().parse_args(["train"])).width) == (32, 16)
-    assert (
-        _config(build_parser().parse_args(["train", "--set", "height=64"])).width,
-        _config(build_parser().parse_args(["train", "--set", "height=64"])).pad,
-    ) == (32, 3)
-    assert _config(build_parser().parse_args(["train", "--norm", "bn"])).height == 64
 
 
 def test_eval_writes_beside_the_run_and_never_over_it(quick_runs, capsys):

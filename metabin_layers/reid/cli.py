@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import BASELINE_PRESET, TrainConfig, default_output, load_config, parse_overrides
+from .config import TrainConfig, default_output, load_config, parse_overrides
 from .errors import OutputFolderError, RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
@@ -142,8 +142,6 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
     overrides.update(extra or {})
     if output is None and (_with_baseline(args) or args.command == "compare") and overrides.get("data_root") is None:
         overrides["output"] = default_output(None, quick=args.quick)  # several variants in one folder
-    if _with_baseline(args) and not (set(BASELINE_PRESET) & (_explicit_keys(args) | set(overrides))):
-        overrides.update(BASELINE_PRESET)  # two runs in a few minutes; a size set by the user wins as a whole
     preset = getattr(args, "preset", None)
     if preset:
         if overrides.get("data_root") is None:

@@ -17,7 +17,6 @@ from typing import Any, Optional, Sequence, Union
 __all__ = [
     "TrainConfig",
     "SYNTHETIC_PRESET",
-    "BASELINE_PRESET",
     "QUICK_PRESET",
     "load_config",
     "default_output",
@@ -269,11 +268,6 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "checkpoint_every": 100,
     "eval_batch_size": 64,
 }
-
-#: ``metabin-reid train`` without a variant (BN and MetaBIN side by side on the synthetic data):
-#: 32x16 images, so that both runs stay short on 2 CPU cores (not applied when one of these keys
-#: is set explicitly). See docs/synthetic_benchmark.md for the measurements.
-BASELINE_PRESET: dict[str, Any] = {"height": 32, "width": 16, "pad": 2}
 
 #: ``--quick``: a smoke run of well under a minute on 2 CPU cores.
 QUICK_PRESET: dict[str, Any] = {

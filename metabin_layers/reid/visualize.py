@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -82,8 +83,8 @@ def ranked_lists(
     distmat = np.asarray(distmat)
     if distmat.ndim != 2:
         raise ValueError(f"distmat: expected a 2-D (num_query, num_gallery) array, got shape {distmat.shape}")
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    qp, gp = np.asarray(q_pids), np.asarray(g_pids)
+    qc, gc = np.asarray(q_camids), np.asarray(g_camids)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     out = []
@@ -91,9 +92,9 @@ def ranked_lists(
         if not 0 <= q < distmat.shape[0]:
             raise ValueError(f"query_indices: {q} outside 0..{distmat.shape[0] - 1}")
         order = np.argsort(distmat[q], kind="stable")  # ties keep gallery order, as the evaluation
-        junk = (g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])
+        junk = (gp[order] == qp[q]) & (gc[order] == qc[q])
         order = order[~junk][:topk]
-        out.append((order.astype(np.int64), g_pids[order] == q_pids[q]))
+        out.append((order.astype(np.int64), gp[order] == qp[q]))
     return out
 
 
@@ -110,7 +111,7 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return image.repeat(s, axis=0).repeat(s, axis=1)
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def ranked_grid(
@@ -307,8 +308,8 @@ def save_ranked_pictures(
             d["g_pids"],
             d["q_camids"],
             d["g_camids"],
-            lambda i, split=split: dataset_image(split.query, i),
-            lambda i, split=split: dataset_image(split.gallery, i),
+            partial(dataset_image, split.query),
+            partial(dataset_image, split.gallery),
             path,
             num_queries=num_queries,
             topk=topk,
