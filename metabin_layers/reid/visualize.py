@@ -145,6 +145,13 @@ def ranked_grid(
 
     Raises:
         ValueError: If the rows of images and matches disagree, or there is no row.
+
+    Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.visualize import ranked_grid
+        >>> img = np.zeros((16, 8, 3), np.uint8)
+        >>> ranked_grid([img, img], [[img] * 3, [img] * 3], [[True, False, False]] * 2, height=16, width=8).shape
+        (60, 96, 3)
     """
     rows = len(query_images)
     if rows == 0 or len(gallery_images) != rows or len(matches) != rows:
@@ -274,6 +281,13 @@ def save_ranked_results(
 def ranked_picture_name(target: str, num_targets: int) -> str:
     """``ranked.png`` for a run with one target, ``ranked-<target>.png`` with several.
 
+    Args:
+        target: the target's name.
+        num_targets: how many targets the run evaluates.
+
+    Returns:
+        The picture's file name.
+
     Examples:
         >>> from metabin_layers.reid.visualize import ranked_picture_name
         >>> ranked_picture_name("style4", 1), ranked_picture_name("grid", 4)
@@ -297,6 +311,21 @@ def save_ranked_pictures(
 
     Returns:
         The paths written.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from metabin_layers.reid.data import TargetSplit
+        >>> from metabin_layers.reid.synthetic import SyntheticReID
+        >>> from metabin_layers.reid.visualize import save_ranked_pictures
+        >>> ds = SyntheticReID(num_train_ids=4, num_test_ids=3, num_styles=2, held_out_styles=(1,))
+        >>> q, g = ds.dataset("query"), ds.dataset("gallery")
+        >>> pid = lambda items: np.array([it.pid for it in items])
+        >>> cam = lambda items: np.array([it.camid for it in items])
+        >>> kept = {"style1": {"distmat": np.random.rand(len(q), len(g)), "q_pids": pid(q.items), "g_pids": pid(g.items),
+        ...                    "q_camids": cam(q.items), "g_camids": cam(g.items), "split": TargetSplit(q, g)}}
+        >>> [os.path.basename(p) for p in save_ranked_pictures(kept, tempfile.mkdtemp(), "random distances")]
+        ['ranked.png']
     """
     paths = []
     for target, d in distances.items():
