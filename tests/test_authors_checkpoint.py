@@ -86,11 +86,14 @@ def test_mobilenet_gate1_release_evaluates_through_the_cli_with_our_evaluator(tm
     assert model.norm == "bin-gate1" and layer.in_weight is layer.weight
     assert torch.equal(layer.rho, metabin_modules(source)[0].rho)
     out = tmp_path / "eval"
-    args = ["eval", "--checkpoint", str(path), "--quick", "--output", str(out), "--set", "syn_train_ids=16", "syn_test_ids=6"]
+    # an authors' release holds no config: eval takes the data keys too
+    args = ["eval", "--checkpoint", str(path), "--output", str(out), "--set", "syn_train_ids=16", "syn_test_ids=6"]
+    args += ["syn_distractor_ids=0", "syn_images_per_id=4"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["checkpoint_layout"] == "authors"
-    cfg = load_config(overrides={"syn_train_ids": 16, "syn_test_ids": 6}, quick=True)
+    assert results["checkpoint_layout"] == "authors" and (out / "ranked.png").exists()
+    small = {"syn_train_ids": 16, "syn_test_ids": 6, "syn_distractor_ids": 0, "syn_images_per_id": 4}
+    cfg = load_config(overrides=small)
     expected = evaluate_model(source, build_data(cfg), cfg, torch.device("cpu"))["style4"]
     assert results["targets"]["style4"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
     assert results["targets"]["style4"]["rank1"] == pytest.approx(expected["rank1"])

@@ -81,7 +81,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, caps
         load_checkpoint(wrapped)
     assert not marker.exists()
     # the CLI: one line naming the file, no code run
-    assert main(["eval", "--checkpoint", str(evil), "--quick"]) == 2
+    assert main(["eval", "--checkpoint", str(evil)]) == 2
     assert "evil.pt" in _one_error_line(capsys)
     assert main(["train", "--quick", "--output", str(tmp_path / "o"), "--resume", str(evil)]) == 2
     assert "evil.pt" in _one_error_line(capsys)

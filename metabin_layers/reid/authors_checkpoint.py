@@ -210,7 +210,8 @@ def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.devic
 
 
 def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dict[str, Any]:
-    """Evaluate an authors' checkpoint on ``cfg``'s targets with our evaluator; writes ``results.json``.
+    """Evaluate an authors' checkpoint on ``cfg``'s targets with our evaluator; writes ``results.json``,
+    ``results.md``, the CMC plot and the ranked-retrieval picture.
 
     Args:
         path: The authors' checkpoint file (``load_authors_checkpoint``).
@@ -230,10 +231,12 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
     from .data import build_data
     from .report import write_results
     from .train import _device, evaluate_model
+    from .visualize import save_ranked_pictures
 
     device = _device(cfg.device)
     model = load_authors_checkpoint(path, device)
-    metrics = evaluate_model(model, build_data(cfg), cfg, device)
+    distances: dict[str, dict[str, Any]] = {}
+    metrics = evaluate_model(model, build_data(cfg), cfg, device, distances=distances)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -246,4 +249,6 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
         "targets": metrics,
     }
     write_results(results, out)
+    save_ranked_pictures(distances, out, f"{model.norm} checkpoint")
+    print(f"Results and plots: {out}", flush=True)
     return results

@@ -1,12 +1,13 @@
 """``metabin-reid``: train, evaluate and compare normalization variants.
 
-    metabin-reid train                       # MetaBIN on the synthetic data, held-out style results
+    metabin-reid train                       # BN and MetaBIN on the synthetic data: held-out style table, plots
+    metabin-reid train --norm metabin        # one variant (runs/synthetic-metabin)
     metabin-reid train --quick               # a smoke run of well under a minute
     metabin-reid train --preset market-to-duke --data-root datasets   # a paper setting (reproducibility.md)
     metabin-reid train --data-root datasets --sources market1501 dukemtmcreid cuhk02 cuhk03_detected cuhksysu \
                        --targets grid viper prid ilids --set backbone=resnet50 pretrained=resnet50.pth
-    metabin-reid train --resume runs/synthetic --set max_iters=600   # continue a run (its folder or checkpoint)
-    metabin-reid eval --checkpoint runs/synthetic/checkpoint.pt      # results in runs/synthetic/eval
+    metabin-reid train --resume runs/synthetic/metabin --set max_iters=600   # continue a run (folder or checkpoint)
+    metabin-reid eval --checkpoint runs/synthetic/metabin/checkpoint.pt      # results in runs/synthetic/metabin/eval
     metabin-reid eval --checkpoint DG-resnet/model_final.pth --data-root datasets   # the authors' release
     metabin-reid compare --seeds 0 1 2       # BN / IN / BIN-half / BIN / MetaBIN on the same data
     torchrun --nproc_per_node 4 -m metabin_layers.reid.cli train ...   # DDP
@@ -24,11 +25,42 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import TrainConfig, default_output, load_config, parse_overrides, read_config_file
-from .errors import RecipeError
+from .errors import OutputFolderError, RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EVAL_KEYS", "EVAL_DATA_KEYS"]
+
+#: ``--set`` keys that ``eval`` honours: which data it tests on and how it evaluates.
+EVAL_KEYS = (
+    "data_root",
+    "targets",
+    "num_splits",
+    "device",
+    "workers",
+    "eval_flip",
+    "metric",
+    "eval_batch_size",
+    "eval_invalid_as_zero",
+    "output",
+)
+#: Keys that ``eval`` also honours for an authors' checkpoint, which holds no config of its own.
+EVAL_DATA_KEYS = (
+    "height",
+    "width",
+    "seed",
+    "syn_train_ids",
+    "syn_test_ids",
+    "syn_styles",
+    "syn_held_out",
+    "syn_images_per_id",
+    "syn_distractor_ids",
+)
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
 
 #: Top-level modules of the ``reid`` extra (``pip install metabin-layers[reid]``).
 RECIPE_DEPENDENCIES = ("torchvision", "timm", "PIL", "tqdm", "yaml", "matplotlib", "scipy", "h5py")
@@ -36,14 +68,7 @@ RECIPE_DEPENDENCIES = ("torchvision", "timm", "PIL", "tqdm", "yaml", "matplotlib
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config keys (see metabin_layers.reid.config.TrainConfig)")
-    p.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. lr=0.02 (may be repeated; a later value of a key wins)",
-    )
+    _add_set(p, "override config keys, e.g. lr=0.02 (may be repeated; a later value of a key wins)")
     p.add_argument("--data-root", help="folder holding the real datasets (default: synthetic data)")
     p.add_argument("--sources", nargs="+", help="source datasets (each one domain)")
     p.add_argument("--targets", nargs="+", help="target datasets")
@@ -78,17 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train one model and evaluate it")
+    p_train = sub.add_parser(
+        "train", help="train and evaluate: BN and MetaBIN side by side on the synthetic data, else one variant"
+    )
     _add_common(p_train)
-    p_train.add_argument("--norm", choices=NORM_VARIANTS, help="normalization variant (default metabin)")
+    p_train.add_argument(
+        "--norm",
+        choices=NORM_VARIANTS,
+        help="train this variant alone (default: metabin; on the synthetic data without --norm, BN and MetaBIN)",
+    )
     p_train.add_argument("--resume", help="checkpoint.pt, or the run folder, to continue from (default --output: its folder)")
     p_train.add_argument(
         "--allow-config-change", action="store_true", help="resume although the config differs from the checkpoint's"
     )
     p_train.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
-    p_eval = sub.add_parser("eval", help="evaluate a checkpoint on its targets")
-    p_eval.add_argument("--checkpoint", required=True)
-    _add_common(p_eval)
+    # eval takes only what it uses: argparse refuses every other option
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint on its targets (results in <its folder>/eval)")
+    p_eval.add_argument("--checkpoint", required=True, help="a recipe checkpoint.pt or an authors' release")
+    _add_set(p_eval, f"evaluation keys: {', '.join(EVAL_KEYS)} (an authors' checkpoint also: {', '.join(EVAL_DATA_KEYS)})")
+    p_eval.add_argument("--data-root", help="folder holding the real datasets (default: the checkpoint's data)")
+    p_eval.add_argument("--targets", nargs="+", help="target datasets (default: the checkpoint's)")
+    p_eval.add_argument("--output", help="where results go (default: <checkpoint folder>/eval); never a training run's folder")
+    p_eval.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output")
     p_cmp = sub.add_parser("compare", help="train every normalization variant on the same data and seeds")
     _add_common(p_cmp)
     p_cmp.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
@@ -137,6 +173,8 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
     if resume and not extra:
         return _resume_config(args, overrides)
     overrides.update(extra or {})
+    if output is None and (_with_baseline(args) or args.command == "compare") and overrides.get("data_root") is None:
+        overrides["output"] = default_output(None, quick=args.quick)  # several variants in one folder
     preset = getattr(args, "preset", None)
     if preset:
         if overrides.get("data_root") is None:
@@ -184,10 +222,46 @@ def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
     return cfg
 
 
+def _explicit_keys(args: argparse.Namespace) -> set[str]:
+    """Config keys the user set: ``--set`` pairs and the ``--config`` file's keys."""
+    keys = {pair.split("=", 1)[0].strip() for pair in args.set}
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                loaded = yaml.safe_load(f)
+        except OSError:
+            loaded = None  # load_config reports it
+        if isinstance(loaded, dict):
+            keys |= set(loaded)
+    return keys
+
+
+def _with_baseline(args: argparse.Namespace) -> bool:
+    """``train`` with no variant chosen, on the synthetic data: MetaBIN and its BN baseline."""
+    if args.command != "train" or args.norm or args.resume or args.preset or args.data_root:
+        return False
+    return not ({"norm", "data_root"} & _explicit_keys(args))
+
+
+def _plots_notice() -> None:
+    from .report import PLOTS_NOTICE, matplotlib_available
+
+    if not matplotlib_available():
+        print(PLOTS_NOTICE, flush=True)
+
+
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import distributed_from_env, train
 
     cfg = _config(args)
+    _plots_notice()
+    if _with_baseline(args):
+        from .baseline import train_with_baseline
+
+        with distributed_from_env():
+            return train_with_baseline(cfg, progress=not args.no_progress and sys.stderr.isatty(), overwrite=args.overwrite)
     with distributed_from_env():
         return train(
             cfg,
@@ -198,38 +272,105 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
+def _eval_overrides(args: argparse.Namespace, allowed: Sequence[str]) -> dict[str, Any]:
+    """``--set`` of ``eval``: keys it honours, typed; any other key is refused by name."""
+    try:
+        overrides = parse_overrides(args.set)
+    except KeyError as err:
+        raise RecipeError(f"--set: {err.args[0]}") from err
+    except ValueError as err:
+        raise RecipeError(f"--set: {err}") from err
+    refused = [k for k in overrides if k not in allowed]
+    if refused:
+        raise RecipeError(
+            f"--set {', '.join(refused)}: eval cannot change {'this key' if len(refused) == 1 else 'these keys'} "
+            f"(the checkpoint fixes the model and its data); it honours {', '.join(allowed)}"
+        )
+    overrides.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets), ("output", args.output)) if v})
+    return overrides
+
+
+def _eval_output(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:
+    """Where ``eval`` writes: ``--output`` or ``<checkpoint folder>/eval[-<stem>]``; never a training run's folder."""
+    from .train import check_output
+
+    checkpoint = Path(args.checkpoint)
+    default = checkpoint.parent / ("eval" if checkpoint.stem == "checkpoint" else f"eval-{checkpoint.stem}")
+    out = Path(overrides.get("output") or default)
+    training = [name for name in ("checkpoint.pt", "config.json", "log.txt") if (out / name).exists()]
+    if training:
+        raise OutputFolderError(
+            f"output {out}: holds a training run ({', '.join(training)}); eval never writes over it: choose another --output"
+        )
+    check_output(out, overwrite=args.overwrite)
+    return out
+
+
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from .authors_checkpoint import evaluate_authors_checkpoint, is_authors_checkpoint
+    from .train import clear_output
 
     if is_authors_checkpoint(args.checkpoint):  # a released model of the MetaBIN authors
-        return evaluate_authors_checkpoint(args.checkpoint, _config(args))
+        overrides = _eval_overrides(args, EVAL_KEYS + EVAL_DATA_KEYS)
+        out = _eval_output(args, overrides)
+        overrides["output"] = str(out)
+        try:
+            cfg = load_config(None, overrides)
+        except ValueError as err:
+            raise RecipeError(f"config: {err}") from err
+        _plots_notice()
+        clear_output(out, overwrite=args.overwrite)
+        return evaluate_authors_checkpoint(args.checkpoint, cfg)
+
+    import torch
+
+    from metabin_layers import metabin_modules
 
     from .checkpoint import load_checkpoint
     from .checks import check_targets
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results
-    from .train import _device, check_output, clear_output, evaluate_model
+    from .train import _device, evaluate_model
+    from .visualize import save_ranked_pictures
 
+    overrides = _eval_overrides(args, EVAL_KEYS)
+    out = _eval_output(args, overrides)
     state = load_checkpoint(args.checkpoint)
     saved = dict(state["config"])
-    # Only what was given on the command line: the checkpoint's own targets otherwise.
-    saved.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets)) if v is not None})
-    # Beside the training run's own results by default, never over them.
-    saved["output"] = args.output or str(Path(args.checkpoint).parent / "eval")
-    cfg = TrainConfig(**saved)
-    out = Path(cfg.output)
-    check_output(out, overwrite=args.overwrite)
+    saved.update(overrides)
+    saved["output"] = str(out)  # beside the training run's own results by default, never over them
+    try:
+        cfg = TrainConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"config: {err}") from err
     data = build_data(cfg)
     check_targets(data)
     device = _device(cfg.device)
     model = ReIDModel(cfg.backbone, data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride).to(device)
     model.load_state_dict(state["model"])
-    metrics = evaluate_model(model, data, cfg, device)
+    _plots_notice()
+    distances: dict[str, dict[str, Any]] = {}
+    metrics = evaluate_model(model, data, cfg, device, distances=distances)
     clear_output(out, overwrite=args.overwrite)
-    results = {"config": cfg.to_dict(), "seed": cfg.seed, "norm": cfg.norm, "iterations": state["iteration"], "targets": metrics}
-    results["test_splits"] = data.test_splits
+    layers = metabin_modules(model.backbone)
+    rhos = [m.rho.detach() for m in layers]
+    results = {
+        "config": cfg.to_dict(),
+        "checkpoint": str(args.checkpoint),
+        "seed": cfg.seed,
+        "norm": cfg.norm,
+        "iterations": state["iteration"],
+        "targets": metrics,
+        "test_splits": data.test_splits,
+        "mean_rho": float(torch.cat([r.flatten() for r in rhos]).mean()) if rhos else None,
+        "rho_per_layer": [
+            {"layer": i, "mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())} for i, r in enumerate(rhos)
+        ],
+    }
     write_results(results, out)
+    save_ranked_pictures(distances, out, f"{cfg.norm} checkpoint")
+    print(f"Results and plots: {out}", flush=True)
     return results
 
 
@@ -238,13 +379,14 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from .train import train
 
     base = _config(args)
+    _plots_notice()
     root = Path(base.output) / "compare"
     runs: dict[str, list[dict[str, Any]]] = {}
     for norm in args.norms:
         for seed in args.seeds:
             cfg = _config(args, {"norm": norm, "seed": seed, "output": str(root / norm / f"seed{seed}")})
             print(f"== {norm}, seed {seed} ==", flush=True)
-            result = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+            result = train(cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=False)
             result.pop("history", None)
             runs.setdefault(norm, []).append(result)
     table = comparison_table(runs)

@@ -439,32 +439,32 @@ def load_config(
     return TrainConfig(**values)
 
 
-def default_output(norm: str, synthetic: bool = True, quick: bool = False, preset: Optional[str] = None) -> str:
+def default_output(norm: Optional[str], synthetic: bool = True, quick: bool = False, preset: Optional[str] = None) -> str:
     """The run folder used when ``output`` is not set: one per data kind, preset and variant, so
     runs of different variants (or a ``--quick`` smoke run) never meet in one folder.
 
     Args:
-        norm: the normalization variant of the run.
+        norm: the normalization variant of the run; None: the folder holding several variants
+            (BN and MetaBIN side by side, ``metabin-reid train`` on the synthetic data; ``compare``).
         synthetic: the run trains on the built-in synthetic data.
         quick: a ``--quick`` smoke run.
         preset: the paper preset of a real-data run, if any.
 
     Returns:
-        ``runs/synthetic`` (MetaBIN on the synthetic data), ``runs/synthetic-<norm>``,
-        ``runs/quick[-<norm>]``, ``runs/<preset>[-<norm>]``, or ``runs/<norm>`` for other
-        real-data runs.
+        ``runs/synthetic`` or ``runs/quick`` (several variants), ``runs/synthetic-<norm>``,
+        ``runs/quick-<norm>``, ``runs/<preset>[-<norm>]`` (MetaBIN: no suffix), or ``runs/<norm>``
+        for other real-data runs.
 
     Examples:
         >>> from metabin_layers.reid.config import default_output
-        >>> default_output("metabin"), default_output("bn"), default_output("metabin", quick=True)
-        ('runs/synthetic', 'runs/synthetic-bn', 'runs/quick')
+        >>> default_output(None), default_output("metabin"), default_output("bn"), default_output(None, quick=True)
+        ('runs/synthetic', 'runs/synthetic-metabin', 'runs/synthetic-bn', 'runs/quick')
         >>> default_output("metabin", synthetic=False), default_output("bn", synthetic=False, preset="market-to-duke")
         ('runs/metabin', 'runs/market-to-duke-bn')
     """
     if synthetic:
         base = "runs/quick" if quick else "runs/synthetic"
-    elif preset:
-        base = f"runs/{preset}"
-    else:
-        return f"runs/{norm}"
-    return base if norm == "metabin" else f"{base}-{norm}"
+        return base if norm is None else f"{base}-{norm}"
+    if preset:
+        return f"runs/{preset}" if norm in (None, "metabin") else f"runs/{preset}-{norm}"
+    return f"runs/{norm or 'metabin'}"

@@ -284,6 +284,7 @@ def evaluate(
     flip: bool = False,
     max_rank: int = 50,
     invalid_as_zero: bool = False,
+    return_distances: bool = False,
 ) -> dict[str, Any]:
     """Extract features, compute distances and return the Re-ID metrics.
 
@@ -297,6 +298,9 @@ def evaluate(
         max_rank: length of the CMC curve (at most the gallery size).
         invalid_as_zero: average AP / INP over all queries, queries without a true match in the
             gallery counting 0 (see ``evaluate_rank``).
+        return_distances: also return ``"distmat"`` (the query x gallery distances) and the
+            ``"q_pids"``, ``"g_pids"``, ``"q_camids"``, ``"g_camids"`` arrays (for pictures of
+            the ranked results, ``metabin_layers.reid.visualize``).
 
     Returns:
         ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` as floats in [0, 1] (multiply by 100 for
@@ -327,4 +331,6 @@ def evaluate(
     )
     result: dict[str, Any] = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
     result.update(mAP=float(mAP), mINP=float(mINP), cmc=cmc)
+    if return_distances:
+        result.update(distmat=distmat, q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
     return result

@@ -1,4 +1,4 @@
-"""Results of a run as JSON, a Markdown table and plots (matplotlib optional)."""
+"""Results of a run as JSON, a captioned Markdown table and plots (matplotlib for the curves)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["write_results", "write_text_atomic", "results_table", "split_notice", "comparison_table", "plot_rho", "plot_cmc"]
+__all__ = [
+    "write_results",
+    "write_text_atomic",
+    "results_table",
+    "results_caption",
+    "split_notice",
+    "comparison_table",
+    "baseline_table",
+    "NORM_LABELS",
+    "matplotlib_available",
+    "PLOTS_NOTICE",
+    "plot_rho",
+    "plot_cmc",
+]
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
@@ -126,6 +139,23 @@ def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: S
     return "\n".join(lines)
 
 
+#: The one line printed when the curves cannot be drawn.
+PLOTS_NOTICE = "matplotlib is not installed: rho.png and cmc.png skipped (pip install 'metabin-layers[reid]')"
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (the rho and CMC plots need it; nothing is printed).
+
+    Examples:
+        >>> from metabin_layers.reid.report import matplotlib_available
+        >>> isinstance(matplotlib_available(), bool)
+        True
+    """
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -133,7 +163,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: plots skipped (pip install 'metabin-layers[reid]')")
+        print(PLOTS_NOTICE)
         return None
     return plt
 
@@ -243,8 +273,88 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_results(results: Mapping[str, Any], output: Path) -> None:
-    """``results.json``, ``results.md`` (each written atomically) and the plots of one run, printed table included.
+#: How tables name the normalization variants.
+NORM_LABELS = {
+    "bn": "BN",
+    "in": "IN",
+    "bin-half": "BIN-half",
+    "bin": "BIN",
+    "bin-gate1": "BIN gate1",
+    "metabin": "MetaBIN",
+    "metabin-gate1": "MetaBIN-gate1",
+}
+
+
+def results_caption(results: Mapping[str, Any]) -> str:
+    """The line printed above a run's table: what was evaluated, how long it trained, units.
+
+    Args:
+        results: a run's results (``norm``, ``seed``, ``iterations``, ``targets``; an optional
+            ``checkpoint`` marks an evaluation of a saved model).
+
+    Returns:
+        One line, e.g. ``"MetaBIN (seed 0, 10 iterations) on style4, metrics in %:"``.
+
+    Examples:
+        >>> from metabin_layers.reid.report import results_caption
+        >>> results_caption({"norm": "bn", "seed": 0, "iterations": 10, "targets": {"style4": {}}})
+        'BN (seed 0, 10 iterations) on style4, metrics in %:'
+    """
+    label = NORM_LABELS.get(str(results["norm"]), str(results["norm"]))
+    trained = f"seed {results['seed']}"
+    if results.get("iterations"):
+        trained += f", {results['iterations']} iterations"
+    what = f"checkpoint {results['checkpoint']}: " if results.get("checkpoint") else ""
+    return f"{what}{label} ({trained}) on {', '.join(results['targets'])}, metrics in %:"
+
+
+def baseline_table(bn: Mapping[str, Any], metabin: Mapping[str, Any], target: Optional[str] = None) -> str:
+    """MetaBIN against its BatchNorm baseline on one target: a caption, a table and MetaBIN's mean rho.
+
+    Args:
+        bn: the results of the BN run (``train``'s return value).
+        metabin: the results of the MetaBIN run (same data and seed); its ``rho_per_layer``
+            gives the mean rho.
+        target: the target shown; default: the first one of ``metabin``.
+
+    Returns:
+        Text lines: the caption, the Markdown table (rows BN and MetaBIN; R-1, R-5, mAP, mINP in
+        %) and a line with the mean rho (over every channel, as ``Trainer.mean_rho``; the mean of
+        the per-layer means when channel counts are missing).
+
+    Examples:
+        >>> from metabin_layers.reid.report import baseline_table
+        >>> m = lambda r1: {"style4": {"rank1": r1, "rank5": 0.9, "rank10": 0.95, "mAP": 0.5, "mINP": 0.2}}
+        >>> bn = {"norm": "bn", "seed": 3, "iterations": 9, "targets": m(0.5)}
+        >>> mb = {"norm": "metabin", "seed": 3, "iterations": 9, "targets": m(0.75), "mean_rho": 0.875}
+        >>> print(baseline_table(bn, mb))
+        Held-out style style4 (never seen in training), seed 3, 9 iterations each; metrics in %:
+        | model | R-1 | R-5 | mAP | mINP |
+        |---|---|---|---|---|
+        | BN | 50.0 | 90.0 | 50.0 | 20.0 |
+        | MetaBIN | 75.0 | 90.0 | 50.0 | 20.0 |
+        MetaBIN mean rho: 0.875 (1 = all BatchNorm, 0 = all InstanceNorm)
+    """
+    target = target if target is not None else next(iter(metabin["targets"]))
+    lines = [
+        f"Held-out style {target} (never seen in training), seed {metabin['seed']}, "
+        f"{metabin['iterations']} iterations each; metrics in %:",
+        "| model | R-1 | R-5 | mAP | mINP |",
+        "|---|---|---|---|---|",
+    ]
+    for label, run in (("BN", bn), ("MetaBIN", metabin)):
+        entry = run["targets"][target]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * entry[k]:.1f}" for k in ("rank1", "rank5", "mAP", "mINP")) + " |")
+    rho = metabin.get("mean_rho")
+    if rho is None and metabin.get("rho_per_layer"):
+        rho = sum(r["mean"] for r in metabin["rho_per_layer"]) / len(metabin["rho_per_layer"])
+    if rho is not None:
+        lines.append(f"MetaBIN mean rho: {rho:.3f} (1 = all BatchNorm, 0 = all InstanceNorm)")
+    return "\n".join(lines)
+
+
+def write_results(results: Mapping[str, Any], output: Path, echo: bool = True, plots: Optional[bool] = None) -> None:
+    """``results.json``, ``results.md`` (each written atomically) and the plots of one run.
 
     ``results["test_splits"]`` (optional) adds the "authors' splits" column and, when a target's
     splits are not the authors', a line saying the numbers are not comparable to the paper's.
@@ -254,7 +364,10 @@ def write_results(results: Mapping[str, Any], output: Path) -> None:
             target, its metrics and ``cmc``) are required; ``test_splits`` and ``rho_per_layer``
             are optional. Everything must be JSON-serialisable.
         output: the run's folder (must exist); ``rho.png`` (with ``rho_per_layer``) and
-            ``cmc.png`` are written when matplotlib is installed.
+            ``cmc.png`` are written when plotting.
+        echo: print the caption (``results_caption``) and the table.
+        plots: draw ``rho.png`` and ``cmc.png``; None: when matplotlib is installed (silently
+            skipped otherwise: the caller says so once, with ``PLOTS_NOTICE``).
 
     Examples:
         >>> import contextlib, io, json, tempfile
@@ -262,8 +375,11 @@ def write_results(results: Mapping[str, Any], output: Path) -> None:
         >>> from metabin_layers.reid.report import write_results
         >>> m = {"rank1": 0.5, "rank5": 0.7, "rank10": 0.8, "mAP": 0.4, "mINP": 0.2, "cmc": [0.5, 0.7]}
         >>> out = Path(tempfile.mkdtemp())
-        >>> with contextlib.redirect_stdout(io.StringIO()):  # the printed table
-        ...     write_results({"norm": "bn", "seed": 0, "iterations": 10, "targets": {"style4": m}}, out)
+        >>> write_results({"norm": "bn", "seed": 0, "iterations": 10, "targets": {"style4": m}}, out, plots=False)
+        BN (seed 0, 10 iterations) on style4, metrics in %:
+        | target | rank1 | rank5 | rank10 | mAP | mINP |
+        |---|---|---|---|---|---|
+        | style4 | 50.0 | 70.0 | 80.0 | 40.0 | 20.0 |
         >>> print((out / "results.md").read_text())
         # bn (seed 0, 10 iterations)
         <BLANKLINE>
@@ -282,7 +398,12 @@ def write_results(results: Mapping[str, Any], output: Path) -> None:
         table += "\n\n" + notice
     header = f"# {results['norm']} (seed {results['seed']}, {results['iterations']} iterations)\n\n"
     write_text_atomic(output / "results.md", header + table + "\n")
-    print(table, flush=True)
+    if echo:
+        print(results_caption(results) + "\n" + table, flush=True)
+    if plots is None:
+        plots = matplotlib_available()
+    if not plots:
+        return
     if results.get("rho_per_layer"):
         plot_rho(results["rho_per_layer"], output / "rho.png")
     plot_cmc(results["targets"], output / "cmc.png")

@@ -36,8 +36,9 @@ from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError, RecipeError
 from .evaluation import evaluate
 from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
-from .report import write_results, write_text_atomic
+from .report import NORM_LABELS, write_results, write_text_atomic
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
+from .visualize import save_ranked_pictures
 
 __all__ = [
     "train",
@@ -598,7 +599,13 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device: torch.device) -> dict[str, dict[str, Any]]:
+def evaluate_model(
+    model: nn.Module,
+    data: RecipeData,
+    cfg: TrainConfig,
+    device: torch.device,
+    distances: Optional[dict[str, dict[str, Any]]] = None,
+) -> dict[str, dict[str, Any]]:
     """Rank-1/5/10, mAP, mINP (and the CMC) of every target; mean and std over its splits.
 
     Args:
@@ -607,6 +614,8 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
         cfg: The evaluation settings (``metric``, ``eval_flip``, ``eval_batch_size``, ``workers``,
             ``eval_invalid_as_zero``).
         device: Where features are computed.
+        distances: A dict to fill, per target, with the first split's distances, identities and
+            cameras (``evaluate``'s ``return_distances``) for ``save_ranked_pictures``.
 
     Returns:
         Per target: ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP`` (percent, mean over the
@@ -630,14 +639,26 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
     model.eval()
     for name, splits in data.targets.items():
         runs = []
-        for split in splits:
+        for i, split in enumerate(splits):
             q = DataLoader(split.query, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
             g = DataLoader(split.gallery, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
+            keep = distances is not None and i == 0
             runs.append(
                 evaluate(
-                    model, q, g, device=device, metric=cfg.metric, flip=cfg.eval_flip, invalid_as_zero=cfg.eval_invalid_as_zero
+                    model,
+                    q,
+                    g,
+                    device=device,
+                    metric=cfg.metric,
+                    flip=cfg.eval_flip,
+                    invalid_as_zero=cfg.eval_invalid_as_zero,
+                    return_distances=keep,
                 )
             )
+            if keep:
+                assert distances is not None
+                distances[name] = {k: runs[-1].pop(k) for k in ("distmat", "q_pids", "g_pids", "q_camids", "g_camids")}
+                distances[name]["split"] = split
         entry: dict[str, Any] = {}
         for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
             values = np.array([r[key] for r in runs], dtype=np.float64)
@@ -652,9 +673,10 @@ def evaluate_model(model: nn.Module, data: RecipeData, cfg: TrainConfig, device:
 
 
 #: Files a run writes into its output folder; any of them there means an earlier run.
-RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results.md", "rho.png", "cmc.png")
-#: The files that describe a finished run; removed before a resumed run trains on.
-RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png")
+RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results.md", "rho.png", "cmc.png", "ranked.png")
+#: The files that describe a finished run; removed before a resumed run trains on (with the
+#: ``ranked-<target>.png`` pictures of a run with several targets).
+RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png", "ranked.png")
 #: Config keys that may differ from the checkpoint's when resuming: where the run writes, how far it
 #: goes and how it is logged or evaluated, none of which changes the iterations already done.
 RESUME_FREE_KEYS = (
@@ -742,6 +764,8 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
         (output / name).unlink(missing_ok=True)
     for stale in output.glob(".checkpoint.pt.*.tmp"):  # a save cut short by a killed process
         stale.unlink(missing_ok=True)
+    for picture in output.glob("ranked-*.png"):
+        picture.unlink()
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
@@ -838,11 +862,15 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     allow_config_change: bool = False,
+    data: Optional[RecipeData] = None,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train one run of ``cfg``, evaluate it on every target, write results; returns the results.
 
     Writes into ``cfg.output``: ``config.json``, ``log.txt``, ``checkpoint.pt``,
-    ``results.json``, ``results.md`` and (with matplotlib) ``rho.png`` and ``cmc.png``.
+    ``results.json``, ``results.md``, ``ranked.png`` (``ranked-<target>.png`` with several
+    targets: a few queries and their top-10, ``metabin_layers.reid.visualize``) and, with
+    matplotlib, ``rho.png`` and ``cmc.png``.
 
     Args:
         cfg: the run's configuration.
@@ -854,11 +882,14 @@ def train(
         progress: show a progress bar (else log lines).
         overwrite: replace an earlier run in ``cfg.output`` (refused otherwise, see ``check_output``).
         allow_config_change: resume although the config differs from the checkpoint's.
+        data: the run's data, e.g. shared by runs of the same data config; None: ``build_data(cfg)``.
+        verbose: print the data's description, the captioned results table and the run folder.
 
     Returns:
         On rank 0, the results written to ``results.json``: ``config``, ``seed``, ``norm``,
         ``iterations``, ``train_seconds``, per-target ``targets`` metrics (``evaluate_model``),
-        ``test_splits``, ``rho_per_layer`` and ``history``; ``{}`` on the other ranks.
+        ``test_splits``, ``mean_rho`` (over every rho channel; None without rho),
+        ``rho_per_layer`` and ``history``; ``{}`` on the other ranks.
 
     Raises:
         OutputFolderError: If ``cfg.output`` holds an earlier run and neither ``overwrite`` nor
@@ -887,7 +918,7 @@ def train(
     output = Path(cfg.output)
     check_output(output, overwrite=overwrite, resuming=bool(resume))
     state, source = _resume_state(resume, cfg, allow_config_change) if resume else (None, None)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, data)
     if state is not None:
         try:
             trainer.load_state_dict(state)
@@ -898,13 +929,15 @@ def train(
     if trainer.rank == 0:
         clear_output(output, overwrite=overwrite, resuming=bool(resume))
         write_text_atomic(output / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        print(trainer.data.description, flush=True)
+        if verbose:
+            print(trainer.data.description, flush=True)
         if trainer.checkpoint_iteration is not None:
             print(f"resumed from iteration {trainer.checkpoint_iteration} ({source})", flush=True)
     trainer.run(output, progress=progress)
     results: dict[str, Any] = {}
     if trainer.rank == 0:
-        metrics = evaluate_model(trainer.model, trainer.data, cfg, trainer.device)
+        distances: dict[str, dict[str, Any]] = {}
+        metrics = evaluate_model(trainer.model, trainer.data, cfg, trainer.device, distances=distances)
         results = {
             "config": cfg.to_dict(),
             "seed": cfg.seed,
@@ -913,13 +946,17 @@ def train(
             "train_seconds": round(getattr(trainer, "train_seconds", 0.0), 2),
             "targets": metrics,
             "test_splits": trainer.data.test_splits,
+            "mean_rho": trainer.mean_rho(),
             "rho_per_layer": [
                 {"layer": i, "mean": float(m.rho.mean()), "min": float(m.rho.min()), "max": float(m.rho.max())}
                 for i, m in enumerate(metabin_modules(trainer.model.backbone))
             ],
             "history": trainer.history,
         }
-        write_results(results, output)
+        write_results(results, output, echo=verbose)
+        save_ranked_pictures(distances, output, NORM_LABELS.get(cfg.norm, cfg.norm))
+        if verbose:
+            print(f"Results, plots and checkpoint: {output}", flush=True)
     return results
 
 
