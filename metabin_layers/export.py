@@ -339,10 +339,12 @@ def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
 
 def _single_value(x: Tensor) -> bool:
     """True for inputs ``(N, C, *spatial)`` with spatial size 1 (and ``(N, C)``): no instance statistics."""
-    spatial = 1
-    for size in x.shape[2:]:
-        spatial *= size
-    return spatial == 1
+    if torch.jit.is_scripting():
+        spatial = 1
+        for size in x.shape[2:]:
+            spatial *= size
+        return spatial == 1
+    return x.shape[2:].numel() == 1  # a Python int, also while tracing (no TracerWarning)
 
 
 def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
