@@ -10,15 +10,7 @@ Example:
 
 from . import losses
 from .convert import base_parameters, convert_bn_to_metabin, metabin_modules, rho_parameters
-from .distributed import (
-    DistributedStepError,
-    SyncMetaBIN,
-    SyncMetaBIN1d,
-    SyncMetaBIN2d,
-    SyncMetaBIN3d,
-    SyncMetaBINAct2d,
-    convert_sync_metabin,
-)
+from .distributed import DistributedStepError, SyncMetaBIN, convert_sync_metabin
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
 from .export import FoldedMetaBIN, FoldedMetaBINAct2d, fold_metabin_for_inference
 from .functional import BACKENDS, batch_instance_norm, resolve_backend
@@ -53,10 +45,6 @@ __all__ = [
     "base_parameters",
     "MetaBINOptimizer",
     "SyncMetaBIN",
-    "SyncMetaBIN1d",
-    "SyncMetaBIN2d",
-    "SyncMetaBIN3d",
-    "SyncMetaBINAct2d",
     "convert_sync_metabin",
     "DistributedStepError",
     "InnerLR",

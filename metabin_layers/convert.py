@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._tree import replace_modules
-from .distributed import SyncMetaBIN, SyncMetaBINAct2d, convert_sync_metabin
+from .distributed import SyncMetaBIN, convert_sync_metabin
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase
 
 __all__ = [
@@ -60,8 +60,8 @@ def _matches(selector: Optional[LayerFilter], name: str, module: nn.Module) -> b
 
 def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[type[_MetaBINBase]]:
     if norm_act and isinstance(module, norm_act):
-        # timm's SyncBatchNormAct stays synchronised (a subclass of nn.SyncBatchNorm).
-        return SyncMetaBINAct2d if isinstance(module, nn.SyncBatchNorm) else MetaBINAct2d
+        # timm's SyncBatchNormAct stays synchronised (see _convert_one).
+        return MetaBINAct2d
     t = type(module)
     if t is nn.BatchNorm1d:
         return MetaBIN1d
@@ -79,8 +79,7 @@ def _target_class(module: nn.Module, norm_act: tuple[type, ...]) -> Optional[typ
 def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_affine_init: str) -> _MetaBINBase:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    if cls in (MetaBINAct2d, SyncMetaBINAct2d):
-        sync: dict[str, Any] = {"process_group": getattr(bn, "process_group", None)} if cls is SyncMetaBINAct2d else {}
+    if cls is MetaBINAct2d:
         new: _MetaBINBase = cls(
             bn.num_features,
             bn.eps,
@@ -90,7 +89,6 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
             act_layer=getattr(bn, "act", None),
             drop_layer=getattr(bn, "drop", None),
             rho_init=rho_init,
-            **sync,
             **factory,
         )
     else:
@@ -118,6 +116,8 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
     new.train(bn.training)
     if hasattr(bn, "qconfig"):
         new.qconfig = bn.qconfig  # type: ignore[assignment]
+    if cls is MetaBINAct2d and isinstance(bn, nn.SyncBatchNorm):  # timm's SyncBatchNormAct
+        return convert_sync_metabin(new, getattr(bn, "process_group", None))  # type: ignore[return-value]
     return new
 
 
@@ -137,7 +137,7 @@ def convert_bn_to_metabin(
     keeping ``act`` and ``drop``), and the synchronised layers to synchronised MetaBIN layers over
     the same ``process_group``: ``nn.SyncBatchNorm`` to
     ``SyncMetaBIN`` (any input dimensionality, as SyncBatchNorm)
-    and timm's ``SyncBatchNormAct`` to ``SyncMetaBINAct2d``.
+    and timm's ``SyncBatchNormAct`` to ``SyncMetaBIN`` with its ``act`` and ``drop``.
     Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
     ``FrozenBatchNormAct2d``: fixed statistics are a choice of the model's author, and they have no
     batch branch to mix), other ``_BatchNorm`` subclasses such as timm's ``SplitBatchNorm2d`` (their
