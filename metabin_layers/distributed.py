@@ -178,9 +178,9 @@ class SyncMetaBIN(_MetaBINBase):
                 momentum = 1.0 / float(tracked)
         rho = self._rho_override if self._rho_override is not None else self.rho
         params = ((self.weight, 1.0), (self.bias, 0.0), (self.in_weight, 1.0), (self.in_bias, 0.0))
-        affine = [_affine_or(p, fill, rho) for p, fill in params]
+        w_b, b_b, w_i, b_i = [_affine_or(p, fill, rho) for p, fill in params]
         batch = _GroupBatch(group)
-        y, mu_b, var_b = _normalize(x, rho, *affine, None, None, self.eps, self._backend, batch)
+        y, mu_b, var_b = _normalize(x, rho, w_b, b_b, w_i, b_i, None, None, self.eps, self._backend, batch)
         if update:
             # Global mean and unbiased variance: identical running statistics on every rank.
             running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
@@ -203,8 +203,8 @@ _CONVERTIBLE = (MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d)
 def _to_sync(layer: _MetaBINBase, process_group: Any) -> SyncMetaBIN:
     config = (layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
     modes = {"rho_init": layer.rho_init, "stats_mode": layer.stats_mode, "backend": layer.backend}
-    act_drop = {"drop": layer.drop, "act": layer.act} if "act" in layer._modules else {}
-    new = SyncMetaBIN(*config, process_group=process_group, **modes, **act_drop)
+    drop, act = (layer.drop, layer.act) if "act" in layer._modules else (None, None)
+    new = SyncMetaBIN(*config, process_group=process_group, drop=drop, act=act, **modes)  # type: ignore[arg-type]
     # Share Parameters and buffers by identity (as SyncBatchNorm.convert_sync_batchnorm):
     # optimizer references, requires_grad (rho frozen by MetaBINOptimizer), device and dtype stay.
     for name, p in layer._parameters.items():

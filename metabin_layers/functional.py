@@ -334,7 +334,7 @@ class _FusedBIN(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         sd = stat_dtype(x.dtype)
-        params = [t if t.dtype == sd else t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+        rho_, w_b_, b_b_, w_i_, b_i_ = [t if t.dtype == sd else t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
         x, path = _layout(x)
         n, c = x.shape[0], x.shape[1]
         nc = n * c
@@ -361,7 +361,7 @@ class _FusedBIN(torch.autograd.Function):
             dev = mu_nc - mu_b
         inv_nc = var_nc.add(eps).rsqrt_()
         inv_b = var_b.add(eps).rsqrt_()
-        scale, shift, a_b, a_i = coefficients(*params, inv_b, inv_nc, dev)
+        scale, shift, a_b, a_i = coefficients(rho_, w_b_, b_b_, w_i_, b_i_, inv_b, inv_nc, dev)
         # -- y = scale * (x - mu_nc) + shift ---------------------------------------------------
         if path == "generic":
             y = _apply(x, scale, about(scale, shift, mu_nc))
@@ -377,7 +377,7 @@ class _FusedBIN(torch.autograd.Function):
             assert ones is not None
             y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             _row_affine(x.view(1, nc, m), scale.view(nc), shift.view(nc), mu_nc.view(nc), ones, out=y.view(1, nc, m))
-        ctx.save_for_backward(x, *params, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
+        ctx.save_for_backward(x, rho_, w_b_, b_b_, w_i_, b_i_, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
         ctx.path, ctx.ones, ctx.count, ctx.sync = path, ones, count, sync
         ctx.param_dtypes = (rho.dtype, w_b.dtype, b_b.dtype, w_i.dtype, b_i.dtype)
         # The batch statistics are returned so that the caller can update running buffers
@@ -491,8 +491,8 @@ def _composite(
             assert var_b_fixed is not None
             mu_b, var_b = mu_b_fixed.to(sd), var_b_fixed.to(sd)
         dev = mu_nc - mu_b
-    p = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
-    scale, shift, _, _ = coefficients(*p, torch.rsqrt(var_b + eps), torch.rsqrt(var_nc + eps), dev)
+    rho_, w_b_, b_b_, w_i_, b_i_ = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+    scale, shift, _, _ = coefficients(rho_, w_b_, b_b_, w_i_, b_i_, torch.rsqrt(var_b + eps), torch.rsqrt(var_nc + eps), dev)
     return _apply(x, scale, about(scale, shift, mu_nc)), mu_b.detach(), var_b.detach()
 
 

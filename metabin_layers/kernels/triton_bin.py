@@ -528,8 +528,8 @@ def triton_bin_forward(
         mu_b, var_b = mu_b_fixed.to(sd), var_b_fixed.to(sd)
         dev = mu_nc - mu_b
     inv_nc = torch.rsqrt(var_nc + eps)
-    params = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
-    scale, shift, _, _ = coefficients(*params, torch.rsqrt(var_b + eps), inv_nc, dev)
+    rho, w_b, b_b, w_i, b_i = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+    scale, shift, _, _ = coefficients(rho, w_b, b_b, w_i, b_i, torch.rsqrt(var_b + eps), inv_nc, dev)
     scale = scale.contiguous()
     shift = about(scale, shift, mu_nc).contiguous()  # the kernel computes y = scale * x + shift
     xd, cl = _dense_layout(x)
@@ -573,16 +573,16 @@ def triton_bin_backward(
     mu_nc = mu_nc.contiguous()
     p1, p2, _ = _per_nc_reduce("bwd_reduce", dyd, xd, mu_nc, cl)
     s1, s2c = (p1[0], p2[0]) if p1.shape[0] == 1 else (p1.sum(0), p2.sum(0))
-    params = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+    rho, w_b, b_b, w_i, b_i = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
     inv_b = torch.rsqrt(var_b.to(sd) + eps)
     dev = mu_nc - mu_b.to(sd)
     t_i, t_b = gradient_sums(s2c, s1, dev, inv_b, inv_nc)
     s1_c = s1.sum(0)
-    out[1:] = parameter_grads(*params, t_b, s1_c, t_i.sum(0), needs[1:], (sd,) * 5)
+    out[1:] = parameter_grads(rho, w_b, b_b, w_i, b_i, t_b, s1_c, t_i.sum(0), needs[1:], (sd,) * 5)
     if needs[0]:
         dx = _empty(xd, x.dtype, cl)
         if dx.numel():
-            _, _, a_b, a_i = coefficients(*params, inv_b, inv_nc, dev)
+            _, _, a_b, a_i = coefficients(rho, w_b, b_b, w_i, b_i, inv_b, inv_nc, dev)
             batch = (t_b, s1_c, dev, n * m) if use_batch else None
             cx, c0 = dx_coefficients(a_b, a_i, inv_b, inv_nc, t_i, s1, m, batch)
             c0 = about(cx, c0, mu_nc)  # the kernel computes dx = scale * dy + cx * x + c0
