@@ -97,9 +97,12 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
     if hasattr(bn, "qconfig"):
         new.qconfig = bn.qconfig  # type: ignore[assignment]
     if isinstance(bn, nn.SyncBatchNorm):  # stays synchronised, over the same process group
-        from .distributed import convert_sync_metabin
+        from .distributed import SyncMetaBIN, convert_sync_metabin
 
-        new = convert_sync_metabin(new, bn.process_group)  # type: ignore[assignment]
+        if isinstance(new, SyncMetaBIN):
+            new.process_group = bn.process_group
+        else:  # timm's SyncBatchNormAct: a MetaBINAct2d made synchronised, keeping act and drop
+            new = convert_sync_metabin(new, bn.process_group)  # type: ignore[assignment]
     return new
 
 
@@ -116,8 +119,10 @@ def convert_bn_to_metabin(
     """Replace the BatchNorm layers of ``module`` by MetaBIN layers, recursively.
 
     Converted: ``nn.BatchNorm1d/2d/3d``, timm's ``BatchNormAct2d`` (to ``MetaBINAct2d``,
-    keeping ``act`` and ``drop``), and synchronised BatchNorm (``nn.SyncBatchNorm``, timm's
-    ``SyncBatchNormAct``) to synchronised MetaBIN over the same ``process_group``.
+    keeping ``act`` and ``drop``), and the synchronised layers to synchronised MetaBIN layers over
+    the same ``process_group``: ``nn.SyncBatchNorm`` to
+    ``SyncMetaBIN`` (any input dimensionality, as SyncBatchNorm)
+    and timm's ``SyncBatchNormAct`` to ``SyncMetaBIN`` with its ``act`` and ``drop``.
     Deliberately skipped: frozen BatchNorm (torchvision ``FrozenBatchNorm2d``, timm
     ``FrozenBatchNormAct2d``: fixed statistics are a choice of the model's author, and they have no
     batch branch to mix), other ``_BatchNorm`` subclasses such as timm's ``SplitBatchNorm2d`` (their

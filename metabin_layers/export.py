@@ -26,14 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._bin_math import about, batch_stats, branch_terms, mix, stat_dtype
 from .layers import MetaBINAct2d, _MetaBINBase, replace_modules
 
 __all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference", "folded_eval_forward"]
-
-
-def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Same rule as the layer: statistics and coefficients in float32 at least.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class FoldedMetaBIN(nn.Module):
@@ -168,17 +164,14 @@ class FoldedMetaBIN(nn.Module):
             d = xs - m0
             dm = d.mean(dims, keepdim=True)
             var = ((d * d).mean(dims, keepdim=True) - dm * dm).clamp_min(0.0)
-            if self.batch_stats:  # law of total variance over the instance statistics
-                mu = m0 + dm
-                mu_b = mu.mean(0, keepdim=True)
-                var_b = (var + (mu - mu_b) * (mu - mu_b)).mean(0, keepdim=True)
-                a_b = scale * torch.rsqrt(var_b + self.eps)
-                shift = shift - a_b * mu_b
-                scale = a_b
-            a_i = in_scale * torch.rsqrt(var + self.eps)
-            # y = a_b x + b + a_i (x - mu_nc) = (a_b + a_i) d + (b + a_b m0 - a_i dm)
-            shift = shift + scale * m0 - a_i * dm
-            scale = scale + a_i
+            mu = m0 + dm
+            if self.batch_stats:  # scale = rho w_B, shift = beta: the BN statistics of this batch
+                _, var_b, dev = batch_stats(var, mu)
+                scale = scale * torch.rsqrt(var_b + self.eps)
+            else:  # scale = a_B, shift = beta - a_B mu_B: the BN term is a_B (x - 0) + shift
+                dev = mu
+            scale, shift = mix(scale, in_scale * torch.rsqrt(var + self.eps), shift, dev)
+            shift = about(scale, shift, dm)  # y = scale * (x - mu) + shift = scale * d + shift'
             xs = d
         y = (xs * scale).add_(shift)  # (addcmul with two broadcast operands is 3x slower on CPU)
         if y.dtype != x.dtype:
@@ -300,38 +293,33 @@ def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
             "eval-mode output, with running statistics, is a fixed function that can be folded)"
         )
     rho_t = layer._rho_override if layer._rho_override is not None else layer.rho
-    ref_dtype = layer.rho.dtype
-    # coefficients in float64, stored in the layer's statistics dtype
-    cd = _coef_dtype(ref_dtype) if for_capture else torch.float64
+    sd = stat_dtype(layer.rho.dtype)
+    cd = sd if for_capture else torch.float64  # coefficients in float64, stored in the statistics dtype
     rho = rho_t.detach().to(cd)
-    n = rho.numel()
-    ones = torch.ones(n, dtype=cd, device=rho.device)
-    zeros = torch.zeros(n, dtype=cd, device=rho.device)
+    ones, zeros = torch.ones_like(rho), torch.zeros_like(rho)
     w_b = layer.weight.detach().to(cd) if layer.weight is not None else ones
     b_b = layer.bias.detach().to(cd) if layer.bias is not None else zeros
     w_i = layer.in_weight.detach().to(cd) if layer.in_weight is not None else ones
     b_i = layer.in_bias.detach().to(cd) if layer.in_bias is not None else zeros
-    in_scale = (1 - rho) * w_i
-    in_bias = (1 - rho) * b_i
-    batch_stats = layer.running_mean is None or layer.running_var is None
-    if batch_stats:
-        scale = rho * w_b
-        shift = rho * b_b + in_bias
-        bn_scale, bn_shift = w_b, b_b
-    else:
-        inv = torch.rsqrt(layer.running_var.detach().to(cd) + layer.eps)  # type: ignore[union-attr]
-        scale = rho * w_b * inv
-        shift = rho * b_b - scale * layer.running_mean.detach().to(cd) + in_bias  # type: ignore[union-attr]
-        bn_scale = w_b * inv  # the BatchNorm alone: inputs with a single value per channel and sample
-        bn_shift = b_b - bn_scale * layer.running_mean.detach().to(cd)  # type: ignore[union-attr]
-    sd = _coef_dtype(ref_dtype)
+    no_running = layer.running_mean is None or layer.running_var is None
+    # (bn_scale, bn_shift): the BatchNorm alone (rho = 1), for inputs with a single value per channel and sample
+    if no_running:  # 1 / s_B and mu_B come from each batch: scale = rho w_B, shift = beta
+        scale, in_scale, shift = branch_terms(rho, w_b, b_b, w_i, b_i, ones)
+        bn_scale, _, bn_shift = branch_terms(ones, w_b, b_b, w_i, b_i, ones)
+    else:  # scale = a_B, shift = beta - a_B mu_B
+        inv_b = torch.rsqrt(layer.running_var.detach().to(cd) + layer.eps)  # type: ignore[union-attr]
+        mean = layer.running_mean.detach().to(cd)  # type: ignore[union-attr]
+        scale, in_scale, beta = branch_terms(rho, w_b, b_b, w_i, b_i, inv_b)
+        shift = about(scale, beta, mean)
+        bn_scale, _, bn_beta = branch_terms(ones, w_b, b_b, w_i, b_i, inv_b)
+        bn_shift = about(bn_scale, bn_beta, mean)
     return {
         "scale": scale.to(sd),
         "shift": shift.to(sd),
         "in_scale": in_scale.to(sd),
         "eps": layer.eps,
-        "instance_stats": True if for_capture else bool((in_scale != 0).any()) or batch_stats,
-        "batch_stats": batch_stats,
+        "instance_stats": True if for_capture else bool((in_scale != 0).any()) or no_running,
+        "batch_stats": no_running,
         "bn_scale": bn_scale.to(sd),
         "bn_shift": bn_shift.to(sd),
     }
@@ -380,12 +368,15 @@ def folded_eval_forward(layer: _MetaBINBase, x: Tensor) -> Tensor:
     running_mean, running_var = layer.running_mean, layer.running_var
     if running_mean is None or running_var is None or x.dim() < 3 or math.prod(x.shape[2:]) < 2 or x.dtype != rho.dtype:
         return FoldedMetaBIN(**_folded_tensors(layer, for_capture=True))._fold(x)
-    w_b = rho if layer.weight is None else rho * layer.weight
-    b_b = None if layer.bias is None else rho * layer.bias
-    w_i = 1 - rho if layer.in_weight is None else (1 - rho) * layer.in_weight
-    b_i = None if layer.in_bias is None else (1 - rho) * layer.in_bias
-    y = F.batch_norm(x, running_mean, running_var, w_b, b_b, False, 0.0, layer.eps)
-    return y + F.instance_norm(x, weight=w_i, bias=b_i, eps=layer.eps)
+    ones = torch.ones_like(rho)
+    w_b = ones if layer.weight is None else layer.weight
+    b_b = ones - 1 if layer.bias is None else layer.bias
+    w_i = ones if layer.in_weight is None else layer.in_weight
+    b_i = ones - 1 if layer.in_bias is None else layer.in_bias
+    # BN(x; rho w_B, beta) + IN(x; (1 - rho) w_I, 0): a_B (x - mu_B) + beta + a_I (x - mu_nc)
+    bn_weight, in_weight, beta = branch_terms(rho, w_b, b_b, w_i, b_i, ones)
+    y = F.batch_norm(x, running_mean, running_var, bn_weight, beta, False, 0.0, layer.eps)
+    return y + F.instance_norm(x, weight=in_weight, eps=layer.eps)
 
 
 def _fold_one(layer: _MetaBINBase) -> FoldedMetaBIN:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import BACKENDS, batch_instance_norm
+from .functional import BACKENDS, _affine_or, _normalize, _update_running
 
 __all__ = [
     "MetaBIN1d",
@@ -246,59 +246,11 @@ class _MetaBINBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(x)
+            raise RuntimeError(
+                "MetaBIN layers do not run under torch.jit.script: fold the eval model "
+                "(metabin_layers.export.fold_metabin_for_inference) and script that, or use torch.compile / torch.export"
+            )
         return self._eager_forward(x)
-
-    def _scripted_forward(self, x: Tensor) -> Tensor:
-        """The layer as TorchScript can compile it: the composite math, without the eager checks."""
-        squeeze = x.dim() == 2
-        if squeeze:
-            x = x.unsqueeze(-1)
-        dims = [d for d in range(2, x.dim())]
-        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xs = x.to(stat_dtype)
-        var_nc, mu_nc = torch.var_mean(xs, dim=dims, correction=0)
-        running_mean, running_var = self.running_mean, self.running_var
-        use_batch = self.training and self._stats_mode != "eval"
-        if running_mean is None or running_var is None:
-            use_batch = True
-        if use_batch:
-            mu_b = mu_nc.mean(0)
-            var_b = (var_nc + (mu_nc - mu_b) ** 2).mean(0)
-            tracked = self.num_batches_tracked
-            if self.training and self._stats_mode == "update" and running_mean is not None and running_var is not None:
-                if tracked is not None:
-                    tracked.add_(1)
-                momentum = self.momentum
-                factor = 0.0
-                if momentum is not None:
-                    factor = momentum
-                elif tracked is not None:  # cumulative moving average
-                    factor = 1.0 / float(tracked)
-                count = x.numel() // x.shape[1]
-                with torch.no_grad():
-                    running_mean.lerp_(mu_b.to(running_mean.dtype), factor)
-                    running_var.lerp_((var_b * (count / (count - 1))).to(running_var.dtype), factor)
-        else:
-            assert running_mean is not None and running_var is not None
-            mu_b, var_b = running_mean.to(stat_dtype), running_var.to(stat_dtype)
-        rho = self._rho_override if self._rho_override is not None else self.rho
-        if xs.numel() == xs.shape[0] * xs.shape[1]:  # a single value per channel and sample: BatchNorm
-            rho = torch.ones_like(rho)
-        rho = rho.to(stat_dtype)
-        ones, zeros = torch.ones_like(rho), torch.zeros_like(rho)
-        w_b = self.weight.to(stat_dtype) if self.weight is not None else ones
-        b_b = self.bias.to(stat_dtype) if self.bias is not None else zeros
-        w_i = self.in_weight.to(stat_dtype) if self.in_weight is not None else ones
-        b_i = self.in_bias.to(stat_dtype) if self.in_bias is not None else zeros
-        a_b = rho * w_b * torch.rsqrt(var_b + self.eps)
-        a_i = (1 - rho) * w_i * torch.rsqrt(var_nc + self.eps)
-        # y = (a_B + a_I) (x - mu_nc) + a_B (mu_nc - mu_B) + rho b_B + (1 - rho) b_I, per (n, c)
-        shape = list(mu_nc.shape) + [1] * len(dims)
-        scale = (a_b + a_i).view(shape)
-        shift = (a_b * (mu_nc - mu_b) + rho * b_b + (1 - rho) * b_i).view(shape)
-        y = (scale * (xs - mu_nc.view(shape)) + shift).to(x.dtype)
-        return y.squeeze(-1) if squeeze else y
 
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
@@ -349,24 +301,16 @@ class _MetaBINBase(nn.Module):
             # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
             # composite ops (also over $METABIN_BACKEND): compilers fuse them themselves, and
             # exporters cannot see into the fused path's custom autograd.Function (see
-            # docs/export.md). Eager runs pass "auto" on: batch_instance_norm resolves it once
+            # docs/export.md). Eager runs pass "auto" on: functional._normalize resolves it once
             # (resolve_backend) and falls back from a failing Triton kernel.
             backend = "composite" if _capturing_graph() else "auto"
-        y = batch_instance_norm(
-            x,
-            rho,
-            self.weight,
-            self.bias,
-            self.in_weight,
-            self.in_bias,
-            self.running_mean if has_running else None,
-            self.running_var if has_running else None,
-            use_batch_stats=use_batch,
-            update_running_stats=update,
-            momentum=momentum,
-            eps=self.eps,
-            backend=backend,
-        )
+        # The checks of batch_instance_norm are done above: call its backends directly (per-call cost).
+        params = ((self.weight, 1.0), (self.bias, 0.0), (self.in_weight, 1.0), (self.in_bias, 0.0))
+        w_b, b_b, w_i, b_i = [_affine_or(p, fill, rho) for p, fill in params]
+        mu, var = (None, None) if use_batch else (self.running_mean, self.running_var)
+        y, mu_b, var_b = _normalize(x, rho, w_b, b_b, w_i, b_i, mu, var, self.eps, backend)
+        if update:  # update implies batch statistics and running buffers
+            _update_running(self.running_mean, self.running_var, mu_b, var_b, x.shape[0] * spatial, momentum)  # type: ignore[arg-type]
         return y.squeeze(-1) if squeeze else y
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .distributed import active_group, average_over_group, global_domains
+from ._collectives import active_group, average_over_group, global_domains
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
 from .layers import _MetaBINBase, metabin_modules, rho_parameters
 

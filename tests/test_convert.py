@@ -19,7 +19,7 @@ from metabin_layers import (
     metabin_modules,
     rho_parameters,
 )
-from metabin_layers.distributed import SyncMetaBIN, SyncMetaBINAct2d
+from metabin_layers.distributed import SyncMetaBIN
 
 TV_MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
@@ -210,7 +210,7 @@ def test_timm_sync_batchnorm_act_stays_synchronised_with_its_act_and_drop():
     model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU6)), group)
     act = model[1].act
     converted = convert_bn_to_metabin(model)[1]
-    assert isinstance(converted, SyncMetaBINAct2d) and converted.process_group is group and converted.act is act
+    assert isinstance(converted, SyncMetaBIN) and converted.process_group is group and converted.act is act
     assert bool((converted(torch.randn(2, 8, 5, 5)) <= 6).all())
 
 

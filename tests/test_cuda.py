@@ -128,7 +128,8 @@ def test_sync_metabin_collective_path_on_one_rank(tmp_path, backend):
     """The all-gather path of SyncMetaBIN (NCCL, one rank) equals the plain layer."""
     import torch.distributed as dist
 
-    from metabin_layers.distributed import _sync_composite, _SyncFusedBIN
+    from metabin_layers.distributed import _GroupBatch
+    from metabin_layers.functional import _composite, _FusedBIN
 
     if not dist.is_nccl_available():
         pytest.skip("NCCL is not available")
@@ -139,10 +140,12 @@ def test_sync_metabin_collective_path_on_one_rank(tmp_path, backend):
         x = (torch.randn(6, 12, 8, 4, device="cuda") * 2 + 0.5).requires_grad_()
         p = [torch.rand(12, device="cuda")] + [torch.randn(12, device="cuda") for _ in range(4)]
         p = [t.requires_grad_() for t in p]
+        batch = _GroupBatch(group)
         if backend == "composite":
-            y, mu_b, var_b, count = _sync_composite(x, *p, EPS, group, 1)
+            y, mu_b, var_b = _composite(x, *p, None, None, EPS, batch)
         else:
-            y, mu_b, var_b, count = _SyncFusedBIN.apply(x, *p, EPS, group, 1)
+            y, mu_b, var_b = _FusedBIN.apply(x, *p, None, None, EPS, batch)
+        count = batch.count
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, [x, *p], dy)
         x64 = x.detach().double().requires_grad_()

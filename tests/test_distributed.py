@@ -30,16 +30,8 @@ from metabin_layers import (
     metabin_modules,
     rho_parameters,
 )
-from metabin_layers.distributed import (
-    DistributedStepError,
-    SyncMetaBIN,
-    SyncMetaBIN1d,
-    SyncMetaBIN2d,
-    SyncMetaBIN3d,
-    SyncMetaBINAct2d,
-    active_group,
-    convert_sync_metabin,
-)
+from metabin_layers._collectives import active_group
+from metabin_layers.distributed import DistributedStepError, SyncMetaBIN, convert_sync_metabin
 from metabin_layers.layers import _MetaBINBase
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -117,10 +109,7 @@ def _layer_worker(rank, port):
         plain = _random_layer(cls, c)
         plain.momentum, plain.backend, plain.stats_mode = momentum, backend, mode
         sync = convert_sync_metabin(copy.deepcopy(plain))
-        assert (
-            type(sync)
-            is {MetaBIN1d: SyncMetaBIN1d, MetaBIN2d: SyncMetaBIN2d, MetaBIN3d: SyncMetaBIN3d, MetaBINAct2d: SyncMetaBINAct2d}[cls]
-        )
+        assert type(sync) is SyncMetaBIN and ("act" in sync._modules) == (cls is MetaBINAct2d)
         start = sum(sizes[:rank])
         part = slice(start, start + sizes[rank])
         label = f"case {case} ({cls.__name__}, sizes {sizes}, {backend}, {mode})"
@@ -467,16 +456,15 @@ def test_convert_shares_tensors_and_keeps_checks_and_keys():
     converted = convert_sync_metabin(model)
     assert converted is model
     new = metabin_modules(model)
-    assert [type(m) for m in new] == [SyncMetaBIN2d, SyncMetaBIN2d]
-    assert all(isinstance(m, MetaBIN2d) and isinstance(m, SyncMetaBIN) for m in new)
+    assert [type(m) for m in new] == [SyncMetaBIN, SyncMetaBIN]
     for m, p, b in zip(new, params, buffers):
         assert all(v is p[k] for k, v in m.named_parameters())
         assert all(v is b[k] for k, v in m.named_buffers())
         assert m.process_group is None
     assert (new[1].stats_mode, new[1].backend, new[0].training) == ("hold", "composite", False)
     assert list(model.state_dict()) == keys
-    with pytest.raises(ValueError, match="expected 4D input"):
-        new[0].train()(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="expected 2D or 3D or 4D or 5D input"):  # any rank, like SyncBatchNorm
+        new[0].train()(torch.randn(2, 4, 5, 5, 5, 5))
     # idempotent; a given group replaces the layers' group
     assert convert_sync_metabin(model) is model and metabin_modules(model)[0] is new[0]
     marker = object()
@@ -485,7 +473,10 @@ def test_convert_shares_tensors_and_keeps_checks_and_keys():
     # the root itself, the act/drop of MetaBINAct2d, and unknown subclasses
     act = MetaBINAct2d(4, act_layer=nn.GELU, drop_layer=nn.Dropout(0.1))
     sync_act = convert_sync_metabin(act)
-    assert type(sync_act) is SyncMetaBINAct2d and sync_act.act is act.act and sync_act.drop is act.drop
+    assert type(sync_act) is SyncMetaBIN and sync_act.act is act.act and sync_act.drop is act.drop
+    assert list(sync_act.state_dict()) == list(act.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(sync_act.eval()(x), act.eval()(x), rtol=0, atol=0)  # drop and act applied
     assert sync_act.rho is act.rho
 
     class Custom(_MetaBINBase):

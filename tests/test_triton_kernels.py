@@ -180,7 +180,8 @@ def test_multi_tile_split_and_large_mean(monkeypatch, layout, split):
     """Small tiles force the in-kernel tile loop (Chan combine) and the split-M partials;
     a mean of 1e4 with unit spread breaks E[x^2] - E[x]^2 in fp32 but not Welford/Chan."""
     monkeypatch.setattr(tb, "MAX_TILE", 16)
-    monkeypatch.setattr(tb, "FORCE_SPLIT_M", split)
+    if split is not None:
+        monkeypatch.setattr(tb, "_split_count", lambda *args: split)
     shape = (2, 3, 9, 11)  # M = 99: 7 tiles of 16 (nchw) / 99 tiles of one position (cl)
     x = _make_x(shape, layout, torch.float32, "cpu", offset=1e4, gen=torch.Generator().manual_seed(1))
     mu, var = tb.instance_stats(x)
@@ -256,6 +257,7 @@ def test_matches_reference_cuda(shape, layout, use_batch, dtype):
 @needs_compiled_cuda
 @pytest.mark.parametrize("split", [None, 3])
 def test_large_mean_cuda(monkeypatch, split):
-    monkeypatch.setattr(tb, "FORCE_SPLIT_M", split)
+    if split is not None:
+        monkeypatch.setattr(tb, "_split_count", lambda *args: split)
     _check((4, 16, 64, 64), "cl", True, torch.float32, "cuda", offset=1e3, compare_fused=False)
     _check((4, 16, 64, 64), "nchw", True, torch.float32, "cuda", offset=1e3, compare_fused=False)

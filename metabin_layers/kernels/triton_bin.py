@@ -1,7 +1,7 @@
 """Triton kernels for Batch-Instance Normalization as one affine map per (sample, channel).
 
-The math is the one of ``metabin_layers.functional._FusedBIN`` (see its docstring and
-``docs/concepts.md``, "The Batch-Instance Normalization layer")::
+The math is the one of ``metabin_layers._bin_math`` (see also ``docs/concepts.md``, "The
+Batch-Instance Normalization layer")::
 
     y = A[n, c] * x + B[n, c]
     A = rho * w_B / s_B + (1 - rho) * w_I / s_nc
@@ -24,8 +24,9 @@ Four kernels, the memory traffic of BatchNorm (forward 2R + 1W, backward 4R + 1W
    quantity, without the cancellation of ``S2 - mu * S1`` when ``|mu| >> std``.
 4. ``_dx_kernel``: ``dx = scale * dy + cx * x + c0``.
 
-The O(N * C) work in between (batch statistics by the law of total variance, the coefficients
-A and B, and the backward coefficient math) is a few small torch ops.
+The O(N * C) work in between (batch statistics, the coefficients A and B, the gradient sums and
+the ``dx`` coefficients) is ``metabin_layers._bin_math``, the same functions as every other
+backend, on small torch tensors.
 
 Layouts: the kernels index an ``(N, C, M)`` view, ``M`` the product of the spatial dimensions,
 in one of two dense layouts: NC(spatial)-contiguous, or channels-last (``N, *spatial, C``
@@ -56,6 +57,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._bin_math import about, batch_stats, coefficients, dx_coefficients, gradient_sums, parameter_grads, stat_dtype
 from . import _interpreter_active, is_available
 
 __all__ = [
@@ -83,8 +85,6 @@ MIN_BLOCK = 32
 CL_ROW_BYTES = 256
 #: Programs per SM aimed at by the split-M heuristic of the reductions.
 PROGRAMS_PER_SM = 4
-#: Force the number of spatial splits of the reductions (tests); None = heuristic.
-FORCE_SPLIT_M: Optional[int] = None
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -323,10 +323,6 @@ def _launch_mode(x: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _acc(sd: torch.dtype):
     return tl.float64 if sd == torch.float64 else tl.float32
 
@@ -401,17 +397,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _split_count(x: Tensor, programs: int, n_chunks: int, interpret: bool) -> int:
+    """How many programs share the spatial axis of a reduction: enough for ``PROGRAMS_PER_SM``
+    programs per SM when ``N * channel blocks`` alone would leave the GPU idle (1 when interpreted)."""
+    if interpret or not x.is_cuda:
+        return 1
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    target = PROGRAMS_PER_SM * sms
+    return 1 if programs >= target else max(1, min(triton.cdiv(target, programs), n_chunks // 2))
+
+
 def _splits(x: Tensor, programs: int, m: int, bm: int, interpret: bool) -> tuple[int, int]:
     """(number of spatial splits, spatial positions per split; a multiple of bm)."""
     n_chunks = triton.cdiv(m, bm)
-    if FORCE_SPLIT_M is not None:
-        split = max(1, min(int(FORCE_SPLIT_M), n_chunks))
-    elif interpret or not x.is_cuda:
-        split = 1
-    else:
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        target = PROGRAMS_PER_SM * sms
-        split = 1 if programs >= target else max(1, min(triton.cdiv(target, programs), n_chunks // 2))
+    split = max(1, min(_split_count(x, programs, n_chunks, interpret), n_chunks))
     per = triton.cdiv(n_chunks, split) * bm
     return triton.cdiv(m, per), per
 
@@ -430,7 +429,7 @@ def _per_nc_reduce(
 ) -> tuple[Tensor, Tensor, list]:
     """Launch a reduction kernel; returns the (split, N, C) partials and the split counts."""
     n, c, m = a.shape[0], a.shape[1], _spatial(a)
-    sd = _stat_dtype(a)
+    sd = stat_dtype(a.dtype)
     if n * c * m == 0:
         z = torch.zeros((1, n, c), dtype=sd, device=a.device)
         return z, z.clone(), [m]
@@ -522,19 +521,17 @@ def triton_bin_forward(
     mu_nc, var_nc = instance_stats(x)
     sd = mu_nc.dtype
     if mu_b_fixed is None:
-        mu_b = mu_nc.mean(0)
-        var_b = (var_nc + (mu_nc - mu_b).square()).mean(0)  # law of total variance
+        mu_b, var_b, dev = batch_stats(var_nc, mu_nc)
     else:
         if var_b_fixed is None:
             raise ValueError("var_b_fixed is needed with mu_b_fixed")
         mu_b, var_b = mu_b_fixed.to(sd), var_b_fixed.to(sd)
+        dev = mu_nc - mu_b
     inv_nc = torch.rsqrt(var_nc + eps)
-    inv_b = torch.rsqrt(var_b + eps)
-    rho, w_b, b_b, w_i, b_i = (t.to(sd) for t in (rho, w_b, b_b, w_i, b_i))
-    a_b = rho * w_b * inv_b  # (C,)
-    a_i = (1 - rho) * w_i * inv_nc  # (N, C)
-    scale = (a_b + a_i).contiguous()
-    shift = ((rho * b_b - a_b * mu_b) + ((1 - rho) * b_i - a_i * mu_nc)).contiguous()
+    rho, w_b, b_b, w_i, b_i = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+    scale, shift, _, _ = coefficients(rho, w_b, b_b, w_i, b_i, torch.rsqrt(var_b + eps), inv_nc, dev)
+    scale = scale.contiguous()
+    shift = about(scale, shift, mu_nc).contiguous()  # the kernel computes y = scale * x + shift
     xd, cl = _dense_layout(x)
     y = _empty(xd, x.dtype, cl)
     _elementwise("affine", y, (xd,), (scale, shift), cl)
@@ -576,35 +573,20 @@ def triton_bin_backward(
     mu_nc = mu_nc.contiguous()
     p1, p2, _ = _per_nc_reduce("bwd_reduce", dyd, xd, mu_nc, cl)
     s1, s2c = (p1[0], p2[0]) if p1.shape[0] == 1 else (p1.sum(0), p2.sum(0))
-    rho, w_b, b_b, w_i, b_i = (t.to(sd) for t in (rho, w_b, b_b, w_i, b_i))
-    mu_b = mu_b.to(sd)
+    rho, w_b, b_b, w_i, b_i = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
     inv_b = torch.rsqrt(var_b.to(sd) + eps)
-    # sum over each slice of dy * x_hat for each branch
-    t_i = inv_nc * s2c  # (N, C)
-    t_b = (inv_b * (s2c + (mu_nc - mu_b) * s1)).sum(0)  # (C,)
+    dev = mu_nc - mu_b.to(sd)
+    t_i, t_b = gradient_sums(s2c, s1, dev, inv_b, inv_nc)
     s1_c = s1.sum(0)
-    if needs[1]:
-        out[1] = w_b * t_b + b_b * s1_c - w_i * t_i.sum(0) - b_i * s1_c
-    if needs[2]:
-        out[2] = rho * t_b
-    if needs[3]:
-        out[3] = rho * s1_c
-    if needs[4]:
-        out[4] = (1 - rho) * t_i.sum(0)
-    if needs[5]:
-        out[5] = (1 - rho) * s1_c
+    out[1:] = parameter_grads(rho, w_b, b_b, w_i, b_i, t_b, s1_c, t_i.sum(0), needs[1:], (sd,) * 5)
     if needs[0]:
-        k_i = (1 - rho) * w_i * inv_nc  # (N, C)
-        cx = -(k_i * inv_nc * t_i) / m
-        c0 = -k_i * s1 / m - cx * mu_nc
-        if use_batch:
-            k_b = rho * w_b * inv_b
-            count = n * m
-            cx_b = -(k_b * inv_b * t_b) / count
-            cx = cx + cx_b
-            c0 = c0 + (-k_b * s1_c / count - cx_b * mu_b)
         dx = _empty(xd, x.dtype, cl)
-        _elementwise("dx", dx, (dyd, xd), (scale.contiguous(), cx.contiguous(), c0.contiguous()), cl)
+        if dx.numel():
+            _, _, a_b, a_i = coefficients(rho, w_b, b_b, w_i, b_i, inv_b, inv_nc, dev)
+            batch = (t_b, s1_c, dev, n * m) if use_batch else None
+            cx, c0 = dx_coefficients(a_b, a_i, inv_b, inv_nc, t_i, s1, m, batch)
+            c0 = about(cx, c0, mu_nc)  # the kernel computes dx = scale * dy + cx * x + c0
+            _elementwise("dx", dx, (dyd, xd), (scale.contiguous(), cx.contiguous(), c0.contiguous()), cl)
         out[0] = dx
     return tuple(out)
 
