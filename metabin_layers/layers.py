@@ -498,6 +498,8 @@ def _resolve_act(act_layer: Union[str, Callable[..., nn.Module], nn.Module]) -> 
 
 def _takes(factory: Callable[..., Any], name: str) -> bool:
     """Whether ``factory`` accepts a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
+    if isinstance(factory, type) and getattr(factory, "__init__", None) is nn.Module.__init__:
+        return False  # Tanh, Sigmoid, ...: nn.Module's own ``(*args, **kwargs)`` takes no options
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # no introspectable signature

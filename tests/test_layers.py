@@ -200,6 +200,15 @@ def test_metabin_act_resolves_timm_activation_names():
     assert isinstance(MetaBINAct2d(3, act_layer="relu", apply_act=False).act, nn.Identity)
 
 
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.GELU, nn.ReLU])
+def test_metabin_act_builds_activations_with_and_without_an_inplace_option(act):
+    """Tanh and Sigmoid inherit nn.Module's ``(*args, **kwargs)``: they get no ``inplace``."""
+    layer = MetaBINAct2d(3, act_layer=act).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert type(layer.act) is act
+    torch.testing.assert_close(layer(x), act()(nn.BatchNorm2d(3).double()(x)), rtol=1e-12, atol=1e-12)
+
+
 def test_metabin_act_keeps_a_type_error_raised_inside_a_constructor():
     class BrokenAct(nn.Module):
         def __init__(self, inplace: bool = False):

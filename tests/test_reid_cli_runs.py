@@ -140,3 +140,18 @@ def test_eval_refuses_options_it_does_not_use(option, capsys):
     assert stop.value.code == 2 and f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
     args = build_parser().parse_args(["eval", "--checkpoint", "c.pt", "--set", *[f"{k}=1" for k in ("workers", "num_splits")]])
     assert args.set == ["workers=1", "num_splits=1"] and args.output is None
+
+
+def test_the_main_job_runs_half_the_synthetic_schedule_unless_told_otherwise():
+    """``train`` alone: 3 epochs x 48 iterations each (``MAIN_JOB_PRESET``); a single variant, or an
+    explicit ``epochs``, keeps the synthetic preset's 6 epochs or the value given."""
+
+    def cfg(*argv):
+        return _config(build_parser().parse_args(["train", *argv]))
+
+    main_job = cfg()
+    assert (main_job.epochs, main_job.milestones, main_job.iters_per_epoch) == (3, [2], 48)
+    assert main_job.epochs * main_job.iters_per_epoch == 144
+    assert cfg("--norm", "metabin").epochs == 6
+    assert cfg("--set", "epochs=5").epochs == 5
+    assert cfg("--quick").max_iters == 4

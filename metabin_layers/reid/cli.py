@@ -190,7 +190,7 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         if output is None:  # one folder per preset (and variant), as the synthetic runs have
             overrides["output"] = default_output(overrides.get("norm", "metabin"), synthetic=False, preset=preset)
     try:
-        return load_config(args.config, overrides, quick=args.quick)
+        return load_config(args.config, overrides, quick=args.quick, main_job=_with_baseline(args))
     except KeyError as err:
         raise RecipeError(f"{args.config}: {err.args[0]}") from err
     except ValueError as err:
