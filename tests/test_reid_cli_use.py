@@ -29,7 +29,7 @@ TINY = ["backbone=resnet10t", "height=32", "width=16", "pad=2", "syn_train_ids=1
 
 
 def _train_args(out: Path, *sets: str) -> list[str]:
-    return ["train", "--quick", "--no-progress", "--output", str(out), "--set", *TINY, *sets]
+    return ["train", "--quick", "--norm", "metabin", "--no-progress", "--output", str(out), "--set", *TINY, *sets]
 
 
 def _short_error(capsys) -> str:

@@ -119,7 +119,18 @@ def test_train_resume_continues_identically(tmp_path):
 @pytest.mark.slow
 def test_cli_train_eval_resume_end_to_end(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["--quick", "--no-progress", "--output", str(out), "--set", "max_iters=2", "syn_train_ids=16", "syn_test_ids=6"]
+    args = [
+        "--quick",
+        "--norm",
+        "metabin",
+        "--no-progress",
+        "--output",
+        str(out),
+        "--set",
+        "max_iters=2",
+        "syn_train_ids=16",
+        "syn_test_ids=6",
+    ]
     assert main(["train", *args]) == 0
     results = json.loads((out / "results.json").read_text())
     entry = results["targets"]["style4"]
@@ -178,6 +189,8 @@ def test_cli_runs_under_torchrun_with_two_processes(tmp_path):
         "metabin_layers.reid.cli",
         "train",
         "--quick",
+        "--norm",
+        "metabin",
         "--no-progress",
         "--output",
         str(out),

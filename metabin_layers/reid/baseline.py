@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from . import report
 from .config import TrainConfig
 from .data import build_data
-from .report import baseline_table, matplotlib_available, plot_cmc, write_text_atomic
+from .report import baseline_table, plot_cmc, write_text_atomic
 from .train import check_output, clear_output, train
 
 __all__ = ["BASELINE_NORMS", "train_with_baseline"]
@@ -104,7 +105,7 @@ def train_with_baseline(cfg: TrainConfig, progress: bool = True, overwrite: bool
     write_text_atomic(root / "results.md", f"# BN vs MetaBIN\n\n{table}\n")
     for picture in sorted(Path(runs["metabin"].output).glob("ranked*.png")):
         _stack_pictures(Path(runs["bn"].output) / picture.name, picture, root / picture.name)
-    if matplotlib_available():
+    if report.matplotlib_available():
         plot_cmc({"BN": results["bn"]["targets"][target], "MetaBIN": results["metabin"]["targets"][target]}, root / "cmc.png")
     print(f"\n{table}", flush=True)
     print(
