@@ -181,11 +181,12 @@ def dx_coefficients(
     ``dev = mu_nc - mu_B`` and their count ``K``; None when it used fixed (running) statistics.
     """
     k_i = -1.0 / spatial
-    cx = (a_i * inv_nc).mul_(t_i).mul_(k_i)
-    c0 = (a_i * s1).mul_(k_i)
-    if batch is not None:
-        t_b, s1_c, dev, count = batch
-        cx_b = (a_b * inv_b).mul_(t_b).div_(-count)  # (C,)
-        cx = cx.add_(cx_b)
-        c0 = c0.addcmul_(cx_b, dev).sub_((a_b * s1_c).div_(count))
+    cx = a_i * inv_nc
+    if batch is None:
+        return cx.mul_(t_i).mul_(k_i), (a_i * s1).mul_(k_i)
+    t_b, s1_c, dev, count = batch
+    k_b = -1.0 / count
+    cx_b = (a_b * inv_b).mul_(t_b).mul_(k_b)  # (C,)
+    cx = torch.addcmul(cx_b, cx, t_i, value=k_i)
+    c0 = torch.addcmul((a_b * s1_c).mul_(k_b), cx_b, dev).addcmul_(a_i, s1, value=k_i)
     return cx, c0

@@ -13,12 +13,12 @@ and gradient formulas live in ``metabin_layers._bin_math``. This module runs the
 * ``"triton"``: the Triton kernels of ``metabin_layers.kernels`` (CUDA).
 
 On the CPU the fused path uses plain ATen kernels, no compiled extension. A contiguous input is
-viewed as ``(1, N*C, M)``, one row per ``(n, c)``: ``sum(x)`` per row gives the row mean ``m``;
-``y <- x - m`` is written into the output buffer; one fused reduction of ``y`` gives ``sum(y)`` and
-``sum(y * y)``, the exact two-pass variance (no ``E[x^2] - E[x]^2`` cancellation, and much faster
-than ``var_mean``, whose CPU kernel is a scalar Welford loop); then ``y <- scale * y + shift`` in
-place. The per-row reductions and affine maps are ATen's BatchNorm CPU kernels applied to that
-view (see ``_row_sums`` and ``_row_affine``). Channels-last inputs are viewed as ``(N, M, C)``.
+viewed as ``(1, N*C, M)``, one row per ``(n, c)``: ``mean(x)`` per row gives ``mu``; ``y <- x - mu``
+is written into the output buffer; one reduction of ``y`` gives ``sum(y * y)``, the exact two-pass
+variance (no ``E[x^2] - E[x]^2`` cancellation, and much faster than ``var_mean``, whose CPU kernel
+is a scalar Welford loop); then ``y <- scale * y + shift`` in place. The per-row reductions and
+affine maps are ATen's BatchNorm CPU kernels applied to that view (see ``_row_sums`` and
+``_row_affine``). Channels-last inputs are viewed as ``(N, M, C)``.
 """
 
 from __future__ import annotations
@@ -185,13 +185,13 @@ def _update_running(
     count: Union[int, Tensor],
     factor: float,
 ) -> None:
-    # nn.BatchNorm semantics: the running variance stores the unbiased estimate.
-    with torch.no_grad():
-        dt = running_mean.dtype
-        running_mean.lerp_(mu_b if mu_b.dtype == dt else mu_b.to(dt), factor)
-        unbiased = var_b * (count / (count - 1))
-        dt = running_var.dtype
-        running_var.lerp_(unbiased if unbiased.dtype == dt else unbiased.to(dt), factor)
+    # nn.BatchNorm semantics: the running variance stores the unbiased estimate. The statistics
+    # come from the backends as non-differentiable outputs, so no no_grad context is needed.
+    dt = running_mean.dtype
+    running_mean.lerp_(mu_b if mu_b.dtype == dt else mu_b.to(dt), factor)
+    unbiased = var_b * (count / (count - 1))
+    dt = running_var.dtype
+    running_var.lerp_(unbiased if unbiased.dtype == dt else unbiased.to(dt), factor)
 
 
 # -- the fused path: where the passes over x run ------------------------------------------------
@@ -230,7 +230,7 @@ def _row_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[Tensor
 
     ATen's eval-mode BatchNorm backward with variance 1 and eps 0 (invstd exactly 1) returns
     these as grad_weight and grad_bias, in float32 for fp16/bf16 inputs."""
-    _, dot, s = _aten.native_batch_norm_backward(dy, x, None, mean, ones, None, None, False, 0.0, [False, True, True])
+    _, dot, s = _nbn_backward(dy, x, None, mean, ones, None, None, False, 0.0, [False, True, True])
     return dot, s
 
 
@@ -240,9 +240,12 @@ def _row_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, ones: Ten
     ATen's eval-mode BatchNorm with variance 1 and eps 0; ``out`` may be ``x`` itself (each
     element is read before it is written). fp16/bf16 ``x`` (and ``out``) with float32
     coefficients is computed in float32."""
-    e = x.new_empty(0, dtype=scale.dtype)
-    _aten.native_batch_norm.out(x, scale, shift, mean, ones, False, 0.0, 0.0, out=out, save_mean=e, save_invstd=e)
+    e = mean.new_empty(0)
+    torch.native_batch_norm(x, scale, shift, mean, ones, False, 0.0, 0.0, out=(out, e, e))
     return out
+
+
+_nbn_backward = _aten.native_batch_norm_backward.default
 
 
 # Channels-last inputs with large samples: per-sample calls of the (vectorised, channels-last)
@@ -263,7 +266,7 @@ def _cl_sample_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[
     dots, sums = [], []
     per_sample = mean.dim() == 2
     for i in range(x.shape[0]):
-        _, dot, s = _aten.native_batch_norm_backward(
+        _, dot, s = _nbn_backward(
             dy[i : i + 1], x[i : i + 1], None, mean[i] if per_sample else mean, ones, None, None, False, 0.0, [False, True, True]
         )
         dots.append(dot)
@@ -271,42 +274,37 @@ def _cl_sample_sums(dy: Tensor, x: Tensor, mean: Tensor, ones: Tensor) -> tuple[
     return torch.stack(dots), torch.stack(sums)
 
 
-def _centred_stats(x: Tensor, path: str, sd: torch.dtype, ones: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _centred_stats(
+    x: Tensor, path: str, sd: torch.dtype, eps: float, ones: Tensor, zeros: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Instance statistics by the exact two-pass method, without a full-size temporary.
 
-    ``mean0 = sum(x) / M``; ``yc = x - mean0`` is written into a new buffer ``y`` (the output
-    buffer of the layer for float32/float64 inputs); one fused reduction of ``yc`` gives
-    ``d = mean(yc)`` (rounding level) and ``mean(yc^2)``, so ``mu_nc = mean0 + d`` and
-    ``var_nc = mean(yc^2) - d^2`` carry no ``E[x^2] - E[x]^2`` cancellation. ``ones`` has one
-    entry per row (``rows``) or per channel (``cl``).
+    ``mu_nc = sum(x) / M``; ``yc = x - mu_nc`` is written into a new buffer ``y`` (the output
+    buffer of the layer for float32/float64 inputs); one reduction of ``yc`` gives
+    ``var_nc = mean(yc^2)`` with no ``E[x^2] - E[x]^2`` cancellation (ATen's BatchNorm does the
+    same). ``ones`` and ``zeros`` have one entry per row (``rows``) or per channel (``cl``).
 
-    Returns ``(y, mu_nc, d, var_nc, yc)``; ``yc`` is the row / (N, M, C) view of ``y``.
+    Returns ``(y, yc, mu_nc, var_nc + eps)``; ``yc`` is the row / (N, M, C) view of ``y``.
     """
     n, c = x.shape[0], x.shape[1]
     nc = n * c
     m = x.numel() // nc
-    inv_m = 1.0 / m
-    zeros = torch.zeros_like(ones)
     if path == "cl":
         xv = _nmc(x, n, m, c)
-        mean0 = (xv.sum(1) if x.dtype == sd else xv.sum(1, dtype=sd)).mul_(inv_m)  # (N, C)
+        mu = xv.mean(1) if x.dtype == sd else xv.mean(1, dtype=sd)  # (N, C)
         y = torch.empty_like(x, dtype=sd)  # keeps the channels-last strides
-        yc = torch.sub(xv, mean0.unsqueeze(1), out=_nmc(y, n, m, c))
+        yc = torch.sub(xv, mu.unsqueeze(1), out=_nmc(y, n, m, c))
         if _use_sample_loop(y, m, c):
-            ss, s = _cl_sample_sums(y, y, zeros, ones)
+            ss = _cl_sample_sums(y, y, zeros, ones)[0]
         else:
-            s = yc.sum(1)
             ss = torch.linalg.vecdot(yc, yc, dim=1)
     else:
         xv = x.view(1, nc, m)
-        mean0 = (xv.sum(-1) if x.dtype == sd else xv.sum(-1, dtype=sd)).view(n, c).mul_(inv_m)
+        mu = xv.mean(-1) if x.dtype == sd else xv.mean(-1, dtype=sd)  # (1, NC)
         y = torch.empty(x.shape, dtype=sd, device=x.device)
-        yc = torch.sub(xv, mean0.view(1, nc, 1), out=y.view(1, nc, m))
-        ss, s = _row_sums(yc, yc, zeros, ones)
-        ss, s = ss.view(n, c), s.view(n, c)
-    d = s.mul_(inv_m)
-    var_nc = torch.addcmul(ss.mul_(inv_m), d, d, value=-1).clamp_min_(0.0)
-    return y, mean0.add_(d), d, var_nc, yc
+        yc = torch.sub(xv, mu.unsqueeze(-1), out=y.view(1, nc, m))
+        ss = _nbn_backward(yc, yc, None, zeros, ones, None, None, False, 0.0, [False, True, False])[1]
+    return y, yc, mu.view(n, c), ss.view(n, c).mul_(1.0 / m).add_(eps)
 
 
 class _FusedBIN(torch.autograd.Function):
@@ -334,56 +332,62 @@ class _FusedBIN(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         sd = stat_dtype(x.dtype)
-        rho_, w_b_, b_b_, w_i_, b_i_ = [t if t.dtype == sd else t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
+        ctx.param_dtypes = (rho.dtype, w_b.dtype, b_b.dtype, w_i.dtype, b_i.dtype)
+        if rho.dtype != sd or w_b.dtype != sd or b_b.dtype != sd or w_i.dtype != sd or b_i.dtype != sd:
+            rho, w_b, b_b, w_i, b_i = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
         x, path = _layout(x)
         n, c = x.shape[0], x.shape[1]
         nc = n * c
         m = math.prod(x.shape[2:])
-        # -- instance statistics ---------------------------------------------------------------
-        y = yc = d = ones = None
+        # -- instance statistics (v_nc = var_nc + eps) ---------------------------------------------
         if path == "generic":
             var_nc, mu_nc = _instance_stats(x)
+            v_nc = var_nc + eps
+            ones = zeros = y = yc = None
         else:
             ones = torch.ones(nc if path == "rows" else c, dtype=sd, device=x.device)
-            y, mu_nc, d, var_nc, yc = _centred_stats(x, path, sd, ones)
+            zeros = torch.zeros_like(ones)
+            y, yc, mu_nc, v_nc = _centred_stats(x, path, sd, eps, ones, zeros)
         # -- BN statistics: of the batch (of the group under sync), or the running ones ----------
         count: Union[int, Tensor, None] = None
         if mu_b_fixed is None and sync is None:
-            mu_b, var_b, dev = batch_stats(var_nc, mu_nc)
+            # batch_stats of (var + eps) is (var_B + eps): eps added once per (n, c) averages to eps
+            mu_b, v_b, dev = batch_stats(v_nc, mu_nc)
+            var_b = v_b - eps
             count = n * m
         else:
             if mu_b_fixed is None:
-                mu_b, var_b = sync.batch_stats(var_nc, mu_nc, m, False)
+                mu_b, var_b = sync.batch_stats(v_nc - eps, mu_nc, m, False)
                 count = sync.count
             else:
                 assert var_b_fixed is not None
                 mu_b, var_b = mu_b_fixed.to(sd), var_b_fixed.to(sd)  # no copy when the dtype matches
+            v_b = var_b + eps
             dev = mu_nc - mu_b
-        inv_nc = var_nc.add(eps).rsqrt_()
-        inv_b = var_b.add(eps).rsqrt_()
-        scale, shift, a_b, a_i = coefficients(rho_, w_b_, b_b_, w_i_, b_i_, inv_b, inv_nc, dev)
+        inv_nc = v_nc.rsqrt_()
+        inv_b = v_b.rsqrt()
+        scale, shift, a_b, a_i = coefficients(rho, w_b, b_b, w_i, b_i, inv_b, inv_nc, dev)
         # -- y = scale * (x - mu_nc) + shift ---------------------------------------------------
         if path == "generic":
             y = _apply(x, scale, about(scale, shift, mu_nc))
-        elif path == "rows" and x.dtype == sd:  # y holds yc = x - mu_nc + d: rescale it in place
-            assert yc is not None and d is not None and ones is not None
-            _row_affine(yc, scale.view(nc), shift.view(nc), d.view(nc), ones, out=yc)
+        elif path == "rows" and x.dtype == sd:  # y holds yc = x - mu_nc: rescale it in place
+            assert yc is not None and ones is not None and zeros is not None
+            _row_affine(yc, scale.view(nc), shift.view(nc), zeros, ones, out=yc)
         elif path == "cl":
-            assert y is not None and yc is not None and d is not None
-            torch.addcmul(about(scale, shift, d).unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
+            assert y is not None and yc is not None
+            torch.addcmul(shift.unsqueeze(1), yc, scale.unsqueeze(1), out=yc)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         else:  # fp16 / bf16 rows: one mixed-precision pass from x (computed in float32)
             assert ones is not None
             y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             _row_affine(x.view(1, nc, m), scale.view(nc), shift.view(nc), mu_nc.view(nc), ones, out=y.view(1, nc, m))
-        ctx.save_for_backward(x, rho_, w_b_, b_b_, w_i_, b_i_, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
+        ctx.save_for_backward(x, rho, w_b, b_b, w_i, b_i, inv_b, mu_nc, inv_nc, dev, a_i, a_b, scale)
         ctx.path, ctx.ones, ctx.count, ctx.sync = path, ones, count, sync
-        ctx.param_dtypes = (rho.dtype, w_b.dtype, b_b.dtype, w_i.dtype, b_i.dtype)
         # The batch statistics are returned so that the caller can update running buffers
         # without recomputing them (empty when running statistics were used).
         if mu_b_fixed is not None:
-            mu_b, var_b = x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
+            mu_b = var_b = mu_nc.new_empty(0)
         ctx.mark_non_differentiable(mu_b, var_b)
         assert y is not None
         return y, mu_b, var_b
