@@ -72,6 +72,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 BN = "BatchNorm2d"
 NAIVE = "naive BN+IN mix"
 COMPILED_NAIVE = "naive BN+IN mix (torch.compile)"
+#: MetaBIN2d inside torch.compile: what a user who compiles a converted model gets (under graph
+#: capture the layer hands the compiler its composite ops)
+COMPILED_LAYER = "MetaBIN2d (torch.compile)"
+COMPILED = (COMPILED_LAYER, COMPILED_NAIVE)
 COPY = "copy (floor)"
 FUSED = "MetaBIN2d[fused]"
 
@@ -148,15 +152,19 @@ def build_candidates(
     device: torch.device,
     backends: list[str],
     compiled_fn: Optional[Callable[[], Callable[..., torch.Tensor]]] = None,
+    compile_layer: Optional[Callable[[nn.Module], nn.Module]] = None,
 ) -> tuple[dict[str, Optional[nn.Module]], dict[str, str]]:
     """The candidates at ``c`` channels, in table order, and the status of those that cannot run.
 
-    ``compiled_fn`` returns the compiled naive mix (None: no compiled row). Returns
-    ``({name: module, or None for the copy}, {name: "unavailable: ..." | "failed: ..."})``.
+    ``compiled_fn`` returns the compiled naive mix and ``compile_layer`` compiles a module (None:
+    no such row). Returns ``({name: module, or None for the copy}, {name: "unavailable: ..." |
+    "failed: ..."})``.
     """
     makers: dict[str, Callable[[], Optional[nn.Module]]] = {}
     for b in backends:
         makers[f"MetaBIN2d[{b}]"] = lambda b=b: MetaBIN2d(c, rho_init=0.5, backend=b)
+    if compile_layer is not None:
+        makers[COMPILED_LAYER] = lambda: compile_layer(MetaBIN2d(c, rho_init=0.5))
     makers[BN] = lambda: nn.BatchNorm2d(c)
     makers["InstanceNorm2d(affine)"] = lambda: nn.InstanceNorm2d(c, affine=True)
     makers[NAIVE] = lambda: NaiveBIN(c)
@@ -208,7 +216,7 @@ def measure_shape(
     x = torch.randn(batch, c, h, w, device=device).mul_(1.5).add_(0.3)
     x = x.to(dtype=dtype).contiguous(memory_format=fmt)
     dy = torch.randn_like(x)
-    compiled_fn = None
+    compiled_fn = compile_layer = None
     if args.compile_naive == "static":
         # a fresh compilation per shape, as compiling a model at a fixed input size gives (and no
         # recompilation limit is reached over the shapes)
@@ -216,7 +224,10 @@ def measure_shape(
         compiled_fn = lambda: compile_naive_mix("static", args.compile_backend)  # noqa: E731
     elif args.compile_naive == "dynamic":
         compiled_fn = lambda: args._dynamic_fn  # noqa: E731
-    cands, status = build_candidates(c, device, args.backends, compiled_fn)
+    if compiled_fn is not None:
+        dynamic = True if args.compile_naive == "dynamic" else None
+        compile_layer = lambda m: torch.compile(m, backend=args.compile_backend, dynamic=dynamic)  # noqa: E731
+    cands, status = build_candidates(c, device, args.backends, compiled_fn, compile_layer)
     names = list(dict.fromkeys([*cands, *status]))
     order = [n for n in _table_order(args.backends, compiled_fn is not None) if n in names]
     measures = {name: make_measure(m, x, dy) for name, m in cands.items()}
@@ -229,14 +240,15 @@ def measure_shape(
     for name in order:
         row: dict[str, Any] = {"status": status.get(name, "ok")}
         row.update(stats.get(name, {}))
-        if name == COMPILED_NAIVE and name in first:
+        if name in COMPILED and name in first:
             row["first_call_s"] = first[name]
         rows[name] = row
     return order, rows, x.numel() * x.element_size()
 
 
 def _table_order(backends: list[str], compiled: bool) -> list[str]:
-    names = [f"MetaBIN2d[{b}]" for b in backends] + [BN, "InstanceNorm2d(affine)", NAIVE]
+    names = [f"MetaBIN2d[{b}]" for b in backends] + ([COMPILED_LAYER] if compiled else [])
+    names += [BN, "InstanceNorm2d(affine)", NAIVE]
     return names + ([COMPILED_NAIVE] if compiled else []) + [COPY]
 
 
@@ -534,16 +546,17 @@ def render(payload: dict[str, Any]) -> str:
         headers = ["candidate", "xBN (geomean)", "xBN (worst shape)", "xBN (sum over shapes)", "xnaive (geomean)"]
         headers += ["xcompiled (geomean)", "xcompiled (worst shape)"]
         lines += [common.md_table(headers, srows, "lrrrrrr"), ""]
-        compiled = [r for r in results if r["dtype"] == dname and r["batch"] == batch and r["candidate"] == COMPILED_NAIVE]
-        first = [r["first_call_s"] for r in compiled if r.get("first_call_s") is not None]
-        if first:
-            lines += [
-                f"`{COMPILED_NAIVE}`: `torch.compile(naive_mix)` (default mode, backend {cfg['compile_backend']!r}, "
-                + ("one compilation per shape" if cfg["compile_naive"] == "static" else "dynamic shapes")
-                + f"); not in its times: its first calls (tracing, compilation, one run) took {sum(first):.1f} s "
-                f"in all (largest {max(first):.1f} s).",
-                "",
-            ]
+        for cname, what in ((COMPILED_LAYER, "torch.compile(MetaBIN2d)"), (COMPILED_NAIVE, "torch.compile(naive_mix)")):
+            rows_c = [r for r in results if r["dtype"] == dname and r["batch"] == batch and r["candidate"] == cname]
+            first = [r["first_call_s"] for r in rows_c if r.get("first_call_s") is not None]
+            if first:
+                lines += [
+                    f"`{cname}`: `{what}` (default mode, backend {cfg['compile_backend']!r}, "
+                    + ("one compilation per shape" if cfg["compile_naive"] == "static" else "dynamic shapes")
+                    + f"); not in its times: its first calls (tracing, compilation, one run) took {sum(first):.1f} s "
+                    f"in all (largest {max(first):.1f} s).",
+                    "",
+                ]
         if env["device"] == "cuda":
             for t in cuda_targets({"results": [r for r in results if r["batch"] == batch]}, dname):
                 lines.append(f"- {t['candidate']}: {t['target']}: **{'met' if t['met'] else 'not met'}** ({t['figure']})")
@@ -615,11 +628,11 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
         "--compile-naive",
         default=common.COMPILE_NAIVE,
         choices=["static", "dynamic", "off"],
-        help="torch.compile of the naive mix: compiled per shape (static), once with dynamic shapes, "
-        "or no such row (default: %(default)s)",
+        help="the torch.compile rows (the naive mix, and MetaBIN2d inside torch.compile): compiled per "
+        "shape (static), with dynamic shapes, or no such rows (default: %(default)s)",
     )
     p.add_argument(
-        "--compile-backend", default=common.COMPILE_BACKEND, help="torch.compile backend of that row (default: %(default)s)"
+        "--compile-backend", default=common.COMPILE_BACKEND, help="torch.compile backend of those rows (default: %(default)s)"
     )
 
 

@@ -48,8 +48,8 @@ LAYER_SHAPES = "resnet50"
 LAYER_DTYPES = ("float32",)
 #: every MetaBIN2d backend gets a row; one that cannot run says why instead of vanishing
 LAYER_BACKENDS = ("fused", "composite", "triton")
-#: torch.compile of the naive mix: "static" compiles each shape on its own (as compiling a model
-#: at a fixed input size does), "dynamic" once with dynamic shapes, "off" skips the row
+#: the torch.compile rows (the naive mix, MetaBIN2d): "static" compiles each shape on its own (as
+#: compiling a model at a fixed input size does), "dynamic" with dynamic shapes, "off" skips them
 COMPILE_NAIVE = "static"
 COMPILE_BACKEND = "inductor"
 

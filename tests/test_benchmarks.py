@@ -130,14 +130,15 @@ def test_layer_benchmark_tiny_run(tmp_path, committed_results_unchanged):
     assert {(r["batch"], r["candidate"]) for r in rows} == {
         (b, c)
         for b in (2, 4)
-        for c in ["MetaBIN2d[fused]", "MetaBIN2d[triton]", "MetaBIN2d[no_such_backend]", "BatchNorm2d",
-                  "InstanceNorm2d(affine)", "naive BN+IN mix", "naive BN+IN mix (torch.compile)", "copy (floor)"]
+        for c in ["MetaBIN2d[fused]", "MetaBIN2d[triton]", "MetaBIN2d[no_such_backend]", "MetaBIN2d (torch.compile)",
+                  "BatchNorm2d", "InstanceNorm2d(affine)", "naive BN+IN mix", "naive BN+IN mix (torch.compile)", "copy (floor)"]
     }  # fmt: skip
     status = {r["candidate"]: r["fwd"] for r in rows if r["batch"] == 2}
     if not torch.cuda.is_available():
         assert status["MetaBIN2d[triton]"] == "unavailable: no CUDA"
     assert status["MetaBIN2d[no_such_backend]"].startswith("failed: ValueError: backend must be")
     assert status["naive BN+IN mix (torch.compile)"].startswith("failed: InvalidBackend")
+    assert status["MetaBIN2d (torch.compile)"].startswith("failed: InvalidBackend")
     checked = 0
     for row in rows:
         r = _json_row(payload, row)
@@ -165,7 +166,10 @@ def test_layer_benchmark_compiled_row(tmp_path, committed_results_unchanged):
     compiled = _json_row(payload, rows["naive BN+IN mix (torch.compile)"])
     assert compiled["status"] == "ok" and compiled["first_call_s"] > 0
     assert "its first calls (tracing, compilation, one run) took" in md
-    for name in ("MetaBIN2d[fused]", "BatchNorm2d", "naive BN+IN mix"):
+    layer = _json_row(payload, rows["MetaBIN2d (torch.compile)"])
+    assert layer["status"] == "ok" and layer["first_call_s"] > 0
+    assert "`MetaBIN2d (torch.compile)`: `torch.compile(MetaBIN2d)`" in md
+    for name in ("MetaBIN2d[fused]", "MetaBIN2d (torch.compile)", "BatchNorm2d", "naive BN+IN mix"):
         r = _json_row(payload, rows[name])
         assert rows[name]["xcompiled fwd+bwd"] == _ratio(r["fwd+bwd"]["median"], compiled["fwd+bwd"]["median"])
     fused = payload["summary"]["float32"]["2"]["MetaBIN2d[fused]"]
