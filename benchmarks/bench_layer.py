@@ -57,6 +57,8 @@ SHAPES = {
         ("256@8x4", 256, 8, 4),
         ("128@32x16", 128, 32, 16),
     ],
+    # the fixed per-call cost: at 1x2 the passes over the tensor cost next to nothing
+    "overhead": [("512@1x2 (per-call cost)", 512, 1, 2), ("layer4 512@8x4 (last stride 2)", 512, 8, 4)],
     # for tests: one map small enough that every candidate (and its compilation) is quick
     "tiny": [("16@4x4", 16, 4, 4)],
 }

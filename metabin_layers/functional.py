@@ -388,7 +388,7 @@ class _FusedBIN(torch.autograd.Function):
         # The batch statistics are returned so that the caller can update running buffers
         # without recomputing them (empty when running statistics were used).
         if mu_b_fixed is not None:
-            mu_b = var_b = mu_nc.new_empty(0)
+            mu_b, var_b = mu_nc.new_empty(0), mu_nc.new_empty(0)
         ctx.mark_non_differentiable(mu_b, var_b)
         assert y is not None
         return y, mu_b, var_b
