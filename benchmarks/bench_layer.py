@@ -226,12 +226,12 @@ def measure_shape(
         compiled_fn = lambda: compile_naive_mix("static", args.compile_backend)  # noqa: E731
     elif args.compile_naive == "dynamic":
         compiled_fn = lambda: args._dynamic_fn  # noqa: E731
-    if compiled_fn is not None:
+    if compiled_fn is not None and args.compile_layer == "on":
         dynamic = True if args.compile_naive == "dynamic" else None
         compile_layer = lambda m: torch.compile(m, backend=args.compile_backend, dynamic=dynamic)  # noqa: E731
     cands, status = build_candidates(c, device, args.backends, compiled_fn, compile_layer)
     names = list(dict.fromkeys([*cands, *status]))
-    order = [n for n in _table_order(args.backends, compiled_fn is not None) if n in names]
+    order = [n for n in _table_order(args.backends, compiled_fn is not None, compile_layer is not None) if n in names]
     measures = {name: make_measure(m, x, dy) for name, m in cands.items()}
     # first call of each: lazy set-up and, for the compiled mix, tracing and compilation
     first, failed = common.first_calls(measures)
@@ -248,8 +248,8 @@ def measure_shape(
     return order, rows, x.numel() * x.element_size()
 
 
-def _table_order(backends: list[str], compiled: bool) -> list[str]:
-    names = [f"MetaBIN2d[{b}]" for b in backends] + ([COMPILED_LAYER] if compiled else [])
+def _table_order(backends: list[str], compiled: bool, compiled_layer: bool) -> list[str]:
+    names = [f"MetaBIN2d[{b}]" for b in backends] + ([COMPILED_LAYER] if compiled_layer else [])
     names += [BN, "InstanceNorm2d(affine)", NAIVE]
     return names + ([COMPILED_NAIVE] if compiled else []) + [COPY]
 
@@ -294,6 +294,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "channels_last": args.channels_last,
             "backends": args.backends,
             "compile_naive": args.compile_naive,
+            "compile_layer": args.compile_layer,
             "compile_backend": args.compile_backend,
             "bytes_factor": BYTES_FACTOR,
             "copy_factor": COPY_FACTOR,
@@ -632,6 +633,12 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
         choices=["static", "dynamic", "off"],
         help="the torch.compile rows (the naive mix, and MetaBIN2d inside torch.compile): compiled per "
         "shape (static), with dynamic shapes, or no such rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile-layer",
+        default=common.COMPILE_LAYER,
+        choices=["on", "off"],
+        help="include MetaBIN2d inside torch.compile among the torch.compile rows (default: %(default)s)",
     )
     p.add_argument(
         "--compile-backend", default=common.COMPILE_BACKEND, help="torch.compile backend of those rows (default: %(default)s)"

@@ -51,6 +51,8 @@ LAYER_BACKENDS = ("fused", "composite", "triton")
 #: the torch.compile rows (the naive mix, MetaBIN2d): "static" compiles each shape on its own (as
 #: compiling a model at a fixed input size does), "dynamic" with dynamic shapes, "off" skips them
 COMPILE_NAIVE = "static"
+#: whether the torch.compile rows include MetaBIN2d inside torch.compile ("on") or only the naive mix
+COMPILE_LAYER = "on"
 COMPILE_BACKEND = "inductor"
 
 #: the iteration benchmark's model and batch, by device type

@@ -67,6 +67,7 @@ def sub_arguments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     shared = ["--device", args.device, "--stat", args.stat] + (["--threads", str(args.threads)] if args.threads else [])
     layer = shared + ["--batch", ",".join(map(str, args.batch)), "--shapes", args.shapes]
     layer += ["--dtypes", args.dtypes, "--backends", args.backends, "--compile-naive", args.compile_naive]
+    layer += ["--compile-layer", args.compile_layer]
     layer += ["--compile-backend", args.compile_backend, "--warmup", str(args.layer_warmup)]
     layer += ["--channels-last"] if args.channels_last else []
     layer += ["--repeats", str(args.layer_repeats)] if args.layer_repeats else []

@@ -97,7 +97,7 @@ def test_every_entry_point_has_the_same_defaults():
     via_run_all = vars(bench_iteration.finish_args(bench_iteration.parser().parse_args(iteration_argv)))
     assert {k: v for k, v in via_run_all.items() if k != "autocast"} == {k: v for k, v in iteration.items() if k != "autocast"}
     assert layer["batch"] == [8, 32, 64] and layer["shapes"] == "resnet50" and layer["dtypes"] == ["float32"]
-    assert layer["compile_naive"] == "static" and "triton" in layer["backends"]
+    assert layer["compile_naive"] == "static" and layer["compile_layer"] == "on" and "triton" in layer["backends"]
     for entry in (layer, iteration, vars(run_all.parse([]))):
         assert entry["output"] == str(BENCH / "out") and entry["threads"] is None and entry["stat"] == "median"
     assert "benchmarks/out/" in (ROOT / ".gitignore").read_text().splitlines()
@@ -234,12 +234,23 @@ def test_compiled_row_without_a_cxx_compiler_says_failed(tmp_path, committed_res
     env = dict(os.environ, PYTHONPATH=str(ROOT), CXX=str(tmp_path / "no-such-c++"))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, str(BENCH / "bench_layer.py"), *TINY_LAYER, "--batch", "2", "--backends", "fused"]
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_layer.py"),
+        *TINY_LAYER,
+        "--batch",
+        "2",
+        "--backends",
+        "fused",
+        "--compile-layer",
+        "off",
+    ]
     run = subprocess.run([*cmd, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     payload = json.loads((tmp_path / "out" / "layer.json").read_text())
     compiled = next(r for r in payload["results"] if r["candidate"] == "naive BN+IN mix (torch.compile)")
     assert compiled["status"].startswith("failed: ") and "C++ compiler" in compiled["status"]
+    assert not any(r["candidate"] == "MetaBIN2d (torch.compile)" for r in payload["results"])  # --compile-layer off
     fused = next(r for r in payload["results"] if r["candidate"] == "MetaBIN2d[fused]")
     assert fused["status"] == "ok"
     assert payload["summary"]["float32"]["2"]["MetaBIN2d[fused]"]["worst_ratio_vs_compiled"] is None
