@@ -155,6 +155,7 @@ def _record_triton_failure(where: str, err: BaseException) -> None:
 
 
 _aten = torch.ops.aten
+_nbn_backward = _aten.native_batch_norm_backward.default
 
 
 def _affine_or(value: Optional[Tensor], fill: float, like: Tensor) -> Tensor:
@@ -243,9 +244,6 @@ def _row_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, ones: Ten
     e = mean.new_empty(0)
     torch.native_batch_norm(x, scale, shift, mean, ones, False, 0.0, 0.0, out=(out, e, e))
     return out
-
-
-_nbn_backward = _aten.native_batch_norm_backward.default
 
 
 # Channels-last inputs with large samples: per-sample calls of the (vectorised, channels-last)
