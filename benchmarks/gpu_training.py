@@ -6,7 +6,7 @@ paper's sizes, and a long-run BN / BIN / BIN-half / MetaBIN comparison on the sy
     benchmarks/gpu_training.sh /tmp/dry --dry-run        # CPU, tiny settings: checks the plumbing only
 
 1. Speed runs: ResNet-50 at 256x128, the authors' batch composition (base batch 80 = 20
-   identities x 4; meta batch 80 over 5 source domains, split 3 / 2), 200 iterations each:
+   identities x 4; meta batch 80 over 5 source domains, split 3 / 2), 200 iterations each (``--speed-iters``):
    BN and MetaBIN with AMP bf16 and with AMP fp16 + GradScaler, and MetaBIN (bf16) with
    ``compile=inductor``. Reported: iterations/s after warm-up, the time to iteration 10 (for the
    compiled run that includes compilation; the difference to the eager run is the compile time),
@@ -62,7 +62,7 @@ DRY_SPEED_RUNS = ("bn-fp16", "metabin-bf16", "metabin-bf16-compile")
 LONG_NORMS = ("bn", "bin", "bin-half", "metabin")
 
 
-def speed_settings(dry: bool) -> dict[str, Any]:
+def speed_settings(dry: bool, iterations: int = 200) -> dict[str, Any]:
     if dry:
         return {
             "device": "cpu", "backbone": "resnet18", "height": 64, "width": 32, "pad": 3, "batch_size": 40,
@@ -73,7 +73,7 @@ def speed_settings(dry: bool) -> dict[str, Any]:
     return {
         "device": "cuda", "backbone": "resnet50", "height": 256, "width": 128, "pad": 10, "batch_size": 80,
         "meta_batch_size": 80, "num_instances": 4, "syn_styles": 6, "syn_held_out": [5], "syn_train_ids": 200,
-        "syn_images_per_id": 8, "syn_test_ids": 20, "syn_distractor_ids": 0, "max_iters": 200, "log_every": 10,
+        "syn_images_per_id": 8, "syn_test_ids": 20, "syn_distractor_ids": 0, "max_iters": iterations, "log_every": 10,
         "checkpoint_every": 100000, "workers": 6, "amp": True, "seed": 0,
     }  # fmt: skip
 
@@ -278,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny settings: check that every step runs")
     p.add_argument("--budget-s", type=float, default=480.0, help="total time (default 480); runs past it are stopped")
     p.add_argument("--seeds", default=None, help="long-run seeds (default 0,1,2; dry run 0)")
+    p.add_argument("--speed-iters", type=int, default=200, help="speed-run iterations (default 200, at least 30)")
     p.add_argument("--long-iters", type=int, default=3000, help="long-run iterations (default 3000, a multiple of 6)")
     p.add_argument("--jobs", type=int, default=None, help="long runs at a time (default 12 on CUDA, 4 in a dry run)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,long")
@@ -285,6 +286,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.long_iters < 6 or args.long_iters % 6:
         p.error(f"--long-iters must be a positive multiple of 6 (6 epochs), got {args.long_iters}")
+    if args.speed_iters < 30:
+        p.error(f"--speed-iters must be at least 30 (10 warm-up iterations, then the timed ones), got {args.speed_iters}")
 
     import torch
 
@@ -309,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = _environment(args.dry_run)
     report: dict[str, Any] = {"env": env, "speed": {}, "long": {}, "settings": {}}
 
-    speed = speed_settings(args.dry_run)
+    speed = speed_settings(args.dry_run, args.speed_iters)
     if "speed" not in skip:
         report["settings"]["speed"] = speed
         t = time.perf_counter()

@@ -186,6 +186,39 @@ def test_half_precision_inputs_use_float32_statistics(dtype):
     assert x.grad.dtype == dtype and m.rho.grad.dtype == torch.float32
 
 
+def _bin_by_formula(x, rho, w_b, b_b, w_i, b_i, eps=1e-5):
+    """rho * BN(x) + (1 - rho) * IN(x) written out (torch's instance_norm refuses one spatial value)."""
+    view = (1, -1, 1, 1)
+    var_b, mu_b = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, correction=0)
+    var_i, mu_i = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    bn = (x - mu_b) * torch.rsqrt(var_b + eps) * w_b.view(view) + b_b.view(view)
+    inorm = (x - mu_i) * torch.rsqrt(var_i + eps) * w_i.view(view) + b_i.view(view)
+    return rho.view(view) * bn + (1 - rho.view(view)) * inorm
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 1, 1), (4, 3, 2, 1), (8, 7, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_half_precision_input_gradient_with_few_spatial_values(backend, dtype, shape):
+    # Few spatial values make a_I large (1 / sqrt(eps) at one value): the input gradient is then a
+    # small difference of two terms of size a_I * dy, which must be formed before rounding to the
+    # input's dtype. Reference: the float64 definition on the same (rounded) input.
+    gen = torch.Generator().manual_seed(3)
+    c = shape[1]
+    params = [torch.rand(c, generator=gen)] + [torch.randn(c, generator=gen) for _ in range(4)]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.7).to(dtype).requires_grad_()
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    # the functional form: the full BIN map, also at one spatial value (the layers use BN alone there)
+    (dx,) = torch.autograd.grad(batch_instance_norm(x, *params, backend=backend), x, dy)
+    xd = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(_bin_by_formula(xd, *[p.double() for p in params]), xd, dy.double())
+    assert dx.dtype == dtype
+    # the rounding of dx itself, relative to its largest entry (plus the statistics' rounding at M = 1)
+    tol = (4e-3 if dtype == torch.float16 else 3e-2) * (10 if shape[2] * shape[3] == 1 else 1)
+    err = (dx.double() - want).abs().max() / want.abs().max().clamp_min(1.0)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_input(backend):
     m = MetaBIN2d(5, backend=backend)

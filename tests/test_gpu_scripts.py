@@ -45,6 +45,16 @@ def test_usage_error_without_outdir():
     assert run.returncode == 2 and "usage" in run.stderr
 
 
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [("--speed-iters", 20, "--speed-iters must be at least 30"), ("--long-iters", 100, "a positive multiple of 6")],
+)
+def test_gpu_training_checks_its_iteration_counts(tmp_path, flag, value, message):
+    run = _run("gpu_training.sh", tmp_path / "out", "--dry-run", flag, value, timeout=120)
+    assert run.returncode == 2 and message in run.stderr and f"got {value}" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_gpu_suite_dry_run_writes_every_table(tmp_path):
     out = tmp_path / "suite"
