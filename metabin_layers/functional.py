@@ -501,8 +501,7 @@ def _composite(
         dev = mu_nc - mu_b
     rho_, w_b_, b_b_, w_i_, b_i_ = [t.to(sd) for t in (rho, w_b, b_b, w_i, b_i)]
     scale, shift, _, _ = coefficients(rho_, w_b_, b_b_, w_i_, b_i_, torch.rsqrt(var_b + eps), torch.rsqrt(var_nc + eps), dev)
-    y = _apply(xs, scale, about(scale, shift, mu_nc))
-    return (y if y.dtype == x.dtype else y.to(x.dtype)), mu_b.detach(), var_b.detach()
+    return _apply(xs, scale, about(scale, shift, mu_nc)).to(x.dtype), mu_b.detach(), var_b.detach()
 
 
 def _triton(

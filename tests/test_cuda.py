@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_bin_by_formula as reference64
 from torch import nn
 
 import metabin_layers
@@ -33,22 +34,6 @@ def _backends():
     if kernels.is_available():
         out.append("triton")
     return out
-
-
-def reference64(x, rho, w_b, b_b, w_i, b_i, running=None):
-    """rho * BN(x) + (1 - rho) * IN(x) in float64, written out (one spatial value allowed)."""
-    x = x.double()
-    dims = tuple(range(2, x.dim()))
-    view = (1, -1) + (1,) * len(dims)
-    if running is None:
-        var_b, mu_b = torch.var_mean(x, dim=(0,) + dims, keepdim=True, correction=0)
-    else:
-        mu_b, var_b = running[0].double().view(view), running[1].double().view(view)
-    var_i, mu_i = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
-    bn = (x - mu_b) / torch.sqrt(var_b + EPS) * w_b.double().view(view) + b_b.double().view(view)
-    inn = (x - mu_i) / torch.sqrt(var_i + EPS) * w_i.double().view(view) + b_i.double().view(view)
-    r = rho.double().view(view)
-    return r * bn + (1 - r) * inn
 
 
 def _err(actual, expected):

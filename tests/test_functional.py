@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_bin
+from reference import reference_bin, reference_bin_by_formula
 
 from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d
 from metabin_layers.functional import batch_instance_norm
@@ -186,16 +186,6 @@ def test_half_precision_inputs_use_float32_statistics(dtype):
     assert x.grad.dtype == dtype and m.rho.grad.dtype == torch.float32
 
 
-def _bin_by_formula(x, rho, w_b, b_b, w_i, b_i, eps=1e-5):
-    """rho * BN(x) + (1 - rho) * IN(x) written out (torch's instance_norm refuses one spatial value)."""
-    view = (1, -1, 1, 1)
-    var_b, mu_b = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, correction=0)
-    var_i, mu_i = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-    bn = (x - mu_b) * torch.rsqrt(var_b + eps) * w_b.view(view) + b_b.view(view)
-    inorm = (x - mu_i) * torch.rsqrt(var_i + eps) * w_i.view(view) + b_i.view(view)
-    return rho.view(view) * bn + (1 - rho.view(view)) * inorm
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 1, 1), (4, 3, 2, 1), (8, 7, 5, 7)], ids=lambda s: "x".join(map(str, s)))
@@ -211,7 +201,7 @@ def test_half_precision_input_gradient_with_few_spatial_values(backend, dtype, s
     # the functional form: the full BIN map, also at one spatial value (the layers use BN alone there)
     (dx,) = torch.autograd.grad(batch_instance_norm(x, *params, backend=backend), x, dy)
     xd = x.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(_bin_by_formula(xd, *[p.double() for p in params]), xd, dy.double())
+    (want,) = torch.autograd.grad(reference_bin_by_formula(xd, *params), xd, dy.double())
     assert dx.dtype == dtype
     # the rounding of dx itself, relative to its largest entry (plus the statistics' rounding at M = 1)
     tol = (4e-3 if dtype == torch.float16 else 3e-2) * (10 if shape[2] * shape[3] == 1 else 1)
