@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import reference_bin_by_formula
 
 from metabin_layers import _bin_math as bm
 
@@ -47,19 +48,6 @@ def test_backends_hold_no_copy_of_the_coefficient_formulas(name):
     assert not sites, f"{name}: BIN arithmetic outside _bin_math at lines {sites}"
 
 
-def _reference(x, rho, w_b, b_b, w_i, b_i, eps, fixed=None):
-    dims = tuple(range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if fixed is None:
-        var_b, mu_b = torch.var_mean(x, dim=(0,) + dims, correction=0, keepdim=True)
-    else:
-        mu_b, var_b = fixed[0].view(shape), fixed[1].view(shape)
-    var_i, mu_i = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    bn = (x - mu_b) / torch.sqrt(var_b + eps) * w_b.view(shape) + b_b.view(shape)
-    inorm = (x - mu_i) / torch.sqrt(var_i + eps) * w_i.view(shape) + b_i.view(shape)
-    return rho.view(shape) * bn + (1 - rho.view(shape)) * inorm
-
-
 @pytest.mark.parametrize("use_batch", [True, False])
 def test_coefficients_and_gradients_match_the_float64_definition(use_batch):
     g = torch.Generator().manual_seed(0)
@@ -75,7 +63,7 @@ def test_coefficients_and_gradients_match_the_float64_definition(use_batch):
         else (torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.5)
     )
     dy = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
-    y_ref = _reference(x, *params, eps, fixed)
+    y_ref = reference_bin_by_formula(x, *params, running=fixed, eps=eps)
     grads_ref = torch.autograd.grad(y_ref, [x, *params], dy)
 
     xd, (rho, w_b, b_b, w_i, b_i) = x.detach(), [p.detach() for p in params]
