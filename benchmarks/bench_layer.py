@@ -61,6 +61,7 @@ SHAPES = {
     "overhead": [("512@1x2 (per-call cost)", 512, 1, 2), ("layer4 512@8x4 (last stride 2)", 512, 8, 4)],
     # for tests: one map small enough that every candidate (and its compilation) is quick
     "tiny": [("16@4x4", 16, 4, 4)],
+    "layer1": [("layer1 64@64x32", 64, 64, 32), ("layer1 256@64x32", 256, 64, 32)],  # the bandwidth target
 }
 
 # Minimal memory traffic of a BatchNorm-type layer in units of T = one full tensor
@@ -302,7 +303,30 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "results": results,
     }
     payload["summary"] = summarize(results)
+    if not getattr(args, "no_launches", False):
+        payload["launches"] = launch_counts(device)
     return render(payload), payload
+
+
+def launch_counts(device: torch.device) -> dict[str, Any]:
+    """Kernel launches per fwd+bwd of every candidate (``launches.py``). On the CPU in a fresh
+    process, where Triton's interpreter runs the kernels (``TRITON_INTERPRET`` is read when Triton
+    is imported); on CUDA here, with the compiled kernels."""
+    import launches
+
+    if device.type == "cuda":
+        return launches.layer_counts("cuda")
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launches.py")
+        subprocess.run([sys.executable, script, "--json", out], check=True, env=env, capture_output=True, timeout=600)
+        with open(out) as f:
+            return json.load(f)
 
 
 # -- summaries ----------------------------------------------------------------------------------
@@ -387,8 +411,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cuda_targets(payload: dict[str, Any], dname: str) -> list[dict[str, Any]]:
     """The CUDA layer targets, per MetaBIN backend, at every shape and batch of ``dname``:
-    fwd+bwd <= 1.10x BatchNorm2d; >= 70% of the copy bandwidth for the minimal traffic;
-    >= 3x faster than the naive mix; faster than ``torch.compile`` of the naive mix."""
+    fwd+bwd <= 1.3x BatchNorm2d; >= 1.5x faster than ``torch.compile`` of the naive mix; faster
+    than the naive mix; at batch 256 on the layer1 shapes, >= 60% of the copy bandwidth for the
+    minimal traffic."""
     results = payload["results"]
     out = []
     cands = dict.fromkeys(r["candidate"] for r in results if r["dtype"] == dname and r["candidate"].startswith("MetaBIN2d["))
@@ -419,25 +444,28 @@ def cuda_targets(payload: dict[str, Any], dname: str) -> list[dict[str, Any]]:
                     vs_compiled.append((tcomp / t, where))
         if not vs_bn:
             continue
-        worst_bn, worst_copy = max(vs_bn), min(pct_copy)
+        worst_bn = max(vs_bn)
         out.append(
-            {"candidate": cand, "target": "fwd+bwd <= 1.10x BatchNorm2d at every shape", "met": worst_bn[0] <= 1.10,
+            {"candidate": cand, "target": "fwd+bwd <= 1.3x BatchNorm2d at every shape", "met": worst_bn[0] <= 1.3,
              "figure": f"worst {worst_bn[0]:.2f}x, {worst_bn[1]}"}
         )  # fmt: skip
-        out.append(
-            {"candidate": cand, "target": ">= 70% of the copy bandwidth (8T per fwd+bwd)", "met": worst_copy[0] >= 0.70,
-             "figure": f"worst {100 * worst_copy[0]:.0f}%, {worst_copy[1]}"}
-        )  # fmt: skip
+        big = [(v, w) for v, w in pct_copy if w.startswith("batch 256 layer1")]
+        if big:  # the bandwidth target is for large, memory-bound problems
+            worst_copy = min(big)
+            out.append(
+                {"candidate": cand, "target": ">= 60% of the copy bandwidth (8T per fwd+bwd), batch 256 layer1",
+                 "met": worst_copy[0] >= 0.60, "figure": f"worst {100 * worst_copy[0]:.0f}%, {worst_copy[1]}"}
+            )  # fmt: skip
         if vs_naive:
             worst = min(vs_naive)
             out.append(
-                {"candidate": cand, "target": ">= 3x faster than the naive mix", "met": worst[0] >= 3.0,
+                {"candidate": cand, "target": "faster than the naive mix", "met": worst[0] > 1.0,
                  "figure": f"worst {worst[0]:.2f}x, {worst[1]}"}
             )  # fmt: skip
         if vs_compiled:
             worst = min(vs_compiled)
             out.append(
-                {"candidate": cand, "target": "faster than torch.compile of the naive mix", "met": worst[0] > 1.0,
+                {"candidate": cand, "target": ">= 1.5x faster than torch.compile of the naive mix", "met": worst[0] >= 1.5,
                  "figure": f"worst {worst[0]:.2f}x, {worst[1]}"}
             )  # fmt: skip
     return out
@@ -564,6 +592,10 @@ def render(payload: dict[str, Any]) -> str:
             for t in cuda_targets({"results": [r for r in results if r["batch"] == batch]}, dname):
                 lines.append(f"- {t['candidate']}: {t['target']}: **{'met' if t['met'] else 'not met'}** ({t['figure']})")
             lines.append("")
+    if payload.get("launches"):
+        import launches
+
+        lines += [launches.render(payload["launches"]).replace("### ", "#### ", 1), ""]
     if env["device"] != "cuda":
         lines += _fused_summary(payload)
     return "\n".join(lines)
@@ -627,6 +659,7 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
         help="MetaBIN2d backends, one row each (default: %(default)s)",
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
+    p.add_argument("--no-launches", action="store_true", help="skip the kernel-launch count table (launches.py)")
     p.add_argument(
         "--compile-naive",
         default=common.COMPILE_NAIVE,

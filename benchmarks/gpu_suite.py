@@ -181,6 +181,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             cmd += ["--channels-last"] if layout == "channels_last" else []
             if suite.run(f"layer benchmark ({layout})", cmd, o(f"layer_{layout}.log"), 150):
                 _markdown_from_log(o(f"layer_{layout}.log"), o(f"layer_{layout}.md"))
+        # the bandwidth target: batch 256 on the layer1 shapes
+        big = list(base)
+        big[big.index("--batch") + 1] = "2" if args.dry_run else "256"
+        cmd = [py, os.path.join(HERE, "bench_layer.py"), *big, "--shapes", "small" if args.dry_run else "layer1"]
+        cmd += ["--dtypes", "float32" if args.dry_run else "float32,bfloat16", "--json", o("layer_batch256.json")]
+        cmd += ["--output", o("raw/layer_batch256"), "--no-launches"]
+        if suite.run("layer benchmark (batch 256, layer1)", cmd, o("layer_batch256.log"), 90):
+            _markdown_from_log(o("layer_batch256.log"), o("layer_batch256.md"))
 
     # 3. iteration benchmark
     if "iteration" not in skip:
@@ -245,7 +253,7 @@ def _summary(suite: Suite, env: dict[str, Any], out: str) -> str:
         "",
     ]
     targets: list[dict[str, Any]] = []
-    for layout in ("nchw", "channels_last"):
+    for layout in ("nchw", "channels_last", "batch256"):
         path = os.path.join(out, f"layer_{layout}.json")
         if os.path.exists(path):
             with open(path) as f:

@@ -39,19 +39,16 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
-KINDS = ("stats", "affine", "bwd_reduce", "dx")
-# Kernel arguments: (name, "in" = input dtype pointer | "acc" = statistics dtype pointer | "i32")
-ARGS = {
-    "stats": [("x_ptr", "in"), ("mean_ptr", "acc"), ("m2_ptr", "acc"), ("N", "i32"), ("C", "i32"), ("M", "i32"),
-              ("M_PER_SPLIT", "i32"), ("n_cblocks", "i32")],
-    "affine": [("x_ptr", "in"), ("a_ptr", "acc"), ("b_ptr", "acc"), ("y_ptr", "in"), ("C", "i32"), ("M", "i32"),
-               ("n_cblocks", "i32"), ("n_mblocks", "i32")],
-    "bwd_reduce": [("dy_ptr", "in"), ("x_ptr", "in"), ("mu_ptr", "acc"), ("s1_ptr", "acc"), ("s2_ptr", "acc"),
-                   ("N", "i32"), ("C", "i32"), ("M", "i32"), ("M_PER_SPLIT", "i32"), ("n_cblocks", "i32")],
-    "dx": [("dy_ptr", "in"), ("x_ptr", "in"), ("scale_ptr", "acc"), ("cx_ptr", "acc"), ("c0_ptr", "acc"),
-           ("dx_ptr", "in"), ("C", "i32"), ("M", "i32"), ("n_cblocks", "i32"), ("n_mblocks", "i32")],
-}  # fmt: skip
-ALIGNED_INTS = {"C", "M", "M_PER_SPLIT"}  # divisible by 16 in the "aligned" specialisation
+KINDS = ("fwd_stats", "fwd_apply", "bwd_sums", "bwd_apply")
+# Argument types by name: tensors of the input dtype, the workspace (statistics dtype), the
+# parameters and running statistics (fp32; fp64 in fp64 layers), the batch counter; the rest
+# are fp32 scalars (FLOATS) or int32.
+INPUT_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+PARAM_PTRS = {"rho_ptr", "w_b_ptr", "b_b_ptr", "w_i_ptr", "b_i_ptr", "rmean_ptr", "rvar_ptr", "grad_ptr"}
+FLOATS = {"eps", "eps_lo", "momentum", "momentum_lo"}
+ALIGNED_INTS = {"C", "M", "PER", "PER2", "sxn", "sxc", "sxm", "sdn", "sdc", "sdm"}  # divisible by 16 when "aligned"
+# the unit stride of each layout, which Triton specialises to the constant 1 at run time
+UNIT_STRIDES = {False: ("sxm", "sdm"), True: ("sxc", "sdc")}
 SM = {80: {"shared": 164 * 1024}, 90: {"shared": 228 * 1024}}
 REGS_PER_SM, MAX_WARPS, MAX_BLOCKS = 65536, 64, 32
 
@@ -74,29 +71,46 @@ def occupancy(regs: int, warps: int, shared: int, arch: int) -> float:
     return blocks * warps / MAX_WARPS
 
 
-def compile_variant(kind: str, dtype: str, channels_last: bool, cfg: tuple[int, int, int], aligned: bool, arch: int) -> dict:
+def _arg_type(name: str, dtype: str) -> str:
+    acc = "fp64" if dtype == "float64" else "fp32"
+    if name in INPUT_PTRS:
+        return "*" + DTYPES[dtype]
+    if name == "ws_ptr":
+        return "*" + acc
+    if name in PARAM_PTRS:
+        return "*" + acc
+    if name == "nbt_ptr":
+        return "*i64"
+    return "fp32" if name in FLOATS else "i32"
+
+
+def compile_variant(kind: str, dtype: str, channels_last: bool, cfg: dict, flags: dict, aligned: bool, arch: int) -> dict:
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
     from metabin_layers.kernels import triton_bin as tb
 
-    bc, bm, warps = cfg
-    acc = "fp64" if dtype == "float64" else "fp32"
+    fn = tb.KERNELS[kind]
+    blocks = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    consts: dict[str, Any] = {**flags, **blocks, "ACC": tl.float64 if dtype == "float64" else tl.float32}
+    consts.update({name: 1 for name in UNIT_STRIDES[channels_last] if name in fn.arg_names})
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list] = {}
-    for i, (name, kind_) in enumerate(ARGS[kind]):
-        sig[name] = {"in": "*" + DTYPES[dtype], "acc": "*" + acc, "i32": "i32"}[kind_]
-        if kind_ != "i32" or (aligned and name in ALIGNED_INTS):
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = _arg_type(name, dtype)
+        if sig[name].startswith("*") or (aligned and name in ALIGNED_INTS):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    for name in ("CHANNELS_LAST", "BLOCK_C", "BLOCK_M", "ACC"):
-        sig[name] = "constexpr"
-    consts = {"CHANNELS_LAST": channels_last, "BLOCK_C": bc, "BLOCK_M": bm, "ACC": tl.float64 if acc == "fp64" else tl.float32}
-    fn = JITFunction(tb._KERNEL_FNS[kind])
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    kernel = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {})},
+    )
     ptx = kernel.asm["ptx"]
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
     gpu_name = target.group(1).rstrip(",") if target else f"sm_{arch}"
@@ -120,9 +134,9 @@ def compile_variant(kind: str, dtype: str, channels_last: bool, cfg: tuple[int, 
         "kernel": kind,
         "dtype": dtype,
         "layout": "channels_last" if channels_last else "nchw",
-        "BLOCK_C": bc,
-        "BLOCK_M": bm,
-        "num_warps": warps,
+        **blocks,
+        "num_warps": cfg["num_warps"],
+        "flags": ",".join(k for k, v in flags.items() if v) or "-",
         "aligned": aligned,
         "arch": gpu_name,
         "registers": regs,
@@ -130,21 +144,29 @@ def compile_variant(kind: str, dtype: str, channels_last: bool, cfg: tuple[int, 
         "spill_load_bytes": spill_ld,
         "stack_bytes": stack,
         "shared_bytes": shared,
-        "occupancy": occupancy(regs, warps, shared, arch),
+        "occupancy": occupancy(regs, cfg["num_warps"], shared, arch),
     }
 
 
-def variants(kinds, dtypes, archs) -> list[tuple]:
+def variants(kinds, dtypes, archs, all_flags: bool = False) -> list[tuple]:
+    """Every tile the dispatcher can choose x dtype x layout x divisibility, with the heaviest
+    constexpr flags; ``all_flags`` adds every flag combination at each kernel's first tile."""
+    import torch
+
     from metabin_layers.kernels import triton_bin as tb
 
     out = []
     for arch in archs:
         for kind in kinds:
+            flag_sets = tb.FLAG_VARIANTS[kind]
             for dtype in dtypes:
                 for cl in (False, True):
-                    for cfg in tb.launch_configs(kind, cl, getattr(torch, dtype)):
-                        for aligned in (True, False):
-                            out.append((kind, dtype, cl, cfg, aligned, arch))
+                    for aligned in (True, False):
+                        for cfg in tb.launch_configs(kind, cl, getattr(torch, dtype), aligned):
+                            out.append((kind, dtype, cl, cfg, flag_sets[0], aligned, arch))
+                    cfgs = tb.launch_configs(kind, cl, getattr(torch, dtype))
+                    if all_flags:
+                        out += [(kind, dtype, cl, cfgs[0], flags, True, arch) for flags in flag_sets[1:]]
     return out
 
 
@@ -202,6 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--json", default=None, metavar="PATH", help="write every variant and the summary as JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if any variant spills registers")
+    p.add_argument("--all-flags", action="store_true", help="also every constexpr flag combination (mode, affine, ...)")
     args = p.parse_args(argv)
     import datetime
     import platform
@@ -209,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import triton
 
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
-    todo = variants(args.kernels.split(","), args.dtypes.split(","), archs)
+    todo = variants(args.kernels.split(","), args.dtypes.split(","), archs, args.all_flags)
     t0 = time.perf_counter()
     rows = [compile_variant(*v) for v in todo]
     seconds = time.perf_counter() - t0

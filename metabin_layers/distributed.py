@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from ._bin_math import combine_moments, local_moments
 from ._collectives import DistributedStepError, active_group, all_gather_differentiable, all_gather_stacked, all_reduce_sum
-from .functional import _affine_or, _normalize, _update_running
+from ._registry import BINArgs
+from .functional import _compiler_flag, _run
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _MetaBINBase, replace_modules
 
 __all__ = ["SyncMetaBIN", "convert_sync_metabin", "DistributedStepError"]
@@ -162,33 +163,17 @@ class SyncMetaBIN(_MetaBINBase):
         if squeeze:
             x = x.unsqueeze(-1)
         rho = self._rho_override if self._rho_override is not None else self.rho
-        if math.prod(x.shape[2:]) == 1:  # no instance statistics: the batch branch only, as the plain layer
-            rho = self._batch_branch_only(shape)
+        batch_only = math.prod(x.shape[2:]) == 1
+        if batch_only and not self._single_value_warned and not _compiler_flag("is_compiling"):
+            self._warn_batch_branch_only(shape)  # no instance statistics: the batch branch only
         update = self._stats_mode == "update" and self.track_running_stats
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if update:
-            tracked = self.num_batches_tracked
-            assert tracked is not None  # update implies track_running_stats
-            tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(tracked)
-        params = ((self.weight, 1.0), (self.bias, 0.0), (self.in_weight, 1.0), (self.in_bias, 0.0))
-        w_b, b_b, w_i, b_i = [_affine_or(p, fill, rho) for p, fill in params]
-        batch = _GroupBatch(group)
-        y, mu_b, var_b = _normalize(x, rho, w_b, b_b, w_i, b_i, None, None, self.eps, self._backend, batch)
-        if update:
-            # Global mean and unbiased variance: identical running statistics on every rank.
-            running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
-            assert running_mean is not None and running_var is not None and tracked is not None and batch.count is not None
-            before = running_mean.clone(), running_var.clone()
-            _update_running(running_mean, running_var, mu_b, var_b, batch.count, momentum)
-            # Every rank's batch empty: there are no statistics (0 / 0). Keep the running ones and
-            # the count, without a host synchronisation.
-            empty = batch.count.reshape(()) == 0
-            with torch.no_grad():
-                running_mean.copy_(torch.where(empty, before[0], running_mean))
-                running_var.copy_(torch.where(empty, before[1], running_var))
-                tracked.sub_(empty.to(tracked.dtype))
+        args = BINArgs(
+            x, rho, self.weight, self.bias, self.in_weight, self.in_bias, self.running_mean, self.running_var,
+            self.num_batches_tracked, self.momentum, self.eps, "update" if update else "hold", batch_only, _GroupBatch(group),
+        )  # fmt: skip
+        # Running statistics: the global mean and unbiased variance, identical on every rank
+        # (kept as they were when every rank's batch is empty).
+        y = _run(args, self._backend)
         return y.squeeze(-1) if squeeze else y
 
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import BACKENDS, _affine_or, _normalize, _update_running
+from ._registry import BINArgs
+from .functional import BACKENDS, _compiler_flag, _exporting_graph, _load_backend, _run
 
 __all__ = [
     "MetaBIN1d",
@@ -172,6 +173,8 @@ class _MetaBINBase(nn.Module):
     def backend(self, value: str) -> None:
         if value != "auto" and value not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {value!r}")
+        if value == "triton":
+            _load_backend("triton")  # registered now, so that graph capture need not import it
         self._backend = value
 
     def reset_running_stats(self) -> None:
@@ -215,12 +218,12 @@ class _MetaBINBase(nn.Module):
             self._rho_override = previous
 
     @torch.jit.unused
-    def _batch_branch_only(self, shape: tuple[int, ...]) -> Tensor:
-        """The rho of a call whose input has a single value per channel and sample: all ones.
+    def _warn_batch_branch_only(self, shape: tuple[int, ...]) -> None:
+        """Warn once per layer that an input of ``shape`` has a single value per channel and sample.
 
         Such an input (``(N, C)``, ``(N, C, 1)``, ``(N, C, 1, 1)``: squeeze-excite blocks, auxiliary
         heads on 1x1 maps, BatchNorm1d over token features) has no instance statistics, so the
-        layer uses its batch branch only and is exactly its BatchNorm. Warns once per layer.
+        layer uses its batch branch only and is exactly its BatchNorm.
         """
         if not self._single_value_warned:
             self._single_value_warned = True
@@ -229,9 +232,8 @@ class _MetaBINBase(nn.Module):
                 "channel and sample, which has no instance statistics; this layer uses its batch branch only "
                 "for such inputs (it computes its BatchNorm, rho gets no gradient from them). Warned once per layer.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return torch.ones_like(self.rho)
 
     # -- forward -----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -281,36 +283,23 @@ class _MetaBINBase(nn.Module):
                 f"shape {shape} (batch 1 with a single spatial value)"
             )
         rho = self._rho_override if self._rho_override is not None else self.rho
-        if spatial == 1:
+        batch_only = spatial == 1
+        if batch_only and not self._single_value_warned and not _compiler_flag("is_compiling"):
             # One value per channel and sample: instance statistics do not exist, so the layer is
             # its BatchNorm (train, eval and folded alike); rho gets no gradient from this call.
-            rho = self._batch_branch_only(shape)
+            # (Warned in eager runs: torch.compile cannot trace warnings.warn.)
+            self._warn_batch_branch_only(shape)
         has_running = self.running_mean is not None and self.running_var is not None
         mode = self._stats_mode if self.training else "eval"
-        use_batch = mode != "eval" or not has_running
-        update = self.training and mode == "update" and self.track_running_stats
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if update:
-            tracked = self.num_batches_tracked
-            assert tracked is not None  # update implies track_running_stats
-            tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(tracked)
-        backend = self._backend
-        if backend == "auto":
-            # Graph capture (torch.compile, torch.export / ONNX, torch.jit.trace) gets the plain
-            # composite ops (also over $METABIN_BACKEND): compilers fuse them themselves, and
-            # exporters cannot see into the fused path's custom autograd.Function (see
-            # docs/export.md). Eager runs pass "auto" on: functional._normalize resolves it once
-            # (resolve_backend) and falls back from a failing Triton kernel.
-            backend = "composite" if _capturing_graph() else "auto"
-        # The checks of batch_instance_norm are done above: call its backends directly (per-call cost).
-        params = ((self.weight, 1.0), (self.bias, 0.0), (self.in_weight, 1.0), (self.in_bias, 0.0))
-        w_b, b_b, w_i, b_i = [_affine_or(p, fill, rho) for p, fill in params]
-        mu, var = (None, None) if use_batch else (self.running_mean, self.running_var)
-        y, mu_b, var_b = _normalize(x, rho, w_b, b_b, w_i, b_i, mu, var, self.eps, backend)
-        if update:  # update implies batch statistics and running buffers
-            _update_running(self.running_mean, self.running_var, mu_b, var_b, x.shape[0] * spatial, momentum)  # type: ignore[arg-type]
+        if mode == "eval" and not has_running:
+            mode = "hold"  # no running statistics: the batch ones, as nn.BatchNorm
+        elif mode == "update" and not (self.training and self.track_running_stats and has_running):
+            mode = "hold"
+        args = BINArgs(
+            x, rho, self.weight, self.bias, self.in_weight, self.in_bias, self.running_mean, self.running_var,
+            self.num_batches_tracked, self.momentum, self.eps, mode, batch_only,
+        )  # fmt: skip
+        y = _run(args, self._backend)
         return y.squeeze(-1) if squeeze else y
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -329,25 +318,6 @@ class _MetaBINBase(nn.Module):
             error_msgs.append(f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]")
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "rho"}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-def _compiler_flag(name: str) -> bool:
-    # torch.compiler.is_compiling (torch 2.3+) and is_exporting (2.6+): False where torch lacks them.
-    flag = getattr(getattr(torch, "compiler", None), name, None)
-    return bool(flag()) if flag is not None else False
-
-
-def _exporting_graph() -> bool:
-    """True while torch.export, torch.jit.trace or an ONNX exporter traces a forward.
-
-    The legacy ONNX exporter traces with torch.jit.trace; the default one uses torch.export.
-    """
-    return torch.jit.is_tracing() or _compiler_flag("is_exporting")
-
-
-def _capturing_graph() -> bool:
-    """True while torch.compile, torch.export, torch.jit.trace or an ONNX exporter traces a forward."""
-    return _exporting_graph() or _compiler_flag("is_compiling")
 
 
 def _check_rho_init(rho_init: float) -> None:

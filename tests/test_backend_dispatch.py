@@ -15,7 +15,7 @@ from reference import reference_bin
 from torch import nn
 
 import metabin_layers
-from metabin_layers import MetaBIN2d, functional, kernels
+from metabin_layers import MetaBIN2d, _registry, functional, kernels
 from metabin_layers.functional import batch_instance_norm, reset_triton_fallback, resolve_backend, triton_fallback_reason
 
 EPS = 1e-5
@@ -53,7 +53,7 @@ def test_auto_on_cuda_needs_a_validation_record_for_this_release(monkeypatch):
     assert resolve_backend(x) == "composite"  # the environment variable still wins
     monkeypatch.delenv(functional.BACKEND_ENV)
     with pytest.warns(RuntimeWarning):
-        functional._record_triton_failure("forward", RuntimeError("boom"))
+        _registry.record_triton_failure("forward", RuntimeError("boom"))
     assert resolve_backend(x) == "fused"  # a failure in this process disables it
     assert resolve_backend(torch.zeros(2, 3, 4)) == "fused"  # CPU tensors never pick Triton
 
@@ -80,7 +80,7 @@ needs_interpreter = pytest.mark.skipif(not tb.INTERPRET, reason="Triton was impo
 
 def _choose_triton_until_failure(monkeypatch):
     """Make "auto" pick Triton for CPU tensors (as it would for CUDA tensors after validation)."""
-    monkeypatch.setattr(functional, "_auto_prefers_triton", lambda x: not functional._TRITON_FAILURE)
+    monkeypatch.setattr(functional, "_auto_prefers_triton", lambda x: not _registry._TRITON_FAILURE)
 
 
 def _raise(what):
@@ -137,8 +137,9 @@ def test_backward_failure_recomputes_gradients(monkeypatch, use_batch):
     params = [torch.rand(4, generator=gen)] + [torch.randn(4, generator=gen) for _ in range(4)]
     params = [p.requires_grad_() for p in params]
     fixed = (None, None) if use_batch else (torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5)
+    mode = "hold" if use_batch else "eval"
     dy = torch.randn(x.shape, generator=gen)
-    y, _, _ = tb.TritonBIN.apply(x, *params, *fixed, EPS, True)
+    y = tb.TritonBIN.apply(x, *params, *fixed, None, 0.1, EPS, mode, False, True)
     with pytest.warns(RuntimeWarning, match="Triton kernels failed in the backward"):
         grads = torch.autograd.grad(y, [x, *params], dy)
     assert failing.calls == 1
@@ -153,7 +154,7 @@ def test_backward_failure_recomputes_gradients(monkeypatch, use_batch):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4, msg=name)
     # without fallback=True the error reaches the caller
     reset_triton_fallback()
-    y, _, _ = tb.TritonBIN.apply(x, *params, *fixed, EPS)
+    y = tb.TritonBIN.apply(x, *params, *fixed, None, 0.1, EPS, mode, False)
     with pytest.raises(RuntimeError, match="simulated"):
         torch.autograd.grad(y, [x], dy)
 

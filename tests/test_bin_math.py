@@ -1,4 +1,5 @@
-"""The BIN math module against a float64 autograd reference, and a guard that it stays the only one."""
+"""The BIN math module against a float64 autograd reference, and a guard that the formulas have
+exactly two homes: ``_bin_math`` (the reference and the CPU math) and the Triton kernels."""
 
 import ast
 from pathlib import Path
@@ -10,8 +11,12 @@ from reference import reference_bin_by_formula
 from metabin_layers import _bin_math as bm
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metabin_layers"
-# The modules that run the normalization: they call _bin_math for every coefficient.
-BACKEND_FILES = ["functional.py", "distributed.py", "export.py", "layers.py", "kernels/triton_bin.py"]
+# The modules that run the normalization on torch ops: they call _bin_math for every coefficient.
+BACKEND_FILES = ["functional.py", "_registry.py", "_fused.py", "_composite.py", "distributed.py", "export.py", "layers.py"]
+# The two implementations of the formulas (the kernels are tested against the first and float64).
+HOMES = {"_bin_math.py", "kernels/triton_bin.py"}
+# rho arithmetic that is not the normalization: the meta step's inner update of rho.
+META_STEP = {"optim.py"}
 # Operands whose arithmetic is the BIN math itself (mixing weight, inverse deviations, branch
 # weights, gradient sums).
 MATH_NAMES = {"rho", "rho_", "inv_b", "inv_nc", "a_b", "a_i", "t_i", "t_b", "s1_c", "ti_c", "g_i", "beta"}
@@ -46,6 +51,11 @@ def test_the_formula_check_finds_a_second_copy():
 def test_backends_hold_no_copy_of_the_coefficient_formulas(name):
     sites = formula_sites((PACKAGE / name).read_text())
     assert not sites, f"{name}: BIN arithmetic outside _bin_math at lines {sites}"
+
+
+def test_the_formulas_live_in_exactly_two_modules():
+    with_sites = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if formula_sites(path.read_text())}
+    assert with_sites - META_STEP == HOMES, f"BIN arithmetic in {sorted(with_sites - META_STEP)}"
 
 
 @pytest.mark.parametrize("use_batch", [True, False])

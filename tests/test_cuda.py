@@ -4,7 +4,8 @@ Every test here is marked ``gpu`` and skips without CUDA. Covered: the three bac
 fp32 / fp16 / bf16, NCHW and channels_last, odd shapes (C not a multiple of any tile, one
 spatial position, a large spatial extent), the statistics modes update / hold / eval with the
 running statistics, SyncMetaBIN's collective path on a one-rank NCCL group, ``torch.compile`` of
-a converted model, and ``backend="auto"``'s choice on CUDA.
+a converted model on each backend, CUDA-graph capture of a layer on the Triton kernels, and
+``backend="auto"``'s choice on CUDA.
 """
 
 import copy
@@ -113,8 +114,9 @@ def test_sync_metabin_collective_path_on_one_rank(tmp_path, backend):
     """The all-gather path of SyncMetaBIN (NCCL, one rank) equals the plain layer."""
     import torch.distributed as dist
 
+    from metabin_layers._composite import composite_bin
+    from metabin_layers._fused import _FusedBIN
     from metabin_layers.distributed import _GroupBatch
-    from metabin_layers.functional import _composite, _FusedBIN
 
     if not dist.is_nccl_available():
         pytest.skip("NCCL is not available")
@@ -127,7 +129,7 @@ def test_sync_metabin_collective_path_on_one_rank(tmp_path, backend):
         p = [t.requires_grad_() for t in p]
         batch = _GroupBatch(group)
         if backend == "composite":
-            y, mu_b, var_b = _composite(x, *p, None, None, EPS, batch)
+            y, mu_b, var_b = composite_bin(x, *p, None, None, EPS, batch)
         else:
             y, mu_b, var_b = _FusedBIN.apply(x, *p, None, None, EPS, batch)
         count = batch.count
@@ -166,11 +168,15 @@ class _Net(nn.Module):
         return self.body(x)
 
 
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_torch_compile_of_a_converted_model(monkeypatch, dtype):
+def test_torch_compile_of_a_converted_model(monkeypatch, dtype, backend):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions in both runs
     torch.manual_seed(2)
     model = convert_bn_to_metabin(_Net(), rho_init=0.5).cuda().train()
+    for layer in model.modules():
+        if isinstance(layer, MetaBIN2d):
+            layer.backend = backend  # triton: the kernels run as custom ops inside the graph
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(8, 3, 32, 16, device="cuda")
@@ -189,6 +195,47 @@ def test_torch_compile_of_a_converted_model(monkeypatch, dtype):
     model.eval()
     eager.eval()
     assert _err(compiled(x), eager(x)) <= 2e-3
+
+
+@pytest.mark.skipif(not kernels.is_available(), reason="needs Triton")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_graph_capture_of_the_triton_layer(layout):
+    """fwd + bwd of a training-mode layer on the kernels, captured once and replayed: the same
+    outputs, gradients and running statistics (``num_batches_tracked`` counted on the device)."""
+    torch.manual_seed(4)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    layer = MetaBIN2d(48, rho_init=0.4, backend="triton").cuda().train()
+    eager = copy.deepcopy(layer)
+    static_x = torch.randn(8, 48, 14, 10, device="cuda").contiguous(memory_format=fmt).requires_grad_()
+    static_dy = torch.randn_like(static_x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels, fills the caching allocator
+        for _ in range(2):
+            layer(static_x).backward(static_dy)
+    torch.cuda.current_stream().wait_stream(side)
+    layer.load_state_dict(eager.state_dict())  # in place: the captured addresses stay
+    layer.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.backward(static_dy)
+    for step in range(3):
+        x = (torch.randn(8, 48, 14, 10, device="cuda") * (step + 1) + step).contiguous(memory_format=fmt)
+        static_x.data.copy_(x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        xe = x.detach().requires_grad_()
+        ye = eager(xe)
+        ye.backward(static_dy)
+        assert torch.equal(static_y, ye), f"y at step {step}"
+        assert _err(static_x.grad, xe.grad) <= 1e-6, f"dx at step {step}"
+        for (name, pg), (_, pe) in zip(layer.named_parameters(), eager.named_parameters()):
+            assert _err(pg.grad, pe.grad) <= 1e-6, f"{name} at step {step}"
+        for (name, bg), (_, be) in zip(layer.named_buffers(), eager.named_buffers()):
+            assert torch.equal(bg, be), f"{name} at step {step}"
+    assert int(layer.num_batches_tracked) == 3
 
 
 def test_auto_backend_on_cuda_follows_the_validation_record():

@@ -2,7 +2,7 @@
 
 Nothing here imports Triton until a kernel is used, so the CPU and plain-PyTorch paths never
 need it. ``from metabin_layers.kernels import TritonBIN`` (or ``triton_bin_forward``,
-``triton_bin_backward``, ``instance_stats``) imports ``metabin_layers.kernels.triton_bin``;
+``triton_bin_backward``, ``plan``, ``Plan``) imports ``metabin_layers.kernels.triton_bin``;
 ``is_available``, ``triton_importable`` and ``cuda_validated`` do not.
 
 ``backend="auto"`` picks the compiled kernels on CUDA only once they have passed the library's
@@ -25,19 +25,19 @@ __all__ = [
     "TritonBIN",
     "triton_bin_forward",
     "triton_bin_backward",
-    "instance_stats",
+    "plan",
+    "Plan",
 ]
 
-_LAZY = {"TritonBIN", "triton_bin_forward", "triton_bin_backward", "instance_stats"}
+_LAZY = {"TritonBIN", "triton_bin_forward", "triton_bin_backward", "plan", "Plan"}
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _triton_ok: Optional[bool] = None
 
 #: The run of the CUDA tests (``pytest -m gpu``) that validated the compiled kernels, or None.
 #: A dict ``{"version": library version, "date": "YYYY-MM-DD", "gpu": name, "torch": .., "triton": ..}``;
 #: ``backend="auto"`` uses the kernels on CUDA only while ``version`` is this library's version,
-#: so each release needs its own passing run. None: ``auto`` keeps the fused path on CUDA. On an
-#: NVIDIA H200 (2026-11-28) the kernels passed the CUDA tests but took 1.4-1.6x the fused path's
-#: time (both bound by kernel launches there), so no run is recorded.
+#: so each release needs its own passing run. None: ``auto`` keeps the fused path on CUDA. The
+#: four-launch kernels of this release have not yet had that run.
 CUDA_VALIDATION: Optional[dict[str, str]] = None
 
 
