@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ._bin_math import combine_moments, local_moments
 from ._collectives import DistributedStepError, active_group, all_gather_differentiable, all_gather_stacked, all_reduce_sum
 from ._registry import BINArgs
-from .functional import _compiler_flag, _run
+from .functional import _run
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _MetaBINBase, replace_modules
 
 __all__ = ["SyncMetaBIN", "convert_sync_metabin", "DistributedStepError"]
@@ -164,7 +164,7 @@ class SyncMetaBIN(_MetaBINBase):
             x = x.unsqueeze(-1)
         rho = self._rho_override if self._rho_override is not None else self.rho
         batch_only = math.prod(x.shape[2:]) == 1
-        if batch_only and not self._single_value_warned and not _compiler_flag("is_compiling"):
+        if batch_only:
             self._warn_batch_branch_only(shape)  # no instance statistics: the batch branch only
         update = self._stats_mode == "update" and self.track_running_stats
         args = BINArgs(

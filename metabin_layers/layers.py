@@ -223,9 +223,10 @@ class _MetaBINBase(nn.Module):
 
         Such an input (``(N, C)``, ``(N, C, 1)``, ``(N, C, 1, 1)``: squeeze-excite blocks, auxiliary
         heads on 1x1 maps, BatchNorm1d over token features) has no instance statistics, so the
-        layer uses its batch branch only and is exactly its BatchNorm.
+        layer uses its batch branch only and is exactly its BatchNorm. Not while compiling:
+        torch.compile cannot trace ``warnings.warn``.
         """
-        if not self._single_value_warned:
+        if not self._single_value_warned and not _compiler_flag("is_compiling"):
             self._single_value_warned = True
             warnings.warn(
                 f"{type(self).__name__}({self.num_features}): input of shape {shape} has a single value per "
@@ -284,10 +285,9 @@ class _MetaBINBase(nn.Module):
             )
         rho = self._rho_override if self._rho_override is not None else self.rho
         batch_only = spatial == 1
-        if batch_only and not self._single_value_warned and not _compiler_flag("is_compiling"):
+        if batch_only:
             # One value per channel and sample: instance statistics do not exist, so the layer is
             # its BatchNorm (train, eval and folded alike); rho gets no gradient from this call.
-            # (Warned in eager runs: torch.compile cannot trace warnings.warn.)
             self._warn_batch_branch_only(shape)
         has_running = self.running_mean is not None and self.running_var is not None
         mode = self._stats_mode if self.training else "eval"
