@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # --backend triton on a CPU: before anything imports Triton
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import metabin_layers  # noqa: F401
@@ -51,6 +54,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+import launches  # noqa: E402
 
 #: which statistic of the repeats the tables use (``--stat``): "median" or "min"
 STAT = common.STAT
@@ -222,6 +226,22 @@ class Clock:
         return out
 
 
+class LaunchClock:
+    """A clock that counts instead of timing: launches (ATen ops + Triton launches) per phase."""
+
+    def __init__(self, counter: "launches.LaunchCounter"):
+        self.counter = counter
+        self.marks: list[int] = []
+
+    def mark(self) -> None:
+        self.marks.append(self.counter.aten + self.counter.launches)
+
+    def phases(self, names: tuple[str, ...]) -> dict[str, float]:
+        out = {n: b - a for n, a, b in zip(names, self.marks, self.marks[1:])}
+        out["total"] = self.marks[-1] - self.marks[0]
+        return out
+
+
 class Plain:
     def __init__(self, args, data, device):
         torch.manual_seed(0)
@@ -229,8 +249,8 @@ class Plain:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
         self.data, self.device, self.autocast = data, device, args.autocast
 
-    def iteration(self, meta: str) -> dict[str, float]:
-        clock = Clock(self.device)
+    def iteration(self, meta: str, clock: Optional[Any] = None) -> dict[str, float]:
+        clock = clock or Clock(self.device)
         clock.mark()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
@@ -265,8 +285,8 @@ class Naive:
             for g in self.gates:
                 g.clamp_(0, 1)
 
-    def iteration(self, meta: str) -> dict[str, float]:
-        clock = Clock(self.device)
+    def iteration(self, meta: str, clock: Optional[Any] = None) -> dict[str, float]:
+        clock = clock or Clock(self.device)
         clock.mark()
         # base update: backward into everything (gates too), only the main optimizer steps
         self._mode("general")
@@ -318,8 +338,8 @@ class Ours:
         self.opt = MetaBINOptimizer(self.model, base, rho_lr=RHO_LR, inner_lr=0.001)
         self.data, self.device, self.autocast = data, device, args.autocast
 
-    def iteration(self, meta: str) -> dict[str, float]:
-        clock = Clock(self.device)
+    def iteration(self, meta: str, clock: Optional[Any] = None) -> dict[str, float]:
+        clock = clock or Clock(self.device)
         clock.mark()
         self.opt.zero_grad()
         with self.autocast():
@@ -344,10 +364,17 @@ class Ours:
 
 
 def build(config: str, args, data, device):
+    """``step(clock=None)``: one iteration of ``config``, timed (or counted, with a ``LaunchClock``)."""
     kind = config.split("_")[0]
     runner = {"a": Plain, "b": Naive, "c": Ours}[kind](args, data, device)
     meta = "full" if config.endswith("full") else "split"
-    return lambda: runner.iteration(meta)
+    return lambda clock=None: runner.iteration(meta, clock)
+
+
+def count_launches(step) -> dict[str, float]:
+    """Launches per phase of one more iteration (the counter's dispatch mode slows it: never timed)."""
+    with launches.LaunchCounter() as counter:
+        return step(LaunchClock(counter))
 
 
 # -- memory (one configuration per process) ------------------------------------------------------
@@ -441,6 +468,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     ran = [c for c in configs if c not in failed]
     # the first call was one warm-up
     stats = common.interleaved({c: steps[c] for c in ran}, repeats=args.repeats, warmup=max(args.warmup - 1, 0))
+    counts = {c: count_launches(steps[c]) for c in ran} if args.launches else {}
     memory = memory_in_subprocesses(args, ran) if args.memory else {}
     sizes = {
         "base": int(data["base"][0].shape[0]),
@@ -463,7 +491,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "backend": args.backend,
         },
         "results": {
-            c: {"status": "ok", "timing": stats[c], "peak_mib": memory.get(c)} if c in stats else {"status": failed[c]}
+            c: {"status": "ok", "timing": stats[c], "launches": counts.get(c), "peak_mib": memory.get(c)}
+            if c in stats
+            else {"status": failed[c]}
             for c in configs
         },
     }
@@ -579,6 +609,7 @@ def render(payload: dict[str, Any]) -> str:
         headers = ["phase ratio", "base", "meta-train + inner grad", "meta-test + outer", "total"]
         lines.append(common.md_table(headers, prow, "lrrrr"))
         lines.append("")
+    lines += render_launches(res)
     for size in ("split", "full"):
         if f"c_over_a_{size}" in summ:
             q = summ[f"c_over_a_{size}"]
@@ -592,6 +623,28 @@ def render(payload: dict[str, Any]) -> str:
             lines.append(f"- {t['target']}: **{'met' if t['met'] else 'not met'}** ({t['figure']})")
         lines.append("")
     return "\n".join(lines)
+
+
+PHASES = ("base", "meta-train", "meta-test", "total")
+
+
+def render_launches(res: dict[str, Any]) -> list[str]:
+    """The launch table: ATen ops + Triton launches per phase, and the total against (a)."""
+    counted = {c: r["launches"] for c, r in res.items() if r.get("launches")}
+    if not counted:
+        return []
+    a = counted.get("a_plain", {}).get("total")
+    rows = [
+        [LABELS[c]] + [f"{n[p]:.0f}" if p in n else "-" for p in PHASES] + [common.ratio(n["total"], a)]
+        for c, n in counted.items()
+    ]
+    return [
+        "Kernel launches per iteration (ATen ops that are not views, plus Triton launches; each is at most one "
+        "kernel launch on CUDA), counted on one extra iteration:",
+        "",
+        common.md_table(["configuration", *PHASES, "/ (a)"], rows, "lrrrrr"),
+        "",
+    ]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -616,6 +669,9 @@ def parser() -> argparse.ArgumentParser:
         help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)",
     )
     p.add_argument("--backend", default="auto", help="MetaBIN backend of configuration (c) (default: %(default)s)")
+    p.add_argument(
+        "--no-launches", dest="launches", action="store_false", help="skip the launch count per phase (one more iteration each)"
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-configuration memory subprocesses")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)

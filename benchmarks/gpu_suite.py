@@ -167,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # 2. layer benchmark
     if "layer" not in skip:
         if args.dry_run:
-            base = ["--device", "cpu", "--shapes", "small", "--batch", "2", "--repeats", "2", "--warmup", "0"]
+            base = ["--device", "cpu", "--shapes", "tiny", "--batch", "2", "--repeats", "2", "--warmup", "0"]
             base += ["--compile-naive", "dynamic", "--compile-backend", "eager"]
         else:
             base = ["--device", "cuda", "--batch", "64", "--repeats", "20", "--warmup", "3", "--compile-naive", "dynamic"]
@@ -179,12 +179,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             cmd = [py, os.path.join(HERE, "bench_layer.py"), *base, "--dtypes", dtypes]
             cmd += ["--json", o(f"layer_{layout}.json"), "--verbose", "--output", o(f"raw/layer_{layout}")]
             cmd += ["--channels-last"] if layout == "channels_last" else []
+            if args.dry_run and layout == "channels_last":
+                cmd += ["--no-launches"]  # the dry run checks the launch table once (Triton's interpreter is slow)
             if suite.run(f"layer benchmark ({layout})", cmd, o(f"layer_{layout}.log"), 150):
                 _markdown_from_log(o(f"layer_{layout}.log"), o(f"layer_{layout}.md"))
         # the bandwidth target: batch 256 on the layer1 shapes
         big = list(base)
         big[big.index("--batch") + 1] = "2" if args.dry_run else "256"
-        cmd = [py, os.path.join(HERE, "bench_layer.py"), *big, "--shapes", "small" if args.dry_run else "layer1"]
+        cmd = [py, os.path.join(HERE, "bench_layer.py"), *big, "--shapes", "tiny" if args.dry_run else "layer1"]
         cmd += ["--dtypes", "float32" if args.dry_run else "float32,bfloat16", "--json", o("layer_batch256.json")]
         cmd += ["--output", o("raw/layer_batch256"), "--no-launches"]
         if suite.run("layer benchmark (batch 256, layer1)", cmd, o("layer_batch256.log"), 90):

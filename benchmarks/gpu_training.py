@@ -65,7 +65,7 @@ LONG_NORMS = ("bn", "bin", "bin-half", "metabin")
 def speed_settings(dry: bool, iterations: int = 200) -> dict[str, Any]:
     if dry:
         return {
-            "device": "cpu", "backbone": "resnet18", "height": 64, "width": 32, "pad": 3, "batch_size": 40,
+            "device": "cpu", "backbone": "test_resnet", "height": 32, "width": 16, "pad": 2, "batch_size": 40,
             "meta_batch_size": 40, "syn_styles": 6, "syn_held_out": [5], "syn_train_ids": 40, "syn_images_per_id": 4,
             "syn_test_ids": 4, "syn_distractor_ids": 0, "max_iters": 3, "first_inner_loop": 1, "log_every": 1,
             "checkpoint_every": 100000, "workers": 0, "amp": True, "seed": 0,
@@ -81,7 +81,8 @@ def speed_settings(dry: bool, iterations: int = 200) -> dict[str, Any]:
 def long_settings(dry: bool, seed: int, iterations: int) -> dict[str, Any]:
     if dry:
         return {
-            "device": "cpu", "syn_train_ids": 40, "syn_images_per_id": 4, "syn_test_ids": 4, "syn_distractor_ids": 0,
+            "device": "cpu", "backbone": "test_resnet", "height": 32, "width": 16, "pad": 2,
+            "syn_train_ids": 40, "syn_images_per_id": 4, "syn_test_ids": 4, "syn_distractor_ids": 0,
             "max_iters": 2, "first_inner_loop": 1, "log_every": 1, "checkpoint_every": 100000, "seed": seed,
         }  # fmt: skip
     # the synthetic preset, 10x longer with the same schedule shape (6 epochs, milestone at 4)

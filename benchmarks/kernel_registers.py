@@ -22,6 +22,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -148,6 +149,10 @@ def compile_variant(kind: str, dtype: str, channels_last: bool, cfg: dict, flags
     }
 
 
+def _compile_one(variant: tuple) -> dict:
+    return compile_variant(*variant)
+
+
 def variants(kinds, dtypes, archs, all_flags: bool = False) -> list[tuple]:
     """Every tile the dispatcher can choose x dtype x layout x divisibility, with the heaviest
     constexpr flags; ``all_flags`` adds every flag combination at each kernel's first tile."""
@@ -224,6 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--json", default=None, metavar="PATH", help="write every variant and the summary as JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if any variant spills registers")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: one per CPU core)")
     p.add_argument("--all-flags", action="store_true", help="also every constexpr flag combination (mode, affine, ...)")
     args = p.parse_args(argv)
     import datetime
@@ -234,7 +240,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
     todo = variants(args.kernels.split(","), args.dtypes.split(","), archs, args.all_flags)
     t0 = time.perf_counter()
-    rows = [compile_variant(*v) for v in todo]
+    # Each variant is one Triton compile plus one ptxas run: independent, so spread over the cores.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs or os.cpu_count() or 1) as pool:
+        rows = list(pool.map(_compile_one, todo))
     seconds = time.perf_counter() - t0
     ptxas_version = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     env = {

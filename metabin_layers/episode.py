@@ -12,16 +12,19 @@ __all__ = ["DomainSplit", "split_domains", "CyclicInnerLR", "ConstantInnerLR", "
 
 
 class DomainSplit(NamedTuple):
-    """Meta-train / meta-test domains of one episode, and the matching masks over the batch.
+    """Meta-train / meta-test domains of one episode, and which samples of the batch they hold.
 
-    ``train_mask``/``test_mask`` are None when ``split_domains`` was given a list of domains
-    rather than the per-sample domain labels of a batch.
+    The masks and indices are None when ``split_domains`` was given a list of domains rather than
+    the per-sample domain labels of a batch. Select a side with the index (``x[split.train_index]``
+    is a gather: no host sync, where boolean masking must count the samples on the host first).
 
     Attributes:
         train_domains: the meta-train domain ids, in the order drawn.
         test_domains: the meta-test domain ids, in the order drawn.
         train_mask: boolean ``(N,)`` mask of the batch samples from meta-train domains, or None.
         test_mask: boolean ``(N,)`` mask of the batch samples from meta-test domains, or None.
+        train_index: int64 positions of the meta-train samples in the batch (ascending), or None.
+        test_index: int64 positions of the meta-test samples in the batch (ascending), or None.
 
     Examples:
         >>> import torch
@@ -29,12 +32,39 @@ class DomainSplit(NamedTuple):
         >>> s = split_domains(torch.tensor([0, 0, 1, 1, 2, 2]), num_meta_train=2, generator=torch.Generator().manual_seed(0))
         >>> int(s.train_mask.sum()), int(s.test_mask.sum())
         (4, 2)
+        >>> torch.equal(s.train_index, s.train_mask.nonzero().flatten())
+        True
     """
 
     train_domains: Tensor
     test_domains: Tensor
     train_mask: Optional[Tensor]
     test_mask: Optional[Tensor]
+    train_index: Optional[Tensor] = None
+    test_index: Optional[Tensor] = None
+
+
+def _split_batch(labels: Tensor, train_domains: Tensor, test_domains: Tensor) -> DomainSplit:
+    """The masks and indices of both sides, computed from the labels' host values.
+
+    Host values of CPU labels (as a DataLoader yields them) cost no device sync; labels on a GPU
+    are copied to the host once.
+    """
+    values = labels.tolist()
+    train = set(train_domains.tolist())
+    in_train = [v in train for v in values]
+    train_index = [i for i, t in enumerate(in_train) if t]
+    test_index = [i for i, t in enumerate(in_train) if not t]
+    device = labels.device
+    mask = torch.tensor(in_train, dtype=torch.bool).to(device, non_blocking=True)
+    return DomainSplit(
+        train_domains,
+        test_domains,
+        mask,
+        ~mask,
+        torch.tensor(train_index, dtype=torch.int64).to(device, non_blocking=True),
+        torch.tensor(test_index, dtype=torch.int64).to(device, non_blocking=True),
+    )
 
 
 def _default_num_meta_train(num_domains: int) -> int:
@@ -61,7 +91,8 @@ def split_domains(
 
     Returns:
         A ``DomainSplit``: the meta-train and meta-test domain ids (on the CPU), and, for labels,
-        the boolean masks of their samples (None for a list of domains).
+        the boolean masks and the indices of their samples, on the labels' device (None for a list
+        of domains).
 
     Raises:
         ValueError: ``domains`` is not a 1-D sequence of integer ids, holds fewer than two
@@ -83,7 +114,7 @@ def split_domains(
         raise ValueError(
             f"domains must be a 1-D sequence of integer domain ids, got {labels.dtype} of shape {tuple(labels.shape)}"
         )
-    unique = torch.unique(labels.cpu())
+    unique = torch.tensor(sorted(set(labels.tolist())), dtype=labels.dtype)  # host values: no op on the device
     d = unique.numel()
     if d < 2:
         raise ValueError(
@@ -97,8 +128,7 @@ def split_domains(
     train_domains, test_domains = unique[perm[:k]], unique[perm[k:]]
     if not with_masks:
         return DomainSplit(train_domains, test_domains, None, None)
-    train_mask = torch.isin(labels, train_domains.to(labels.device))
-    return DomainSplit(train_domains, test_domains, train_mask, ~train_mask)
+    return _split_batch(labels, train_domains, test_domains)
 
 
 class InnerLR:

@@ -45,6 +45,7 @@ __all__ = [
 
 _NORM_EPS = 1e-12  # the authors' ``x / (|x| + 1e-12)``
 _DIST_MIN = 1e-12  # the authors' clamp of the squared distance
+_NO_IGNORE_INDEX = -(2**63)  # nll_loss ignores -100 by default: a target of -100 must raise too
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,16 +114,17 @@ def _hard_mining_loss(dist: Tensor, is_pos: Tensor, is_neg: Tensor, margin: floa
 
     ``d_ap`` = farthest positive, ``d_an`` = nearest negative, per anchor (row). Rows without
     a negative are left out of the mean; ``is_pos`` always contains the diagonal. No row with a
-    negative (or no row): a zero loss connected to the graph.
+    negative (or no row): a zero loss connected to the graph. No host sync: the rows are selected
+    by ``torch.where`` and counted on the device.
     """
-    valid = is_neg.any(dim=1)
-    if not bool(valid.any()):
+    if dist.shape[0] == 0:
         return _zero_loss(dist)
+    valid = is_neg.any(dim=1)
     d_ap = dist.masked_fill(~is_pos, float("-inf")).max(dim=1).values
     d_an = dist.masked_fill(~is_neg, float("inf")).min(dim=1).values
-    diff = d_ap[valid] - d_an[valid]
+    diff = torch.where(valid, d_ap - d_an, 0.0)  # a row without a negative has d_an = inf
     per_anchor = F.softplus(diff) if margin == 0 else F.relu(diff + margin)
-    return per_anchor.mean()
+    return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +224,10 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         batch.
 
     Raises:
-        ValueError: malformed shapes, non-integer ``targets``, a class index outside ``[0, K)``,
-            ``epsilon`` outside ``[0, 1)``, or ``K < 2`` with ``epsilon > 0``.
+        ValueError: malformed shapes, non-integer ``targets``, ``epsilon`` outside ``[0, 1)``, or
+            ``K < 2`` with ``epsilon > 0``.
+        IndexError: a class index outside ``[0, K)`` (``nll_loss``'s own check: on a GPU it is a
+            device-side assert).
 
     Examples:
         >>> import torch
@@ -244,17 +248,15 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
         raise ValueError(f"logits must have at least 2 classes (K >= 2) when epsilon > 0, got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0:  # an empty batch: zero, in the graph
         return _zero_loss(logits.to(_compute_dtype(logits)))
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= k:
-        raise ValueError(
-            f"targets must lie in [0, K) = [0, {k}) for logits of shape {tuple(logits.shape)}, got values in [{lo}, {hi}]"
-        )
     logp = logits.to(_compute_dtype(logits)).log_softmax(dim=1)
-    true = logp.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    # nll_loss checks the targets on the device (an index outside [0, K) raises on the CPU and
+    # asserts on the GPU): no host sync. No index is ignored.
+    nll = F.nll_loss(logp, targets.long(), ignore_index=_NO_IGNORE_INDEX)
     if epsilon == 0:
-        return -true.mean()
-    other = logp.sum(dim=1) - true
-    return -((1.0 - epsilon) * true + (epsilon / (k - 1)) * other).mean()
+        return nll
+    # -mean((1 - eps) * logp_true + eps / (K - 1) * (sum(logp) - logp_true))
+    other = epsilon / (k - 1)
+    return (1.0 - epsilon - other) * nll - other * logp.sum(dim=1).mean()
 
 
 def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool = True) -> Tensor:
@@ -289,16 +291,16 @@ def intra_domain_scatter_loss(features: Tensor, domains: Tensor, normalize: bool
         return _zero_loss(x)
     if normalize:
         x = _l2_normalize(x)
-    _, inverse = torch.unique(domains, return_inverse=True)
-    num_domains = int(inverse.max()) + 1
-    onehot = F.one_hot(inverse, num_domains).to(x.dtype)  # (N, G)
-    counts = onehot.sum(0)  # (G,)
-    centroids = (onehot.t() @ x) / counts.unsqueeze(1)  # (G, D), not re-normalised
-    c = centroids.index_select(0, inverse)  # (N, D): each sample's own centroid
+    # Pairwise domain equality instead of torch.unique: no host sync, no data-dependent shape.
+    same = (domains.unsqueeze(0) == domains.unsqueeze(1)).to(x.dtype)  # (N, N)
+    counts = same.sum(1)  # (N,): the size of each sample's domain
+    c = (same @ x) / counts.unsqueeze(1)  # (N, D): each sample's own centroid, not re-normalised
     denom = torch.linalg.vector_norm(c, dim=1) * torch.linalg.vector_norm(x, dim=1)
     cos = (c * x).sum(1) / denom.clamp(min=_DIST_MIN)
-    per_domain = (onehot.t() @ cos) / counts
-    return per_domain.mean()
+    # The mean over domains of S_d: a domain of n samples weighs each of its samples 1 / n, and the
+    # number of domains is the sum of those weights.
+    weight = counts.reciprocal()
+    return (cos * weight).sum() / weight.sum()
 
 
 def inter_domain_shuffle_loss(features: Tensor, labels: Tensor, domains: Tensor, margin: float = 0.0) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._collectives import active_group, average_over_group, global_domains
-from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, split_domains
+from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, _split_batch, split_domains
 from .layers import _MetaBINBase, metabin_modules, rho_parameters
 
 __all__ = ["MetaBINOptimizer"]
@@ -17,9 +17,33 @@ __all__ = ["MetaBINOptimizer"]
 LossClosure = Callable[[], Tensor]
 
 
-def _straight_through_clamp(t: Tensor) -> Tensor:
-    # Values clamped to [0, 1], gradient passed through unchanged (the authors' `.data.clamp_`).
-    return t + (t.clamp(0.0, 1.0) - t).detach()
+def _inner_step(rhos: list[Tensor], grads: list[Tensor], betas: list[float]) -> list[Tensor]:
+    """``rho' = clamp(rho - beta * g, 0, 1)`` over every layer at once, as foreach ops.
+
+    The clamp is straight-through (the authors' ``.data.clamp_``): ``rho'`` keeps the gradient of
+    ``rho - beta * g`` (to ``rho``, and to ``g`` when ``g`` carries a graph: second order). One
+    foreach launch per op and per distinct beta (a rho optimizer with several learning rates).
+    """
+    out: list[Optional[Tensor]] = [None] * len(rhos)
+    for beta in dict.fromkeys(betas):
+        idx = [i for i, b in enumerate(betas) if b == beta]
+        rho, grad = [rhos[i] for i in idx], [grads[i] for i in idx]
+        stepped = torch._foreach_add(rho, grad, alpha=-beta)
+        with torch.no_grad():
+            shift = torch._foreach_clamp_min(stepped, 0.0)
+            torch._foreach_clamp_max_(shift, 1.0)
+            torch._foreach_sub_(shift, stepped)
+        for i, t in zip(idx, torch._foreach_add(stepped, shift)):
+            out[i] = t
+    return out  # type: ignore[return-value]
+
+
+def _check_finite(grads: list[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
+    """Multiply ``grads`` by ``inv_scale`` in place and set ``found_inf`` to 1 if one is not finite.
+
+    GradScaler's own kernel (one launch on the GPU): the decision stays on the device.
+    """
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
 
 @contextlib.contextmanager
@@ -65,6 +89,14 @@ def _hold_plain_norms(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+def _default_rho_optimizer(rhos: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Plain SGD over rho; fused where torch has the kernel, so a skipped step stays on the device."""
+    try:
+        return torch.optim.SGD(rhos, lr=lr, momentum=0.0, weight_decay=0.0, fused=True)
+    except RuntimeError:  # a device without fused kernels
+        return torch.optim.SGD(rhos, lr=lr, momentum=0.0, weight_decay=0.0)
 
 
 def _check_loss(value: Any, name: str) -> Tensor:
@@ -152,7 +184,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         if rho_optimizer is None:
             if not isinstance(rho_lr, (int, float)) or not rho_lr >= 0:
                 raise ValueError(f"rho_lr must be a number >= 0, got {rho_lr!r}")
-            rho_optimizer = torch.optim.SGD(self.rhos, lr=rho_lr, momentum=0.0, weight_decay=0.0)
+            rho_optimizer = _default_rho_optimizer(self.rhos, rho_lr)
         else:
             held = {id(p) for g in rho_optimizer.param_groups for p in g["params"]}
             if held != rho_ids:
@@ -169,6 +201,8 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self._scaler_update_pending = False  # step() ran through the scaler, update() not yet
         self.generator = torch.Generator().manual_seed(seed)
         self.num_meta_steps = 0
+        self._skipped = torch.zeros((), dtype=torch.float32, device=self.rhos[0].device)
+        self._ones: dict[torch.device, Tensor] = {}
         # A DDP built while rho required grad has registered rho with its reducer, which then waits
         # for rho's gradient after every backward: keep rho grad-enabled in the base step for it.
         self._rho_in_ddp = self.ddp is not None and any(
@@ -268,7 +302,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             num_meta_train: how many domains go to meta-train; default as in ``split_domains``.
 
         Returns:
-            The ``DomainSplit``, with the masks over ``domains``.
+            The ``DomainSplit``, with the masks and indices over ``domains``.
 
         Raises:
             ValueError: as ``split_domains``; under ``torch.distributed`` also when the ranks'
@@ -285,8 +319,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         fingerprint = int((state * torch.arange(1, state.numel() + 1)).sum())
         union = global_domains(domains, group, self.rhos[0].device, fingerprint)
         drawn = split_domains(union.tolist(), num_meta_train, generator=self.generator)
-        train_mask = torch.isin(domains, drawn.train_domains.to(domains.device))
-        return DomainSplit(drawn.train_domains, drawn.test_domains, train_mask, ~train_mask)
+        return _split_batch(domains, drawn.train_domains, drawn.test_domains)
 
     # -- meta update ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -362,63 +395,96 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         lrs = self._rho_lrs()
         betas = [ratio * lrs[id(p)] if self.inner_lr.relative else ratio for p in self.rhos]
         self.num_meta_steps += 1
+        device = self.rhos[0].device
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        one = self._one(device)
         with self._episode():
             l_mtr = _check_loss(meta_train_loss(), "meta_train_loss")
             inner = self._grad(l_mtr, scaler, create_graph=self.second_order)
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            finite = bool(torch.stack([g.isfinite().all() for g in inner]).all())
-            if not finite:
-                if scaler is None:
-                    raise FloatingPointError("the meta-train gradient of rho is not finite (loss diverged?)")
-                self._skip_with_scaler(scaler, inner)
-                return {"meta_train_loss": l_mtr.detach(), "meta_test_loss": None, "inner_lr": betas[0], "skipped": True}
+            inv_scale = scaler.scale(one.double()).reciprocal().float() if scaler is not None else one
+            if self.second_order:  # the check on a copy; the unscale stays in the graph
+                _check_finite(torch._foreach_mul([g.detach() for g in inner], inv_scale), found_inf, one)
+                inner = list(torch._foreach_mul(inner, inv_scale))
+            else:
+                inner = [g.detach() for g in inner]
+                _check_finite(inner, found_inf, inv_scale)
+            rho_prime = _inner_step(self.rhos, inner, betas)
             for m in self.layers:
-                g = inner[self._index[id(m.rho)]] / scale
-                if not self.second_order:
-                    g = g.detach()
-                m._rho_override = _straight_through_clamp(m.rho - betas[self._index[id(m.rho)]] * g)
+                m._rho_override = rho_prime[self._index[id(m.rho)]]
             l_mte = _check_loss(meta_test_loss(), "meta_test_loss")
             outer = self._grad(l_mte, scaler, create_graph=False, phase="outer")
         for p, g in zip(self.rhos, outer):
             p.grad = g
-        skipped = False
         if scaler is not None:
-            skipped = not self._all_finite(outer)  # the scaler then skips the step itself
+            # The scaler finds the overflow of the outer gradient itself; make it see the inner
+            # one too (inf added where found_inf is 1): it then skips the step and backs off.
+            outer[0].add_(found_inf / (1.0 - found_inf))
+            _check_finite(outer, found_inf, one)
             scaler.step(self.rho_optimizer)
             self._update_scaler()  # one update for the base and the meta step of this iteration
         else:
-            if not self._all_finite(outer):
-                raise FloatingPointError("the meta-test gradient of rho is not finite (loss diverged?)")
-            self.rho_optimizer.step()
+            _check_finite(outer, found_inf, one)
+            self._step_rho_unless(found_inf)
         self.clamp_rho()
-        return {"meta_train_loss": l_mtr.detach(), "meta_test_loss": l_mte.detach(), "inner_lr": betas[0], "skipped": skipped}
+        self._count_skipped(found_inf)
+        return {
+            "meta_train_loss": l_mtr.detach(),
+            "meta_test_loss": l_mte.detach(),
+            "inner_lr": betas[0],
+            "skipped": found_inf > 0,
+        }
 
-    @staticmethod
-    def _all_finite(grads: Sequence[Tensor]) -> bool:
-        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+    def _one(self, device: torch.device) -> Tensor:
+        # A constant 1.0 on the device, made once (the check-only scale of _check_finite).
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        return one
 
-    def _skip_with_scaler(self, scaler: torch.amp.GradScaler, scaled_grads: list[Tensor]) -> None:
-        # Let the scaler see the overflow: it skips the step and lowers its scale, as for any
-        # optimizer step with inf/NaN gradients.
-        for p, g in zip(self.rhos, scaled_grads):
-            p.grad = g.detach()
-        scaler.step(self.rho_optimizer)
-        self._update_scaler()
-        for p in self.rhos:
-            p.grad = None
+    def _step_rho_unless(self, found_inf: Tensor) -> None:
+        """Step the rho optimizer unless ``found_inf`` is 1, deciding on the device where it can.
+
+        torch's fused optimizers take ``found_inf`` and skip on the device (as ``GradScaler.step``
+        uses them); any other optimizer needs the flag on the host: one sync, as in GradScaler.
+        """
+        opt = self.rho_optimizer
+        if all(group.get("fused") for group in opt.param_groups):
+            opt.grad_scale, opt.found_inf = None, found_inf  # type: ignore[attr-defined]
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf  # type: ignore[attr-defined]
+        elif not found_inf.item():
+            opt.step()
+
+    def _count_skipped(self, found_inf: Tensor) -> None:
+        if self._skipped.device != found_inf.device:
+            self._skipped = self._skipped.to(found_inf.device)
+        self._skipped.add_(found_inf)
+
+    @property
+    def skipped_meta_steps(self) -> Tensor:
+        """How many meta steps were skipped for a non-finite gradient: a tensor on rho's device.
+
+        Counted on the device (reading it, e.g. ``int(opt.skipped_meta_steps)``, waits for the GPU:
+        do it when you log). A skipped step leaves rho as it was; with a grad scaler, the scaler
+        also lowers its scale, as for any skipped step.
+        """
+        return self._skipped
 
     @torch.no_grad()
     def clamp_rho(self) -> None:
-        """Clamp every rho to [0, 1] in place."""
-        for p in self.rhos:
-            p.clamp_(0.0, 1.0)
+        """Clamp every rho to [0, 1] in place (two foreach launches for all layers)."""
+        torch._foreach_clamp_min_(self.rhos, 0.0)
+        torch._foreach_clamp_max_(self.rhos, 1.0)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Base and rho optimizer states, the inner-lr schedule position and the split generator.
 
         Returns:
-            ``{"base", "rho", "inner_lr", "generator", "num_meta_steps"}``, for ``load_state_dict``.
+            ``{"base", "rho", "inner_lr", "generator", "num_meta_steps", "skipped_meta_steps"}``,
+            for ``load_state_dict``.
         """
         return {
             "base": self.base_optimizer.state_dict(),
@@ -426,6 +492,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             "inner_lr": self.inner_lr.state_dict(),
             "generator": self.generator.get_state(),
             "num_meta_steps": self.num_meta_steps,
+            "skipped_meta_steps": self._skipped,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -445,5 +512,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self.inner_lr.load_state_dict(state_dict["inner_lr"])
         self.generator.set_state(state_dict["generator"])
         self.num_meta_steps = int(state_dict["num_meta_steps"])
+        # Saved since 0.2: older states start the count again.
+        self._skipped = torch.as_tensor(state_dict.get("skipped_meta_steps", 0.0), dtype=torch.float32).to(self.rhos[0].device)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state

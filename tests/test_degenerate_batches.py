@@ -40,9 +40,9 @@ def _one_identity_on_call(batches, which_calls):
     original, calls = batches.next, [0]
 
     def next_batch():
-        x, pid, dom = original()
+        x, pid, dom, host_dom = original()
         calls[0] += 1
-        return (x, torch.zeros_like(pid), dom) if calls[0] in which_calls else (x, pid, dom)
+        return (x, torch.zeros_like(pid) if calls[0] in which_calls else pid, dom, host_dom)
 
     batches.next = next_batch
 

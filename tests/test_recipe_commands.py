@@ -1,7 +1,8 @@
 """Every ``metabin-reid`` command of docs/recipe.md runs, on generated fake dataset folders.
 
 Each command runs as written, plus a few overrides that keep it small (2 iterations, 64x32
-images, ResNet-18 unless the command picks a backbone, 2 test splits). The real-data commands
+images, ResNet-18 unless the command picks a backbone (the synthetic commands: the recipe's
+two-block test ResNet), 2 test splits). The real-data commands
 use fake folders in the real layouts (made with the generators of test_reid_datasets.py).
 """
 
@@ -41,8 +42,8 @@ def with_small_settings(command: str) -> list[str]:
         extra = EVAL_SMALL + (["height=64", "width=32"] if real else [])
     else:
         extra = list(SMALL) + ([] if real else SYNTHETIC)
-        if real and not any(a.startswith("backbone=") for a in args):
-            extra.append("backbone=resnet18")
+        if not any(a.startswith("backbone=") for a in args):
+            extra.append("backbone=resnet18" if real else "backbone=test_resnet")
         if not real:
             args.append("--quick")
     if "--set" not in args:

@@ -118,7 +118,7 @@ def test_meta_losses_add_cross_entropy_when_configured(tmp_path):
     t.opt.split = lambda dom, n=None: split.setdefault("s", split_fn(dom, n))
     t.opt.meta_step = capture
     t.meta_step()
-    x, pid, _ = batch["b"]
+    x, pid, _, _ = batch["b"]
     with torch.no_grad():
         for i, mask in enumerate((split["s"].train_mask, split["s"].test_mask)):
             _, logits = t.model(x[mask])

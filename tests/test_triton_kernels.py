@@ -245,8 +245,8 @@ def test_cumulative_average_over_steps():
 # Tiny tiles and a wide (pretend) GPU: the plans split the spatial axis, group samples, tile
 # the batch statistics and block the channels, so every merge path runs on small inputs.
 SMALL_PLANS = {
-    "nchw": ((8, 3, 16, 20), {"WORK_PER_STAT": 16, "INTERPRETER_SMS": 16}),
-    "cl": ((8, 40, 6, 5), {"WORK_PER_STAT": 1, "INTERPRETER_SMS": 8, "CL_ROW_BYTES": 64}),
+    "nchw": ((5, 2, 16, 16), {"WORK_PER_STAT": 16, "INTERPRETER_SMS": 16}),
+    "cl": ((4, 40, 3, 5), {"WORK_PER_STAT": 1, "INTERPRETER_SMS": 8, "CL_ROW_BYTES": 64}),
 }
 
 

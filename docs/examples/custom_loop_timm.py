@@ -63,7 +63,8 @@ for it, (b, m) in enumerate(zip(base_loader, meta_loader), 1):
     opt.step()
     split = opt.split(m["domain"])  # 2) meta step on rho: meta-train / meta-test domains
     out = opt.meta_step(
-        meta_train_loss=partial(meta_train_loss, m, split.train_mask), meta_test_loss=partial(meta_test_loss, m, split.test_mask)
+        meta_train_loss=partial(meta_train_loss, m, split.train_index),
+        meta_test_loss=partial(meta_test_loss, m, split.test_index),
     )
     rho = torch.cat([r.detach().flatten() for r in rho_parameters(model)])
     print(

@@ -157,8 +157,8 @@ def main():
             opt.step()
             s = opt.split(m["domain"])  # meta-train / meta-test domains of this episode
             out = opt.meta_step(
-                meta_train_loss=partial(meta_train_loss, model, m, s.train_mask),
-                meta_test_loss=partial(meta_test_loss, model, m, s.test_mask),
+                meta_train_loss=partial(meta_train_loss, model, m, s.train_index),
+                meta_test_loss=partial(meta_test_loss, model, m, s.test_index),
             )
             sched.step()
             rho = torch.cat([r.detach().flatten() for r in rho_parameters(model)]).mean().item()

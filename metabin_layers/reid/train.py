@@ -191,18 +191,17 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _lacks_negatives(labels: Tensor, domains: Optional[Tensor] = None) -> bool:
-    """True when the batch-hard loss of these labels has no triplet (the loss is then a zero).
+def _lacks_negatives(labels: Tensor, domains: Optional[Tensor] = None) -> Tensor:
+    """1 when the batch-hard loss of these labels has no triplet (the loss is then a zero), else 0.
 
     Without ``domains``: fewer than two identities (the triplet loss). With ``domains``: no domain
-    holds two identities (the inter-domain shuffle loss).
+    holds two identities (the inter-domain shuffle loss). An int64 tensor on the labels' device:
+    counted without a host sync.
     """
-    if labels.numel() == 0:
-        return True
     other = labels.unsqueeze(0) != labels.unsqueeze(1)
     if domains is not None:
         other &= domains.unsqueeze(0) == domains.unsqueeze(1)
-    return not bool(other.any())
+    return (~other.any()).long()
 
 
 def warmup_multistep(iteration: int, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
@@ -245,13 +244,14 @@ class _Batches:
         self.consumed = 0
         self._it: Optional[Iterator] = None
 
-    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+    def next(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Images, identities and domains on the device, and the domains as loaded (on the CPU)."""
         if self._it is None:
             self._it = iter(self.loader)
         batch = next(self._it)
         self.consumed += 1
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        return to(batch["img"]), to(batch["pid"]), to(batch["domain"])
+        return to(batch["img"]), to(batch["pid"]), to(batch["domain"]), batch["domain"]
 
     def state_dict(self) -> dict[str, Any]:
         state = self.sampler.state_dict()
@@ -391,9 +391,10 @@ class Trainer:
         #: The iteration of the last complete checkpoint written or loaded (None: none yet).
         self.checkpoint_iteration: Optional[int] = None
         self.history: list[dict[str, float]] = []
-        # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks.
-        self.degenerate_losses = 0
-        self._local_degenerate = 0
+        # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks:
+        # counted on the device, read when logged or saved.
+        self._degenerate = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._local_degenerate = torch.zeros((), dtype=torch.int64, device=self.device)
 
     # -- one iteration -------------------------------------------------------------------------
     def _backward_and_step(self, loss: Tensor) -> None:
@@ -415,24 +416,31 @@ class Trainer:
             self.scaler.update()
         if self.rho_opt is not None:
             with torch.no_grad():
-                for p in rho_parameters(self.model):
-                    p.clamp_(0.0, 1.0)
+                rhos = rho_parameters(self.model)
+                torch._foreach_clamp_min_(rhos, 0.0)
+                torch._foreach_clamp_max_(rhos, 1.0)
 
-    def base_step(self) -> dict[str, float]:
-        x, pid, _ = self.base_batches.next()
+    def base_step(self) -> dict[str, Tensor]:
+        """One base update; returns its detached losses (tensors: read them when logging)."""
+        x, pid, _, _ = self.base_batches.next()
         self._local_degenerate += _lacks_negatives(pid)
         with self.autocast():
             features, logits = self.net(x)
             ce = cross_entropy_label_smooth(logits, pid, self.cfg.ce_epsilon)
             tri = triplet_loss(features, pid, self.cfg.margin)
         self._backward_and_step(ce + tri)
-        return {"ce": ce.item(), "tri": tri.item()}
+        return {"ce": ce.detach(), "tri": tri.detach()}
 
-    def meta_step(self) -> dict[str, float]:
+    def meta_step(self) -> dict[str, Any]:
+        """One meta step on rho; returns its detached losses (tensors) and the inner step size."""
         assert isinstance(self.opt, MetaBINOptimizer) and self.meta_batches is not None
-        x, pid, dom = self.meta_batches.next()
-        split = self.opt.split(dom, self.cfg.num_meta_train_domains)
-        tr, te = split.train_mask, split.test_mask
+        x, pid, dom, host_dom = self.meta_batches.next()
+        # The split reads the domains on the host: the loader's CPU copy costs no device sync,
+        # and the index tensors select each side by a gather.
+        split = self.opt.split(host_dom, self.cfg.num_meta_train_domains)
+        assert split.train_index is not None and split.test_index is not None
+        tr = split.train_index.to(self.device, non_blocking=True)
+        te = split.test_index.to(self.device, non_blocking=True)
         model, margin, cfg = self.model, self.cfg.margin, self.cfg  # the unwrapped model: meta steps bypass DDP
         self._local_degenerate += _lacks_negatives(pid[tr], dom[tr]) + _lacks_negatives(pid[tr]) + _lacks_negatives(pid[te])
 
@@ -457,19 +465,19 @@ class Trainer:
             return loss
 
         out = self.opt.meta_step(meta_train_loss, meta_test_loss)
-        logs = {"mtr": float(out["meta_train_loss"]), "inner_lr": out["inner_lr"]}
-        if out["meta_test_loss"] is not None:
-            logs["mte"] = float(out["meta_test_loss"])
-        return logs
+        return {"mtr": out["meta_train_loss"], "mte": out["meta_test_loss"], "inner_lr": out["inner_lr"]}
 
-    def _count_degenerate(self) -> int:
-        """This iteration's degenerate losses summed over the ranks (the same number on every rank)."""
-        local, self._local_degenerate = self._local_degenerate, 0
-        if self.world_size == 1:
-            return local
-        count = torch.tensor([local], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count)
-        return int(count.item())
+    def _count_degenerate(self) -> None:
+        """Add this iteration's degenerate losses, summed over the ranks, to the run's count (on the device)."""
+        local, self._local_degenerate = self._local_degenerate, torch.zeros_like(self._local_degenerate)
+        if self.world_size > 1:
+            dist.all_reduce(local)
+        self._degenerate += local
+
+    @property
+    def degenerate_losses(self) -> int:
+        """Losses of the run so far that had no triplet, summed over the ranks (reads the device)."""
+        return int(self._degenerate)
 
     def mean_rho(self) -> Optional[float]:
         rhos = rho_parameters(self.model)
@@ -510,7 +518,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
-        self.degenerate_losses = int(state.get("degenerate_losses", 0))
+        self._degenerate.fill_(int(state.get("degenerate_losses", 0)))
         self.checkpoint_iteration = self.iteration
 
     def save(self, path: Path) -> None:
@@ -560,22 +568,24 @@ class Trainer:
                 # The authors' FIRST_INNER_LOOP: extra base steps before the very first meta step.
                 warm = cfg.first_inner_loop if self.iteration == 0 else 1
                 for _ in range(warm):
-                    logs = self.base_step()
-                loss = logs["ce"] + logs["tri"]
+                    step_logs = self.base_step()
                 if self.meta_batches is not None:
-                    logs.update(self.meta_step())
+                    step_logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
-                self.degenerate_losses += self._count_degenerate()
-                logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration, degenerate=self.degenerate_losses)
-                rho = self.mean_rho()
-                if rho is not None:
-                    logs["rho"] = rho
-                if not all(math.isfinite(v) for v in logs.values()):
-                    raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {logs}")
-                bar.set_postfix_str(progress_postfix(loss, rho), refresh=False)
+                self._count_degenerate()
                 bar.update(1)
+                # The iteration's values stay on the device; they are read (one wait for the GPU)
+                # only on the iterations that log.
                 if self.iteration % cfg.log_every == 0 or self.iteration == self.max_iters:
+                    logs = {k: float(v) for k, v in step_logs.items()}
+                    logs.update(lr=float(self.scheduler.get_last_lr()[0]), it=self.iteration, degenerate=self.degenerate_losses)
+                    rho = self.mean_rho()
+                    if rho is not None:
+                        logs["rho"] = rho
+                    if not all(math.isfinite(v) for v in logs.values()):
+                        raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {logs}")
+                    bar.set_postfix_str(progress_postfix(logs["ce"] + logs["tri"], rho), refresh=False)
                     self.history.append(logs)
                     line = format_log_line(logs)
                     if log is not None:
