@@ -229,7 +229,7 @@ class Clock:
 class LaunchClock:
     """A clock that counts instead of timing: launches (ATen ops + Triton launches) per phase."""
 
-    def __init__(self, counter: "launches.LaunchCounter"):
+    def __init__(self, counter: launches.LaunchCounter):
         self.counter = counter
         self.marks: list[int] = []
 
