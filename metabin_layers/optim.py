@@ -367,8 +367,10 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     def meta_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
         """One MetaBIN episode on rho; returns the losses and the inner step size used.
 
-        A call that raises (a closure fails, a gradient is not finite without a scaler) changes
-        nothing: rho, its ``.grad``, ``num_meta_steps`` and the inner-lr schedule keep their values.
+        A call that raises (a closure fails) changes nothing: rho, its ``.grad``,
+        ``num_meta_steps`` and the inner-lr schedule keep their values. A non-finite inner or outer
+        gradient does not raise: the step is skipped on the device and counted in
+        ``skipped_meta_steps`` (the schedule still advances, as under a grad scaler).
 
         Args:
             meta_train_loss: computes ``L_mtr`` on the meta-train domains by calling the model.
@@ -377,7 +379,8 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
         Returns:
             ``{"meta_train_loss": Tensor, "meta_test_loss": Tensor, "inner_lr": float,
-            "skipped": bool}``; ``skipped`` is True when the grad scaler found inf/NaN.
+            "skipped": Tensor}``: the losses (detached) and ``skipped`` (a 0-dim bool tensor, True
+            when a gradient was not finite) stay on the device; read them when you log.
         """
         schedule, count, grads = self.inner_lr.state_dict(), self.num_meta_steps, [p.grad for p in self.rhos]
         try:
