@@ -12,8 +12,9 @@ Steps (each a subprocess with its own time limit; a failing step is recorded and
 2. layer benchmark (bench_layer.py) at the ResNet-50 shapes, batch 64, fp32 and bf16, NCHW and
    channels_last, with ``torch.compile`` of the naive mix: ``layer_nchw.md``, ``layer_channels_last.md``.
 3. iteration benchmark (bench_iteration.py): ResNet-50 at 256x128, batch 80, AMP bf16, plain /
-   authors' structure / ours, per phase, peak memory: ``iteration.md``; ours again with the
-   Triton backend: ``iteration_triton.md``.
+   authors' structure / ours, eager (per phase, launches, peak memory) and in one CUDA graph:
+   ``iteration.md``; the three compiled (``torch.compile``): ``iteration_compiled.md``; ours
+   again with the Triton backend: ``iteration_triton.md``.
 4. ``metabin-reid train --quick`` on CUDA: ``train_quick.log`` and ``train_quick/``.
 
 ``summary.md`` / ``summary.json``: status and time of each step and every target (met / not met).
@@ -201,10 +202,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             base = ["--device", "cuda", "--arch", "resnet50", "--batch", "80", "--height", "256", "--width", "128"]
             base += ["--repeats", "15", "--warmup", "3", "--amp", "--amp-dtype", "bfloat16"]
-        cmd = [py, os.path.join(HERE, "bench_iteration.py"), *base, "--configs", "a_plain,b_naive_split,c_ours_split"]
+        configs = ["--configs", "a_plain,b_naive_split,c_ours_split"]
+        cmd = [py, os.path.join(HERE, "bench_iteration.py"), *base, *configs, "--modes", "eager,graph"]
         cmd += ["--output", o("raw/iteration")]
-        if suite.run("iteration benchmark", cmd + ["--json", o("iteration.json")], o("iteration.log"), 150):
+        if suite.run("iteration benchmark", cmd + ["--json", o("iteration.json")], o("iteration.log"), 180):
             _markdown_from_log(o("iteration.log"), o("iteration.md"))
+        # Compiled (inductor; on a CPU the compile would take minutes: not in a dry run)
+        if not args.dry_run:
+            cmd = [py, os.path.join(HERE, "bench_iteration.py"), *base, *configs, "--modes", "compile", "--no-launches"]
+            cmd += ["--no-memory", "--json", o("iteration_compiled.json"), "--output", o("raw/iteration_compiled")]
+            if suite.run("iteration benchmark (compiled)", cmd, o("iteration_compiled.log"), 300):
+                _markdown_from_log(o("iteration_compiled.log"), o("iteration_compiled.md"))
         from metabin_layers import kernels
 
         # Ours with the Triton kernels (on CPU Triton's interpreter would take minutes: not in a dry run)

@@ -14,6 +14,7 @@ from .convert import convert_bn_to_metabin
 from .distributed import SyncMetaBIN, convert_sync_metabin
 from .export import fold_metabin_for_inference
 from .factory import create_norm_layer, get_norm_layer
+from .graphs import CapturedIteration
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, base_parameters, metabin_modules, rho_parameters, stats_mode
 from .optim import MetaBINOptimizer
 
@@ -30,6 +31,7 @@ __all__ = [
     "convert_bn_to_metabin",
     "convert_sync_metabin",
     "MetaBINOptimizer",
+    "CapturedIteration",
     "metabin_modules",
     "rho_parameters",
     "base_parameters",

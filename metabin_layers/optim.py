@@ -17,13 +17,17 @@ __all__ = ["MetaBINOptimizer"]
 LossClosure = Callable[[], Tensor]
 
 
-def _inner_step(rhos: list[Tensor], grads: list[Tensor], betas: list[float]) -> list[Tensor]:
+def _inner_step(rhos: list[Tensor], grads: list[Tensor], betas: list[float], scale: Optional[Tensor] = None) -> list[Tensor]:
     """``rho' = clamp(rho - beta * g, 0, 1)`` over every layer at once, as foreach ops.
 
     The clamp is straight-through (the authors' ``.data.clamp_``): ``rho'`` keeps the gradient of
     ``rho - beta * g`` (to ``rho``, and to ``g`` when ``g`` carries a graph: second order). One
     foreach launch per op and per distinct beta (a rho optimizer with several learning rates).
+    ``scale``: a 0-dim device tensor multiplying every beta (the schedule's value in a CUDA graph,
+    where a Python float would be frozen at capture).
     """
+    if scale is not None:
+        grads = list(torch._foreach_mul(grads, scale))
     out: list[Optional[Tensor]] = [None] * len(rhos)
     for beta in dict.fromkeys(betas):
         idx = [i for i, b in enumerate(betas) if b == beta]
@@ -97,6 +101,11 @@ def _default_rho_optimizer(rhos: list[nn.Parameter], lr: float) -> torch.optim.O
         return torch.optim.SGD(rhos, lr=lr, momentum=0.0, weight_decay=0.0, fused=True)
     except RuntimeError:  # a device without fused kernels
         return torch.optim.SGD(rhos, lr=lr, momentum=0.0, weight_decay=0.0)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_loss(value: Any, name: str) -> Tensor:
@@ -203,6 +212,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self.num_meta_steps = 0
         self._skipped = torch.zeros((), dtype=torch.float32, device=self.rhos[0].device)
         self._ones: dict[torch.device, Tensor] = {}
+        self._ratio: Optional[Tensor] = None  # the schedule's value on the device (CUDA graphs)
         # A DDP built while rho required grad has registered rho with its reducer, which then waits
         # for rho's gradient after every backward: keep rho grad-enabled in the base step for it.
         self._rho_in_ddp = self.ddp is not None and any(
@@ -380,7 +390,8 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         Returns:
             ``{"meta_train_loss": Tensor, "meta_test_loss": Tensor, "inner_lr": float,
             "skipped": Tensor}``: the losses (detached) and ``skipped`` (a 0-dim bool tensor, True
-            when a gradient was not finite) stay on the device; read them when you log.
+            when a gradient was not finite) stay on the device; read them when you log. Inside a
+            CUDA graph capture ``inner_lr`` is a device tensor too (see ``before_replay``).
         """
         schedule, count, grads = self.inner_lr.state_dict(), self.num_meta_steps, [p.grad for p in self.rhos]
         try:
@@ -394,11 +405,21 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
     def _episode_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
         scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
-        ratio = self.inner_lr.step()
-        lrs = self._rho_lrs()
-        betas = [ratio * lrs[id(p)] if self.inner_lr.relative else ratio for p in self.rhos]
-        self.num_meta_steps += 1
         device = self.rhos[0].device
+        lrs = self._rho_lrs()
+        factors = [lrs[id(p)] if self.inner_lr.relative else 1.0 for p in self.rhos]
+        scale: Optional[Tensor] = None
+        if _capturing(device):
+            # In a CUDA graph the schedule's value is read from the device: before_replay() steps
+            # the schedule on the host and writes it there before each replay.
+            self._check_capturable(scaler)
+            scale = self._device_ratio()
+            betas, inner_lr = factors, scale * factors[0]
+        else:
+            ratio = self.inner_lr.step()
+            self.num_meta_steps += 1
+            betas = [ratio * f for f in factors]
+            inner_lr = betas[0]
         found_inf = torch.zeros((), dtype=torch.float32, device=device)
         one = self._one(device)
         with self._episode():
@@ -411,7 +432,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             else:
                 inner = [g.detach() for g in inner]
                 _check_finite(inner, found_inf, inv_scale)
-            rho_prime = _inner_step(self.rhos, inner, betas)
+            rho_prime = _inner_step(self.rhos, inner, betas, scale)
             for m in self.layers:
                 m._rho_override = rho_prime[self._index[id(m.rho)]]
             l_mte = _check_loss(meta_test_loss(), "meta_test_loss")
@@ -433,9 +454,51 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         return {
             "meta_train_loss": l_mtr.detach(),
             "meta_test_loss": l_mte.detach(),
-            "inner_lr": betas[0],
+            "inner_lr": inner_lr,
             "skipped": found_inf > 0,
         }
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def before_replay(self) -> None:
+        """Advance the meta step's host state for one replay of a captured iteration.
+
+        Inside a ``torch.cuda.graph`` capture, ``meta_step`` reads the inner step size from a
+        device tensor and leaves the host state alone (no Python runs at replay). Call this
+        before each ``graph.replay()``: it steps the inner-lr schedule, counts the meta step and
+        writes the step's ratio to the device (one small copy, no sync). ``CapturedIteration``
+        calls it for you.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin
+            >>> model = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+            >>> opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=0.05)
+            >>> opt.before_replay(); opt.num_meta_steps
+            1
+        """
+        ratio = self.inner_lr.step()
+        self.num_meta_steps += 1
+        self._device_ratio().fill_(ratio)
+
+    def _device_ratio(self) -> Tensor:
+        if self._ratio is None:
+            self._ratio = torch.zeros((), dtype=torch.float32, device=self.rhos[0].device)
+        return self._ratio
+
+    def _check_capturable(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+        """Refuse, with the reason, what a CUDA graph cannot hold (host decisions, collectives)."""
+        why = None
+        if scaler is not None:
+            why = "a GradScaler (its step reads found_inf on the host); use bfloat16 autocast without one"
+        elif self.second_order:
+            why = "second_order=True; capture the first-order meta step"
+        elif self._group() is not None:
+            why = "torch.distributed (rho's meta gradients are all-reduced by the optimizer)"
+        elif not all(group.get("fused") for group in self.rho_optimizer.param_groups):
+            why = "a rho optimizer that is not fused (its skip is decided on the host); keep the default"
+        if why is not None:
+            raise RuntimeError(f"MetaBINOptimizer.meta_step cannot be captured in a CUDA graph with {why}")
 
     def _one(self, device: torch.device) -> Tensor:
         # A constant 1.0 on the device, made once (the check-only scale of _check_finite).

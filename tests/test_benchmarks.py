@@ -197,6 +197,28 @@ def test_iteration_benchmark_tiny_run(tmp_path, committed_results_unchanged):
     assert row[6].strip() == _ratio(b, a)  # the "/ (a)" column
 
 
+def test_iteration_benchmark_modes(tmp_path, monkeypatch, committed_results_unchanged):
+    """Each mode has its rows and its ratios against (a) of the same mode; a CUDA graph needs CUDA."""
+    pytest.importorskip("torchvision")
+    compiled = []  # the compile mode calls the model through torch.compile (recorded, run eagerly here)
+    monkeypatch.setattr(bench_iteration.torch, "compile", lambda model, backend: compiled.append(backend) or model)
+    out = tmp_path / "out"
+    stdout = _run(
+        bench_iteration, *TINY_ITERATION, "--configs", "a_plain,c_ours_split", "--modes", "eager,graph,compile",
+        "--compile-backend", "aot_eager", "--output", out,
+    )  # fmt: skip
+    res = json.loads((out / "iteration.json").read_text())["results"]
+    keys = ["a_plain", "c_ours_split", "a_plain:graph", "c_ours_split:graph", "a_plain:compile", "c_ours_split:compile"]
+    assert list(res) == keys and compiled == ["aot_eager", "aot_eager"]
+    if not torch.cuda.is_available():
+        assert res["c_ours_split:graph"]["status"] == "failed: RuntimeError: CUDA graphs need a CUDA device"
+    assert res["c_ours_split:compile"]["launches"] is None and res["c_ours_split"]["launches"]["total"] > 0
+    row = next(line for line in stdout.splitlines() if line.startswith("| (c) ours: MetaBINOptimizer (split meta batch), torch.compile"))
+    a, c = (res[k]["timing"]["total"]["median"] for k in ("a_plain:compile", "c_ours_split:compile"))
+    assert row.split("|")[6].strip() == _ratio(c, a)  # against (a) compiled
+    assert f"- split meta batch, compile: (c)/(a) = {c / a:.2f}x." in stdout
+
+
 def test_run_all_writes_to_the_output_folder_only(tmp_path, committed_results_unchanged):
     pytest.importorskip("torchvision")
     out = tmp_path / "out"

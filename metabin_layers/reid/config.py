@@ -89,7 +89,11 @@ class TrainConfig:
         margin: Triplet margin.
         amp: Automatic mixed precision (CUDA only).
         amp_dtype: ``"float16"`` (with a GradScaler) or ``"bfloat16"``.
-        compile: ``torch.compile`` backend of the training forward, e.g. ``"inductor"``; ``None``: eager.
+        compile: ``torch.compile`` backend of the model in the base and the meta steps, e.g.
+            ``"inductor"``; ``None``: eager.
+        cuda_graph: Capture each training iteration (base step + meta step) in one CUDA graph and
+            replay it (CUDA, first order, bfloat16 or no AMP, one process); where a run cannot be
+            captured it says why and trains eagerly.
         seed: Random seed.
         device: ``"auto"`` (CUDA if available, else CPU), or a torch device string.
         output: Run folder (results, checkpoints, logs).
@@ -184,7 +188,8 @@ class TrainConfig:
     margin: float = 0.3
     amp: bool = True  # CUDA only
     amp_dtype: str = "float16"  # float16 (with a GradScaler) | bfloat16
-    compile: Optional[str] = None  # torch.compile backend of the training forward, e.g. "inductor"
+    compile: Optional[str] = None  # torch.compile backend of the base and meta steps' model, e.g. "inductor"
+    cuda_graph: bool = False  # one CUDA graph per iteration, replayed (falls back to eager, saying why)
 
     # -- run ---------------------------------------------------------------------------------------
     seed: int = 2020

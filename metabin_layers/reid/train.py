@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shlex
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
+from .. import CapturedIteration, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
 from ..episode import CyclicInnerLR
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -213,8 +214,12 @@ def warmup_multistep(iteration: int, warmup_iters: int, warmup_factor: float, mi
     return w * gamma ** sum(1 for m in milestones if m <= iteration)
 
 
-def build_base_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD over every parameter but rho; biases get ``bias_lr_factor`` x lr (the authors' groups)."""
+def build_base_optimizer(model: nn.Module, cfg: TrainConfig, capturable: bool = False) -> torch.optim.SGD:
+    """SGD over every parameter but rho; biases get ``bias_lr_factor`` x lr (the authors' groups).
+
+    ``capturable``: fused, with tensor learning rates that the LR schedule writes in place, so that
+    a CUDA graph replays the scheduled values.
+    """
     rho_ids = {id(p) for p in rho_parameters(model)}
     weights: list[nn.Parameter] = []
     biases: list[nn.Parameter] = []
@@ -223,7 +228,35 @@ def build_base_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
             continue
         (biases if name.endswith("bias") else weights).append(p)
     groups: list[dict[str, Any]] = [{"params": weights}, {"params": biases, "lr": cfg.lr * cfg.bias_lr_factor}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if not capturable:
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    device = next(model.parameters()).device
+    for g in groups:
+        g["lr"] = torch.tensor(g.get("lr", cfg.lr), device=device)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+
+
+def cuda_graph_blocker(cfg: TrainConfig, device: torch.device, world_size: int) -> Optional[str]:
+    """Why the run's iterations cannot be captured in a CUDA graph; None: they can."""
+    if device.type != "cuda":
+        return f"needs a CUDA device (the run trains on {device})"
+    if world_size > 1:
+        return "is for one process (the meta step's collectives are not captured)"
+    if cfg.second_order:
+        return "holds the first-order meta step only (second_order=true)"
+    if cfg.amp and cfg.amp_dtype == "float16":
+        return "cannot hold fp16 AMP's GradScaler (it skips steps on the host): use amp_dtype=bfloat16"
+    if cfg.compile:
+        return "is not combined with compile (use compile's own CUDA graphs: mode='reduce-overhead')"
+    return None
+
+
+def _tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make every group's lr a device tensor (a checkpoint of an eager run restores floats)."""
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
 class _Batches:
@@ -339,12 +372,21 @@ class Trainer:
             )
             self.meta_batches = _Batches(self.data.train_set, meta_sampler, cfg.workers, self.device)
 
+        # One CUDA graph per iteration where the run allows it; else eager, saying why.
+        self.use_cuda_graph = False
+        if cfg.cuda_graph:
+            blocker = cuda_graph_blocker(cfg, self.device, self.world_size)
+            self.use_cuda_graph = blocker is None
+            if blocker is not None and self.rank == 0:
+                print(f"metabin-reid: note: cuda_graph: capture {blocker}; training eagerly", file=sys.stderr, flush=True)
+        self._graph: Optional[CapturedIteration] = None
         use_amp = cfg.amp and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-        self.autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp)  # noqa: E731
+        cache = not self.use_cuda_graph  # cast weights must not outlive a captured region
+        self.autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp, cache_enabled=cache)  # noqa: E731
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does without
         self.scaler = cuda_grad_scaler() if use_amp and amp_dtype == torch.float16 else None
-        base = build_base_optimizer(self.model, cfg)
+        base = build_base_optimizer(self.model, cfg, capturable=self.use_cuda_graph)
         rho_lr = cfg.lr * cfg.rho_lr_factor
         self.rho_opt: Optional[torch.optim.Optimizer] = None
         if cfg.norm in META_LEARNED_NORMS:
@@ -385,8 +427,14 @@ class Trainer:
             if self.device.type == "cuda":  # torch's SyncBatchNorm (BN variant, neck) is CUDA-only
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.net = nn.parallel.DistributedDataParallel(self.model)
-        if cfg.compile:  # the base step's forward; meta steps run the eager model (rho' overrides)
+        # The model the meta steps call: the unwrapped one (meta steps bypass DDP), compiled too
+        # (one graph per phase: the base step, the held meta-train forward, the one through rho'),
+        # but for second order: compiled autograd has no double backward.
+        self.meta_net: nn.Module = self.model
+        if cfg.compile:
             self.net = torch.compile(self.net, backend=cfg.compile)  # type: ignore[assignment]
+            if not cfg.second_order:
+                self.meta_net = torch.compile(self.model, backend=cfg.compile)  # type: ignore[assignment]
         self.iteration = 0
         #: The iteration of the last complete checkpoint written or loaded (None: none yet).
         self.checkpoint_iteration: Optional[int] = None
@@ -423,6 +471,13 @@ class Trainer:
     def base_step(self) -> dict[str, Tensor]:
         """One base update; returns its detached losses (tensors: read them when logging)."""
         x, pid, _, _ = self.base_batches.next()
+        return self._base_update(x, pid)
+
+    def meta_step(self) -> dict[str, Any]:
+        """One meta step on rho; returns its detached losses (tensors) and the inner step size."""
+        return self._meta_update(*self._meta_batch())
+
+    def _base_update(self, x: Tensor, pid: Tensor) -> dict[str, Tensor]:
         self._local_degenerate += _lacks_negatives(pid)
         with self.autocast():
             features, logits = self.net(x)
@@ -431,8 +486,8 @@ class Trainer:
         self._backward_and_step(ce + tri)
         return {"ce": ce.detach(), "tri": tri.detach()}
 
-    def meta_step(self) -> dict[str, Any]:
-        """One meta step on rho; returns its detached losses (tensors) and the inner step size."""
+    def _meta_batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The next meta batch on the device and its meta-train / meta-test indices."""
         assert isinstance(self.opt, MetaBINOptimizer) and self.meta_batches is not None
         x, pid, dom, host_dom = self.meta_batches.next()
         # The split reads the domains on the host: the loader's CPU copy costs no device sync,
@@ -441,7 +496,11 @@ class Trainer:
         assert split.train_index is not None and split.test_index is not None
         tr = split.train_index.to(self.device, non_blocking=True)
         te = split.test_index.to(self.device, non_blocking=True)
-        model, margin, cfg = self.model, self.cfg.margin, self.cfg  # the unwrapped model: meta steps bypass DDP
+        return x, pid, dom, tr, te
+
+    def _meta_update(self, x: Tensor, pid: Tensor, dom: Tensor, tr: Tensor, te: Tensor) -> dict[str, Any]:
+        assert isinstance(self.opt, MetaBINOptimizer)
+        model, margin, cfg = self.meta_net, self.cfg.margin, self.cfg
         self._local_degenerate += _lacks_negatives(pid[tr], dom[tr]) + _lacks_negatives(pid[tr]) + _lacks_negatives(pid[te])
 
         def meta_train_loss() -> Tensor:
@@ -467,9 +526,46 @@ class Trainer:
         out = self.opt.meta_step(meta_train_loss, meta_test_loss)
         return {"mtr": out["meta_train_loss"], "mte": out["meta_test_loss"], "inner_lr": out["inner_lr"]}
 
+    def _update(self, *batch: Tensor) -> dict[str, Any]:
+        """One iteration's base step and meta step on given batches: what a CUDA graph captures."""
+        logs = self._base_update(batch[0], batch[1])
+        if len(batch) > 2:
+            logs.update(self._meta_update(*batch[2:]))
+        return logs
+
+    def graph_step(self) -> dict[str, Any]:
+        """One iteration (base step + meta step) replayed from a CUDA graph; captured on its first call.
+
+        The first call's iteration is the capture's eager warm-up; a batch of another shape
+        than the captured one ends the replays (said once) and the run goes on eagerly.
+        """
+        batch = list(self.base_batches.next()[:2])
+        if self.meta_batches is not None:
+            batch += self._meta_batch()
+        if self._graph is None:
+            _tensor_learning_rates(self.opt, self.device)
+            self._graph = CapturedIteration(
+                self.opt if isinstance(self.opt, MetaBINOptimizer) else None, self._update, *batch, warmup=1
+            )
+            return dict(self._graph.warmup_outputs)
+        captured = [(tuple(t.shape), t.dtype) for t in self._graph.inputs]
+        if [(tuple(t.shape), t.dtype) for t in batch] != captured:
+            self.use_cuda_graph = False
+            if self.rank == 0:
+                print(
+                    f"metabin-reid: note: cuda_graph: the batch shapes changed at iteration {self.iteration} "
+                    f"({[tuple(t.shape) for t in batch]}, captured {[s for s, _ in captured]}); training eagerly",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return self._update(*batch)
+        return dict(self._graph(*batch))
+
     def _count_degenerate(self) -> None:
         """Add this iteration's degenerate losses, summed over the ranks, to the run's count (on the device)."""
-        local, self._local_degenerate = self._local_degenerate, torch.zeros_like(self._local_degenerate)
+        # In place: a captured iteration keeps adding to the same tensor.
+        local = self._local_degenerate.clone()
+        self._local_degenerate.zero_()
         if self.world_size > 1:
             dist.all_reduce(local)
         self._degenerate += local
@@ -566,11 +662,14 @@ class Trainer:
             while self.iteration < self.max_iters:
                 self.model.train()
                 # The authors' FIRST_INNER_LOOP: extra base steps before the very first meta step.
-                warm = cfg.first_inner_loop if self.iteration == 0 else 1
-                for _ in range(warm):
-                    step_logs = self.base_step()
-                if self.meta_batches is not None:
-                    step_logs.update(self.meta_step())
+                if self.use_cuda_graph and self.iteration > 0:
+                    step_logs = self.graph_step()
+                else:
+                    warm = cfg.first_inner_loop if self.iteration == 0 else 1
+                    for _ in range(warm):
+                        step_logs = self.base_step()
+                    if self.meta_batches is not None:
+                        step_logs.update(self.meta_step())
                 self.scheduler.step()
                 self.iteration += 1
                 self._count_degenerate()
@@ -691,6 +790,7 @@ RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png", "ranked.png"
 #: goes and how it is logged or evaluated, none of which changes the iterations already done.
 RESUME_FREE_KEYS = (
     "output",
+    "cuda_graph",
     "max_iters",
     "log_every",
     "checkpoint_every",
@@ -958,7 +1058,12 @@ def train(
             "test_splits": trainer.data.test_splits,
             "mean_rho": trainer.mean_rho(),
             "rho_per_layer": [
-                {"layer": i, "mean": float(m.rho.mean()), "min": float(m.rho.min()), "max": float(m.rho.max())}
+                {
+                    "layer": i,
+                    "mean": float(m.rho.detach().mean()),
+                    "min": float(m.rho.detach().min()),
+                    "max": float(m.rho.detach().max()),
+                }
                 for i, m in enumerate(metabin_modules(trainer.model.backbone))
             ],
             "history": trainer.history,
