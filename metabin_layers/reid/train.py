@@ -253,10 +253,11 @@ def cuda_graph_blocker(cfg: TrainConfig, device: torch.device, world_size: int) 
 
 
 def _tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make every group's lr a device tensor (a checkpoint of an eager run restores floats)."""
+    """Make every group's lr a tensor on ``device`` (a checkpoint may restore floats, or CPU tensors)."""
     for group in optimizer.param_groups:
-        if not isinstance(group["lr"], Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) or lr.device.type != device.type:
+            group["lr"] = torch.as_tensor(lr, dtype=torch.float32).to(device)
 
 
 class _Batches:
