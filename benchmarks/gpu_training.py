@@ -11,8 +11,9 @@ paper's sizes, and a long-run BN / BIN / BIN-half / MetaBIN comparison on the sy
    ``compile=inductor`` (the base and the meta steps compiled), and BN and MetaBIN (bf16) with
    ``cuda_graph=true`` (each iteration replayed from one CUDA graph). Reported: iterations/s after
    warm-up, the time to iteration 10 (for the compiled run that includes compilation; the
-   difference to the eager run is the compile time), peak CUDA memory (``torch.cuda.max_memory_allocated``), whether every weight is finite and
-   the range of rho (must lie in [0, 1]).
+   difference to the eager run is the compile time), peak CUDA memory
+   (``torch.cuda.max_memory_allocated``), whether every weight is finite and the range of rho
+   (must lie in [0, 1]).
 2. Long runs: BN, BIN, BIN-half and MetaBIN on the synthetic data (ResNet-18 at 64x32, the
    recipe's synthetic preset with ``iters_per_epoch=500``: 3,000 iterations, 10x the default
    run, same schedule shape), for each seed, several runs at a time on the GPU. Reported:

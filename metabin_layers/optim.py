@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ __all__ = ["MetaBINOptimizer"]
 LossClosure = Callable[[], Tensor]
 
 
-def _inner_step(rhos: list[Tensor], grads: list[Tensor], betas: list[float], scale: Optional[Tensor] = None) -> list[Tensor]:
+def _inner_step(rhos: Sequence[Tensor], grads: list[Tensor], betas: list[float], scale: Optional[Tensor] = None) -> list[Tensor]:
     """``rho' = clamp(rho - beta * g, 0, 1)`` over every layer at once, as foreach ops.
 
     The clamp is straight-through (the authors' ``.data.clamp_``): ``rho'`` keeps the gradient of
@@ -409,6 +409,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         lrs = self._rho_lrs()
         factors = [lrs[id(p)] if self.inner_lr.relative else 1.0 for p in self.rhos]
         scale: Optional[Tensor] = None
+        inner_lr: Union[Tensor, float]
         if _capturing(device):
             # In a CUDA graph the schedule's value is read from the device: before_replay() steps
             # the schedule on the host and writes it there before each replay.
@@ -427,7 +428,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             inner = self._grad(l_mtr, scaler, create_graph=self.second_order)
             inv_scale = scaler.scale(one.double()).reciprocal().float() if scaler is not None else one
             if self.second_order:  # the check on a copy; the unscale stays in the graph
-                _check_finite(torch._foreach_mul([g.detach() for g in inner], inv_scale), found_inf, one)
+                _check_finite(list(torch._foreach_mul([g.detach() for g in inner], inv_scale)), found_inf, one)
                 inner = list(torch._foreach_mul(inner, inv_scale))
             else:
                 inner = [g.detach() for g in inner]
@@ -541,8 +542,9 @@ class MetaBINOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def clamp_rho(self) -> None:
         """Clamp every rho to [0, 1] in place (two foreach launches for all layers)."""
-        torch._foreach_clamp_min_(self.rhos, 0.0)
-        torch._foreach_clamp_max_(self.rhos, 1.0)
+        rhos = cast(list[Tensor], self.rhos)
+        torch._foreach_clamp_min_(rhos, 0.0)
+        torch._foreach_clamp_max_(rhos, 1.0)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

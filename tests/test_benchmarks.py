@@ -213,7 +213,9 @@ def test_iteration_benchmark_modes(tmp_path, monkeypatch, committed_results_unch
     if not torch.cuda.is_available():
         assert res["c_ours_split:graph"]["status"] == "failed: RuntimeError: CUDA graphs need a CUDA device"
     assert res["c_ours_split:compile"]["launches"] is None and res["c_ours_split"]["launches"]["total"] > 0
-    row = next(line for line in stdout.splitlines() if line.startswith("| (c) ours: MetaBINOptimizer (split meta batch), torch.compile"))
+    row = next(
+        line for line in stdout.splitlines() if line.startswith("| (c) ours: MetaBINOptimizer (split meta batch), torch.compile")
+    )
     a, c = (res[k]["timing"]["total"]["median"] for k in ("a_plain:compile", "c_ours_split:compile"))
     assert row.split("|")[6].strip() == _ratio(c, a)  # against (a) compiled
     assert f"- split meta batch, compile: (c)/(a) = {c / a:.2f}x." in stdout

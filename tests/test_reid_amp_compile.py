@@ -66,7 +66,9 @@ def test_cuda_graph_says_why_a_run_cannot_be_captured(tmp_path, capsys):
 def test_a_cuda_graph_run_trains_like_the_eager_one(tmp_path, norm):
     runs = {}
     for graph in (False, True):
-        cfg = _tiny(tmp_path / str(graph), norm=norm, device="cuda", amp=True, amp_dtype="bfloat16", cuda_graph=graph, max_iters=6)
+        cfg = _tiny(
+            tmp_path / str(graph), norm=norm, device="cuda", amp=True, amp_dtype="bfloat16", cuda_graph=graph, max_iters=6
+        )
         trainer = Trainer(cfg)
         assert trainer.use_cuda_graph == graph
         (tmp_path / str(graph)).mkdir(exist_ok=True)

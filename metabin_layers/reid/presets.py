@@ -198,7 +198,8 @@ NOT_IN_AUTHORS_CONFIGS: dict[str, str] = {
     "log_every": "logging only",
     "checkpoint_every": "checkpointing only",
     "checkpoint_every_minutes": "checkpointing only",
-    "compile": "torch.compile of the base-step forward: speed only",
+    "compile": "torch.compile of the base and meta steps: speed only",
+    "cuda_graph": "one CUDA graph per iteration: speed only",
     **{
         f.name: "synthetic data only"
         for f in dataclasses.fields(TrainConfig)

@@ -465,7 +465,7 @@ class Trainer:
             self.scaler.update()
         if self.rho_opt is not None:
             with torch.no_grad():
-                rhos = rho_parameters(self.model)
+                rhos: list[Tensor] = list(rho_parameters(self.model))
                 torch._foreach_clamp_min_(rhos, 0.0)
                 torch._foreach_clamp_max_(rhos, 1.0)
 
