@@ -565,11 +565,10 @@ class Trainer:
     def _count_degenerate(self) -> None:
         """Add this iteration's degenerate losses, summed over the ranks, to the run's count (on the device)."""
         # In place: a captured iteration keeps adding to the same tensor.
-        local = self._local_degenerate.clone()
-        self._local_degenerate.zero_()
         if self.world_size > 1:
-            dist.all_reduce(local)
-        self._degenerate += local
+            dist.all_reduce(self._local_degenerate)
+        self._degenerate += self._local_degenerate
+        self._local_degenerate.zero_()
 
     @property
     def degenerate_losses(self) -> int:
