@@ -22,7 +22,7 @@ Configurations (same model architecture, same synthetic batches, interleaved, me
     ``meta_step()`` for the episode, on the same batches.
 
 Modes (``--modes``): ``eager``; ``graph``: the whole iteration captured in one CUDA graph and
-replayed (``CapturedIteration`` for (c), ``torch.cuda.graph`` for (a) and (b); CUDA only, total
+replayed (``CapturedIteration``; CUDA only, total
 time only); ``compile``: the model called through ``torch.compile`` in every phase
 (``--compile-backend``).
 
@@ -421,19 +421,8 @@ def captured(runner, meta: str, device: torch.device):
     def iteration():
         return runner.iteration(meta, _NoClock())
 
-    if isinstance(runner, Ours):
-        replay = CapturedIteration(runner.opt, iteration)  # 3 warm-up iterations, then the capture
-    else:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                iteration()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            iteration()
-        replay = graph.replay
+    # 3 warm-up iterations on a side stream, then the capture; (a) and (b) have no meta step to advance
+    replay = CapturedIteration(runner.opt if isinstance(runner, Ours) else None, iteration)
 
     def step(clock=None):
         clock = clock or Clock(device)
