@@ -22,9 +22,8 @@ Configurations (same model architecture, same synthetic batches, interleaved, me
     ``meta_step()`` for the episode, on the same batches.
 
 Modes (``--modes``): ``eager``; ``graph``: the whole iteration captured in one CUDA graph and
-replayed (``CapturedIteration``; CUDA only, total
-time only); ``compile``: the model called through ``torch.compile`` in every phase
-(``--compile-backend``).
+replayed (``CapturedIteration``; CUDA only, total time only); ``compile``: the model called
+through ``torch.compile`` in every phase (``--compile-backend``).
 
 "split": one meta batch of B images (5 domains), split 3/2 by domain (the paper's 48/32 of 80);
 "full": separate meta-train and meta-test batches of B images each (B + B + B per iteration).
