@@ -155,6 +155,7 @@ def test_layer_benchmark_tiny_run(tmp_path, committed_results_unchanged):
     assert checked == 2 * 4  # fused, BN, IN, naive at both batches
 
 
+@pytest.mark.slow
 def test_layer_benchmark_compiled_row(tmp_path, committed_results_unchanged):
     """torch.compile of the naive mix on a tiny shape: timed after its compilation, which the note reports."""
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
@@ -221,6 +222,7 @@ def test_iteration_benchmark_modes(tmp_path, monkeypatch, committed_results_unch
     assert f"- split meta batch, compile: (c)/(a) = {c / a:.2f}x." in stdout
 
 
+@pytest.mark.slow
 def test_run_all_writes_to_the_output_folder_only(tmp_path, committed_results_unchanged):
     pytest.importorskip("torchvision")
     out = tmp_path / "out"
@@ -235,6 +237,7 @@ def test_run_all_writes_to_the_output_folder_only(tmp_path, committed_results_un
     assert "### Layer benchmark" in (out / "latest.md").read_text()
 
 
+@pytest.mark.slow
 def test_run_all_update_results_writes_the_results_folder(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     results, scratch = tmp_path / "results", tmp_path / "out"

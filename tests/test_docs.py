@@ -20,7 +20,14 @@ def _runnable_blocks(page: Path) -> list[str]:
     return [code for skip, code in BLOCK.findall(page.read_text()) if not skip]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if _runnable_blocks(p)], ids=lambda p: p.name)
+SLOW_PAGES = {"export.md"}  # ONNX and torch.export of a ResNet: ~25 s
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else []) for p in PAGES if _runnable_blocks(p)],
+    ids=lambda p: p.name,
+)
 def test_page_code_samples_run(page, tmp_path):
     script = "\n\n".join(_runnable_blocks(page))
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)

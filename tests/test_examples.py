@@ -36,6 +36,7 @@ def test_custom_loop_timm(tmp_path):
     assert out.rstrip().endswith("done")
 
 
+@pytest.mark.slow
 def test_finetune_torchvision_folder(tmp_path):
     demo, saved = tmp_path / "demo", tmp_path / "folded.pt2"
     args = ["--make-demo-data", demo, "--epochs", "2", "--iters", "1", "--size", "48", "--save", saved]

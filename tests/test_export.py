@@ -218,7 +218,12 @@ def _onnx_bytes(model, x, dynamo, dynamic=True, **kwargs):
 
 @pytest.mark.parametrize(
     "folded,dynamo",
-    [(True, True), (False, True), (True, False), (False, False)],
+    [
+        pytest.param(True, True, marks=pytest.mark.slow),  # the default exporter: ~30 s on a resnet
+        pytest.param(False, True, marks=pytest.mark.slow),
+        (True, False),
+        (False, False),
+    ],
     ids=["folded-default", "unfolded-default", "folded-legacy", "unfolded-legacy"],
 )
 def test_onnx_export_matches_pytorch(resnet, x, folded, dynamo):
@@ -270,7 +275,7 @@ EXPORT_CASES = {
         ("tv-resnet18-fresh", False, 18),
         ("tv-resnet18-fresh", True, 17),
         ("timm-bn-act", False, 18),
-        ("timm-bn-act", True, 18),
+        pytest.param("timm-bn-act", True, 18, marks=pytest.mark.slow),
     ],
 )
 def test_onnx_export_as_users_call_it_loads_with_default_options(case, dynamo, opset, tmp_path):
@@ -327,6 +332,7 @@ def _check_train_step(net, backend, x):
         assert int(b.num_batches_tracked) == int(a.num_batches_tracked)
 
 
+@pytest.mark.slow
 def test_compile_eager_backend_matches_eager(resnet):
     # The converted ResNet-18 in float64: eval (unfolded and folded), then train forward + backward.
     torch._dynamo.reset()

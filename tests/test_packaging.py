@@ -39,6 +39,7 @@ def _venv_seeing_this_interpreters_packages(env_dir: Path) -> Path:
     return py
 
 
+@pytest.mark.slow
 def test_venv_from_inside_a_venv_sees_the_outer_venvs_packages(tmp_path):
     """The README's test command run inside a user's venv: the wheel test's venv must see that venv's packages."""
     outer_py = _venv_seeing_this_interpreters_packages(tmp_path / "outer")

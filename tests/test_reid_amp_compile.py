@@ -20,6 +20,7 @@ def test_amp_dtype_and_compile_keys_parse_and_validate():
         TrainConfig(amp_dtype="float8")
 
 
+@pytest.mark.slow
 def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     eager = Trainer(_tiny(tmp_path, norm="metabin", seed=3))
     compiled = Trainer(_tiny(tmp_path, norm="metabin", seed=3, compile="eager"))

@@ -95,6 +95,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         load_pretrained(build_backbone("resnet18")[0], str(path))
 
 
+@pytest.mark.slow
 def test_train_resume_continues_identically(tmp_path):
     full = tiny_config(tmp_path, max_iters=3, checkpoint_every=1, output=str(tmp_path / "full"))
     t = Trainer(full)
