@@ -225,7 +225,16 @@ def rerank_distances(
     distances computed from them (``compute_distance(..., metric)``); ``distmat`` must then be None.
     With ``rerank``, the distances are re-ranked (``k_reciprocal_rerank``) with the query x query
     and gallery x gallery distances of the same features (or ``q_q_distmat`` / ``g_g_distmat``
-    when no ``features`` are given). See ``evaluate_rank`` for the arguments.
+    when no ``features`` are given).
+
+    Args:
+        distmat: ``(num_query, num_gallery)`` distances, or None with ``features``.
+        rerank: True (Zhong et al.'s defaults), a ``ReRanking``, or None / False: none.
+        query_expansion: True (fast-reid's defaults), a ``QueryExpansion``, or None / False: none.
+        features: ``(query_features, gallery_features)``.
+        metric: the distance of ``features``, ``"cosine"`` or ``"euclidean"``.
+        q_q_distmat: query x query distances, for ``rerank`` without ``features``.
+        g_g_distmat: gallery x gallery distances, for ``rerank`` without ``features``.
 
     Returns:
         The ``(num_query, num_gallery)`` distances (float64 when re-ranked).
@@ -268,6 +277,13 @@ def rerank_distances(
 
 def ranking_label(rerank: RerankArg = None, query_expansion: QueryExpansionArg = None) -> str:
     """How the ranking was made, for reports: ``"plain distances"`` or the post-processing steps.
+
+    Args:
+        rerank: the re-ranking (True, a ``ReRanking``, or None / False).
+        query_expansion: the query expansion (True, a ``QueryExpansion``, or None / False).
+
+    Returns:
+        The label, query expansion first (it runs first).
 
     Examples:
         >>> from metabin_layers.reid.evaluation import ranking_label
