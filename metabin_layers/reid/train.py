@@ -445,6 +445,8 @@ class Trainer:
         #: The iteration of the last complete checkpoint written or loaded (None: none yet).
         self.checkpoint_iteration: Optional[int] = None
         self.history: list[dict[str, float]] = []
+        #: A tensorboard ``SummaryWriter`` that ``run`` writes the logged iterations to (None: none).
+        self.events: Optional[Any] = None
         # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks:
         # counted on the device, read when logged or saved.
         self._degenerate = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -629,20 +631,20 @@ class Trainer:
         self.checkpoint_iteration = self.iteration
 
     # -- the loop --------------------------------------------------------------------------------
-    def run(self, output: Path, progress: bool = True, writer: Optional[Any] = None) -> None:
+    def run(self, output: Path, progress: bool = True) -> None:
         """Train from ``self.iteration`` to ``max_iters``, logging into and checkpointing to ``output``.
 
         ``log.txt`` is rewritten from ``history`` first, so a resumed run logs every iteration
         once (lines logged after the checkpoint it resumes from are dropped: those iterations run
         again). Checkpoints follow ``checkpoint_due`` (``checkpoint_every``,
-        ``checkpoint_every_minutes``, and after the last iteration).
+        ``checkpoint_every_minutes``, and after the last iteration). Each logged iteration also
+        goes to ``self.events``, a tensorboard ``SummaryWriter``, when one is set
+        (``metabin_layers.reid.events.log_iteration``).
 
         Args:
             output: The run folder (it must exist).
             progress: A progress bar (loss, mean rho, iterations per second, ETA); else log
                 lines are printed.
-            writer: A tensorboard ``SummaryWriter`` that gets every logged iteration
-                (``metabin_layers.reid.events.log_iteration``); None: none.
 
         Raises:
             TrainingInterrupted: On ``KeyboardInterrupt``, with the iteration reached and the
@@ -697,8 +699,8 @@ class Trainer:
                     if log is not None:
                         log.write(line + "\n")
                         log.flush()
-                    if writer is not None and is_main:
-                        log_iteration(writer, logs, self.model.backbone)
+                    if self.events is not None and is_main:
+                        log_iteration(self.events, logs, self.model.backbone)
                     if not progress and is_main:
                         print(line, flush=True)
                 minutes = (time.perf_counter() - last_save) / 60
@@ -1154,8 +1156,9 @@ def train(
     writer = None
     if cfg.tensorboard and trainer.rank == 0:  # a resumed run hides the events after its checkpoint
         writer = tensorboard_writer(output, purge_step=trainer.iteration or None)
+    trainer.events = writer
     try:
-        trainer.run(output, progress=progress, writer=writer)
+        trainer.run(output, progress=progress)
         # every rank: synchronised layers average the statistics over the group
         precise = precise_bn(trainer.model, trainer.data, cfg, trainer.device, trainer.rank, trainer.world_size)
         results: dict[str, Any] = {}
