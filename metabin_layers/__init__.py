@@ -17,6 +17,7 @@ from .factory import create_norm_layer, get_norm_layer
 from .graphs import CapturedIteration
 from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, base_parameters, metabin_modules, rho_parameters, stats_mode
 from .optim import MetaBINOptimizer
+from .precise_bn import update_bn_stats
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "base_parameters",
     "stats_mode",
     "fold_metabin_for_inference",
+    "update_bn_stats",
     "losses",
     "__version__",
 ]

@@ -11,15 +11,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase, replace_modules
+from .layers import IN_AFFINE_INITS, MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, _check_rho_init, _MetaBINBase, replace_modules
 
 __all__ = ["convert_bn_to_metabin", "LayerFilter"]
 
 #: A layer selector: a qualified-name pattern (``fnmatch``, e.g. ``"layer4.*"``), or a callable
 #: ``(qualified_name, module) -> bool``, or a sequence of those (any match selects).
 LayerFilter = Union[str, Callable[[str, nn.Module], bool], Sequence[Union[str, Callable[[str, nn.Module], bool]]]]
-
-IN_AFFINE_INITS = ("copy", "identity")
 
 
 def _timm_norm_act_types() -> tuple[type, ...]:
@@ -72,9 +70,10 @@ def _convert_one(bn: _BatchNorm, cls: type[_MetaBINBase], rho_init: float, in_af
     new: _MetaBINBase
     if cls is MetaBINAct2d:
         act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
-        new = MetaBINAct2d(*config, act_layer=act, drop_layer=drop, rho_init=rho_init, **factory)
+        new = MetaBINAct2d(*config, act_layer=act, drop_layer=drop, rho_init=rho_init, in_affine_init=in_affine_init, **factory)
     else:
-        new = cls(*config, rho_init=rho_init, **factory)
+        # The layer keeps rho_init and in_affine_init: loading a BatchNorm state dict fills the same way.
+        new = cls(*config, rho_init=rho_init, in_affine_init=in_affine_init, **factory)
     with torch.no_grad():
         if bn.affine:
             # Share the Parameter objects: device, dtype, requires_grad and optimizer references
@@ -146,7 +145,9 @@ def convert_bn_to_metabin(
         in_affine_init: ``"copy"`` (default) starts the IN affine as a copy of the BN affine, so
             both branches produce outputs at the scale the network was trained for and a small step
             of rho changes the function smoothly; ``"identity"`` starts it at weight 1 / bias 0, the
-            authors' default (``LOAD_IN_AFFINE=False``).
+            authors' default (``LOAD_IN_AFFINE=False``). The new layers keep ``rho_init`` and
+            ``in_affine_init``: loading a BatchNorm state dict into them later
+            (``load_state_dict``, strict) fills ``rho`` and the IN affine the same way.
         strict: raise instead of warning when nothing was converted.
         sync: shorthand for ``convert_sync_metabin(convert_bn_to_metabin(module, ...), process_group)``:
             every MetaBIN layer synchronises its BN-branch statistics over the process group

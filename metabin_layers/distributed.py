@@ -105,6 +105,8 @@ class SyncMetaBIN(_MetaBINBase):
         process_group: the group to synchronise over (None: the default group).
         drop: module applied after the normalization, or None (with ``act``: ``nn.Identity``).
         act: module applied last, or None (with ``drop``: ``nn.Identity``).
+        in_affine_init: how loading a plain BatchNorm state dict fills the IN affine (``"copy"`` or
+            ``"identity"``, see ``MetaBIN2d``).
 
     Shape:
         Input and output have the same shape, ``(N, C, *)`` with 0 to 3 trailing dimensions.
@@ -135,8 +137,11 @@ class SyncMetaBIN(_MetaBINBase):
         process_group: Any = None,
         drop: Optional[nn.Module] = None,
         act: Optional[nn.Module] = None,
+        in_affine_init: str = "copy",
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, rho_init, stats_mode, backend, device, dtype, in_affine_init
+        )
         self.process_group = process_group
         if drop is not None or act is not None:  # the timm-style norm + drop + act layer
             self.drop = drop if drop is not None else nn.Identity()
@@ -182,7 +187,12 @@ _CONVERTIBLE = (MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d)
 
 def _to_sync(layer: _MetaBINBase, process_group: Any) -> SyncMetaBIN:
     config = (layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
-    modes = {"rho_init": layer.rho_init, "stats_mode": layer.stats_mode, "backend": layer.backend}
+    modes = {
+        "rho_init": layer.rho_init,
+        "stats_mode": layer.stats_mode,
+        "backend": layer.backend,
+        "in_affine_init": getattr(layer, "in_affine_init", "copy"),
+    }
     drop, act = (layer.drop, layer.act) if "act" in layer._modules else (None, None)
     new = SyncMetaBIN(*config, process_group=process_group, drop=drop, act=act, **modes)  # type: ignore[arg-type]
     # Share Parameters and buffers by identity (as SyncBatchNorm.convert_sync_batchnorm):

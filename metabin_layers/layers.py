@@ -27,6 +27,7 @@ __all__ = [
     "base_parameters",
     "replace_modules",
     "AUTHORS_LAYER_KEYS",
+    "IN_AFFINE_INITS",
 ]
 
 STATS_MODES = ("update", "hold", "eval")
@@ -35,6 +36,13 @@ with batch statistics and updates the running ones (normal training), ``"hold"``
 batch statistics and leaves the running ones untouched (meta steps), ``"eval"`` normalises the BN
 branch with the running statistics."""
 
+
+#: How the IN-branch affine starts when a BatchNorm becomes a MetaBIN layer: ``"copy"`` of the BN
+#: affine, or ``"identity"`` (weight 1, bias 0). See ``convert_bn_to_metabin``.
+IN_AFFINE_INITS = ("copy", "identity")
+
+#: The tensors a MetaBIN layer has and a BatchNorm lacks: filled when a BatchNorm state dict is loaded.
+_METABIN_ONLY_KEYS = ("rho", "in_weight", "in_bias")
 
 #: The authors' checkpoints keep a layer's branches in sub-modules: (their key, our flat name) pairs.
 AUTHORS_LAYER_KEYS = (
@@ -62,6 +70,14 @@ class _MetaBINBase(nn.Module):
     ``bias``, running statistics used and updated per ``stats_mode``), in training, in eval and
     folded for export, and ``rho`` gets no gradient from such a call. The first such call of each
     layer warns once.
+
+    A plain BatchNorm state dict (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``, as far as the layer has them, and no ``rho``, ``in_weight`` or
+    ``in_bias``) loads strictly: the three missing tensors are filled as ``convert_bn_to_metabin``
+    fills them, ``rho`` with ``rho_init`` and the IN affine per ``in_affine_init`` (``"copy"``: the
+    loaded BN affine; ``"identity"``: weight 1, bias 0). So a model built with MetaBIN layers and
+    then given the BatchNorm model's weights equals the converted BatchNorm model. Any other
+    missing or unexpected key stays an error in strict mode.
     """
 
     _input_dims: tuple[int, ...] = ()
@@ -94,6 +110,7 @@ class _MetaBINBase(nn.Module):
         backend: str = "auto",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        in_affine_init: str = "copy",
     ) -> None:
         """Create a MetaBIN layer.
 
@@ -110,6 +127,9 @@ class _MetaBINBase(nn.Module):
             backend: ``"auto"`` or one of ``BACKENDS``: which implementation of the math runs.
             device: device of the parameters and buffers.
             dtype: dtype of the parameters and buffers.
+            in_affine_init: how loading a plain BatchNorm state dict fills the IN affine, one of
+                ``IN_AFFINE_INITS``: ``"copy"`` (the loaded BN affine, as ``convert_bn_to_metabin``'s
+                default) or ``"identity"`` (weight 1, bias 0). A new layer's IN affine is 1 / 0 either way.
 
         Shape:
             Input and output have the same shape: ``(N, C)`` or ``(N, C, L)`` (1d),
@@ -119,6 +139,8 @@ class _MetaBINBase(nn.Module):
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         _check_rho_init(rho_init)
+        if in_affine_init not in IN_AFFINE_INITS:
+            raise ValueError(f"in_affine_init must be one of {IN_AFFINE_INITS}, got {in_affine_init!r}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -126,6 +148,7 @@ class _MetaBINBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.rho_init = float(rho_init)
+        self.in_affine_init = in_affine_init
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -313,11 +336,34 @@ class _MetaBINBase(nn.Module):
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
                 state_dict[key] = torch.tensor(0, dtype=torch.long)
+        self._fill_batchnorm_state(state_dict, prefix)
         rho = state_dict.get(prefix + "rho")
         if rho is not None and rho.numel() and (rho.min() < 0 or rho.max() > 1 or rho.isnan().any()):
             error_msgs.append(f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]")
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "rho"}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _fill_batchnorm_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Add ``rho`` / ``in_weight`` / ``in_bias`` to a plain BatchNorm's entries, as the converter sets them.
+
+        Only when every other tensor of the layer is there and none of the three is: any other
+        key set is left for the strict check to report.
+        """
+        own = [name for name, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
+        own = [n for n in own if n not in self._non_persistent_buffers_set]
+        if any(prefix + n in state_dict for n in _METABIN_ONLY_KEYS):
+            return
+        if not all(prefix + n in state_dict for n in own if n not in _METABIN_ONLY_KEYS):
+            return
+        with torch.no_grad():
+            state_dict[prefix + "rho"] = torch.full_like(self.rho, self.rho_init)
+            if self.in_weight is not None and self.in_bias is not None:
+                if getattr(self, "in_affine_init", "copy") == "copy":  # layers pickled before the attribute: the default
+                    state_dict[prefix + "in_weight"] = state_dict[prefix + "weight"].detach().clone()
+                    state_dict[prefix + "in_bias"] = state_dict[prefix + "bias"].detach().clone()
+                else:
+                    state_dict[prefix + "in_weight"] = torch.ones_like(self.in_weight)
+                    state_dict[prefix + "in_bias"] = torch.zeros_like(self.in_bias)
 
 
 def _check_rho_init(rho_init: float) -> None:
@@ -376,9 +422,9 @@ class MetaBINAct2d(MetaBIN2d):
     """MetaBIN2d followed by ``drop`` and ``act``: the counterpart of timm's ``BatchNormAct2d``.
 
     Takes ``BatchNormAct2d``'s arguments in the same order, then MetaBIN's own. Its state-dict
-    keys are those of ``BatchNormAct2d`` plus ``in_weight``, ``in_bias`` and ``rho``, so a
-    ``BatchNormAct2d`` state dict loads with ``strict=False`` and reports only those three
-    tensors as missing (they keep their initial values).
+    keys are those of ``BatchNormAct2d`` plus ``in_weight``, ``in_bias`` and ``rho``; a
+    ``BatchNormAct2d`` state dict loads strictly, those three filled as ``convert_bn_to_metabin``
+    fills them (``rho_init``, ``in_affine_init``).
 
     Args:
         num_features: number of channels ``C``.
@@ -399,6 +445,8 @@ class MetaBINAct2d(MetaBIN2d):
         rho_init: initial per-channel balance in [0, 1]; 1 computes exactly ``BatchNormAct2d``.
         stats_mode: ``"update"``, ``"hold"`` or ``"eval"`` (see ``STATS_MODES``).
         backend: ``"auto"`` or one of ``metabin_layers.functional.BACKENDS``.
+        in_affine_init: how loading a plain BatchNorm state dict fills the IN affine
+            (``IN_AFFINE_INITS``).
 
     Shape:
         Input and output: ``(N, C, H, W)``.
@@ -430,6 +478,7 @@ class MetaBINAct2d(MetaBIN2d):
         rho_init: float = 1.0,
         stats_mode: str = "update",
         backend: str = "auto",
+        in_affine_init: str = "copy",
     ) -> None:
         super().__init__(
             num_features,
@@ -442,6 +491,7 @@ class MetaBINAct2d(MetaBIN2d):
             backend=backend,
             device=device,
             dtype=dtype,
+            in_affine_init=in_affine_init,
         )
         self.drop = _build(drop_layer) if drop_layer is not None else nn.Identity()
         if apply_act and act_layer is not None:

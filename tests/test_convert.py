@@ -64,9 +64,32 @@ def _check_equivalence(original: nn.Module, size=(2, 3, 64, 64)):
     sd_o, sd_c = original.state_dict(), converted.state_dict()
     for k, v in sd_o.items():
         torch.testing.assert_close(sd_c[k], v, rtol=1e-9, atol=1e-9, msg=k)
-    result = copy.deepcopy(converted).load_state_dict(sd_o, strict=False)
-    assert result.unexpected_keys == []
-    assert all(k.endswith(("rho", "in_weight", "in_bias")) for k in result.missing_keys)
+    _check_strict_loading(original, x)
+
+
+def _check_strict_loading(original: nn.Module, x: torch.Tensor):
+    """The original's state dict loads strictly into a converted model holding other values, which
+    then equals ``convert_bn_to_metabin(original)``: state and outputs (rho 0.5: both branches count)."""
+    want_model = convert_bn_to_metabin(copy.deepcopy(original), rho_init=0.5).eval()
+    other = copy.deepcopy(original)
+    with torch.no_grad():  # every tensor different from the original's
+        for t in [*other.parameters(), *other.buffers()]:
+            t.add_(1 if t.dtype.is_floating_point else 3)
+    converted = convert_bn_to_metabin(other, rho_init=0.5)
+    with torch.no_grad():
+        for m in metabin_modules(converted):
+            m.rho.fill_(0.9)
+            if m.in_weight is not None:
+                m.in_weight.mul_(3)
+    result = converted.load_state_dict(original.state_dict())  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    want = want_model.state_dict()
+    got = converted.state_dict()
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    converted.eval()
+    torch.testing.assert_close(converted(x), want_model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(TV_MODELS))
@@ -323,3 +346,8 @@ def test_converted_models_train_and_meta_step(name, one_thread):
     assert len(warned) == sum(single), "one warning per layer with single-value inputs"
     if name in SINGLE_VALUE_MODELS:
         assert any(single)  # these models exercise the single-value path
+    # the original's state dict loads strictly into the trained converted model, which then holds
+    # what conversion gives (rho 1, IN affine = BN affine)
+    model.load_state_dict(original.state_dict())
+    for k, v in convert_bn_to_metabin(copy.deepcopy(original)).state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

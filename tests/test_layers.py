@@ -1,11 +1,13 @@
 """MetaBIN layer state, modes, checkpoints and bad input."""
 
+import copy
+
 import pytest
 import torch
 from reference import reference_bin
 from torch import nn
 
-from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, stats_mode
+from metabin_layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, convert_bn_to_metabin, stats_mode
 from metabin_layers.layers import set_stats_mode
 
 
@@ -26,16 +28,93 @@ def test_tensor_names_and_initial_values():
     assert [n for n, _ in m.named_parameters()] == ["weight", "bias", "in_weight", "in_bias", "rho"]
 
 
-def test_batchnorm_checkpoint_loads_without_unexpected_keys():
-    bn = nn.BatchNorm2d(3)
+def _random_bn(cls, c, affine=True, track=True):
+    bn = cls(c, affine=affine, track_running_stats=track)
     with torch.no_grad():
-        bn.weight.uniform_()
-        bn.running_mean.uniform_()
-    m = MetaBIN2d(3)
-    result = m.load_state_dict(bn.state_dict(), strict=False)
-    assert result.unexpected_keys == []
-    assert sorted(result.missing_keys) == ["in_bias", "in_weight", "rho"]
-    assert torch.equal(m.weight, bn.weight) and torch.equal(m.running_mean, bn.running_mean)
+        if affine:
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1, 1)
+        if track:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.num_batches_tracked.fill_(7)
+    return bn
+
+
+@pytest.mark.parametrize("rho_init", [1.0, 0.3])
+@pytest.mark.parametrize("in_affine_init", ["copy", "identity"])
+@pytest.mark.parametrize("bn_cls, cls", [(nn.BatchNorm1d, MetaBIN1d), (nn.BatchNorm2d, MetaBIN2d), (nn.BatchNorm3d, MetaBIN3d)])
+def test_batchnorm_state_dict_loads_strictly_filled_as_the_converter_fills(bn_cls, cls, rho_init, in_affine_init):
+    bn = _random_bn(bn_cls, 3)
+    m = cls(3, rho_init=rho_init, in_affine_init=in_affine_init)
+    with torch.no_grad():  # state the load must overwrite
+        for p in (m.rho, m.in_weight, m.in_bias):
+            p.fill_(0.7)
+    result = m.load_state_dict(bn.state_dict())  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    # the hand-written expectation: the BN's tensors, rho = rho_init, IN affine copied or 1 / 0
+    assert torch.equal(m.rho, torch.full((3,), rho_init))
+    want_w = bn.weight if in_affine_init == "copy" else torch.ones(3)
+    want_b = bn.bias if in_affine_init == "copy" else torch.zeros(3)
+    assert torch.equal(m.in_weight, want_w) and torch.equal(m.in_bias, want_b)
+    assert m.in_weight.data_ptr() != m.weight.data_ptr()  # a copy, trained separately
+    # and the converter's layer holds the same tensors
+    converted = convert_bn_to_metabin(copy.deepcopy(bn), rho_init=rho_init, in_affine_init=in_affine_init)
+    assert converted.rho_init == rho_init and converted.in_affine_init == in_affine_init
+    for k, v in converted.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("affine, track", [(False, True), (True, False), (False, False)])
+def test_batchnorm_state_dict_without_affine_or_running_stats_loads_strictly(affine, track):
+    bn = _random_bn(nn.BatchNorm2d, 4, affine=affine, track=track)
+    m = MetaBIN2d(4, affine=affine, track_running_stats=track, rho_init=0.25)
+    m.load_state_dict(bn.state_dict())
+    assert torch.equal(m.rho, torch.full((4,), 0.25))
+    if affine:
+        assert torch.equal(m.in_weight, bn.weight) and torch.equal(m.weight, bn.weight)
+    if track:
+        assert torch.equal(m.running_var, bn.running_var)
+
+
+def test_other_state_dict_mismatches_stay_strict():
+    bn = _random_bn(nn.BatchNorm2d, 3)
+    sd = bn.state_dict()
+    del sd["running_var"]  # not a whole BatchNorm: nothing is filled
+    with pytest.raises(RuntimeError, match="Missing key.*running_var") as err:
+        MetaBIN2d(3).load_state_dict(sd)
+    assert '"rho"' in str(err.value) and '"in_weight"' in str(err.value)
+    partial = {**bn.state_dict(), "rho": torch.full((3,), 0.5)}  # a MetaBIN state missing its IN affine
+    with pytest.raises(RuntimeError, match=r"Missing key.*in_weight"):
+        MetaBIN2d(3).load_state_dict(partial)
+    extra = {**bn.state_dict(), "extra": torch.zeros(3)}
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*extra"):
+        MetaBIN2d(3).load_state_dict(extra)
+    result = MetaBIN2d(3).load_state_dict(extra, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["extra"]
+
+
+def test_batchnorm_state_dict_before_version_2_loads_strictly():
+    bn = _random_bn(nn.BatchNorm2d, 3)
+    sd = bn.state_dict()
+    del sd["num_batches_tracked"]  # written by torch < 0.4.1: no num_batches_tracked, version 1
+    sd._metadata = {"": {"version": 1}}
+    m = MetaBIN2d(3, rho_init=0.5)
+    m.load_state_dict(sd)
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.rho, torch.full((3,), 0.5))
+    assert torch.equal(m.in_bias, bn.bias)
+
+
+def test_in_affine_init_is_checked_and_kept_by_sync_conversion():
+    with pytest.raises(ValueError, match="in_affine_init"):
+        MetaBIN2d(3, in_affine_init="random")
+    from metabin_layers import convert_sync_metabin
+
+    model = convert_sync_metabin(nn.Sequential(MetaBIN2d(3, rho_init=0.5, in_affine_init="identity")))
+    assert (model[0].rho_init, model[0].in_affine_init) == (0.5, "identity")
+    bn = _random_bn(nn.BatchNorm2d, 3)
+    model[0].load_state_dict(bn.state_dict())
+    assert torch.equal(model[0].in_weight, torch.ones(3)) and torch.equal(model[0].rho, torch.full((3,), 0.5))
 
 
 def test_authors_checkpoint_layout_is_remapped():
@@ -178,7 +257,7 @@ def test_metabin_act_takes_batchnorm_act2d_arguments_in_timm_order():
     assert [p.default for p in ours[: len(theirs)]] == [p.default for p in theirs]
     # MetaBIN's own arguments come after, keyword-only
     assert [(p.name, p.kind) for p in ours[len(theirs) :]] == [
-        (name, inspect.Parameter.KEYWORD_ONLY) for name in ("rho_init", "stats_mode", "backend")
+        (name, inspect.Parameter.KEYWORD_ONLY) for name in ("rho_init", "stats_mode", "backend", "in_affine_init")
     ]
 
 
@@ -228,7 +307,7 @@ def test_metabin_act_keeps_a_type_error_raised_inside_a_constructor():
         MetaBINAct2d(3, act_layer=nn.LeakyReLU, act_kwargs={"negative_slop": 0.1})
 
 
-def test_batchnorm_act2d_state_dict_loads_non_strict_reporting_only_new_tensors():
+def test_batchnorm_act2d_state_dict_loads_strictly():
     timm_layers = pytest.importorskip("timm.layers")
     bn = timm_layers.BatchNormAct2d(4, act_layer=nn.ReLU)
     with torch.no_grad():
@@ -238,12 +317,17 @@ def test_batchnorm_act2d_state_dict_loads_non_strict_reporting_only_new_tensors(
         bn.running_var.uniform_(0.5, 2)
     bn.num_batches_tracked.fill_(7)
     m = MetaBINAct2d(4, act_layer=nn.ReLU)
-    result = m.load_state_dict(bn.state_dict(), strict=False)
-    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["in_bias", "in_weight", "rho"]
-    with pytest.raises(RuntimeError, match="Missing key"):
-        MetaBINAct2d(4).load_state_dict(bn.state_dict())
+    result = m.load_state_dict(bn.state_dict())
+    assert result.unexpected_keys == [] and result.missing_keys == []
+    assert torch.equal(m.rho, torch.ones(4)) and torch.equal(m.in_weight, bn.weight) and torch.equal(m.in_bias, bn.bias)
     # rho = 1 (the initial value): the loaded layer computes BatchNormAct2d, in eval and training mode
     x = torch.randn(3, 4, 5, 5)
     bn.eval(), m.eval()
     torch.testing.assert_close(m(x), bn(x), rtol=1e-5, atol=1e-5)
     assert int(m.num_batches_tracked) == 7
+    # as the converter's layer, whose IN affine starts as the identity here
+    ident = MetaBINAct2d(4, act_layer=nn.ReLU, rho_init=0.5, in_affine_init="identity")
+    ident.load_state_dict(bn.state_dict())
+    converted = convert_bn_to_metabin(copy.deepcopy(bn), rho_init=0.5, in_affine_init="identity")
+    for k, v in converted.state_dict().items():
+        assert torch.equal(ident.state_dict()[k], v), k

@@ -249,7 +249,8 @@ def test_evaluate_end_to_end_matches_manual_pipeline():
     q_imgs = centres[q_pids] + 0.8 * torch.randn(num_ids, 3, 2, 2, generator=g)
     model = torch.nn.Flatten()
     res = evaluate(model, _loader(q_imgs, q_pids, q_camids), _loader(g_imgs, g_pids, g_camids), max_rank=50)
-    assert set(res) == {"rank1", "rank5", "rank10", "mAP", "mINP", "cmc"}
+    assert set(res) == {"rank1", "rank5", "rank10", "mAP", "mINP", "cmc", "ranking"}
+    assert res["ranking"] == "plain distances"
     distmat = compute_distance(q_imgs.flatten(1), g_imgs.flatten(1))
     ref_cmc, ref_ap, ref_inp, _ = slow_reference(distmat, q_pids, g_pids, q_camids, g_camids, len(g_pids))
     np.testing.assert_allclose(res["cmc"], ref_cmc)
@@ -261,3 +262,40 @@ def test_evaluate_end_to_end_matches_manual_pipeline():
     perfect = evaluate(model, _loader(centres, q_pids, q_camids), _loader(centres, q_pids, np.ones(num_ids, dtype=int)))
     assert perfect["rank1"] == perfect["mAP"] == perfect["mINP"] == 1.0
     assert perfect["cmc"].shape == (num_ids,)
+
+
+def test_evaluate_with_query_expansion_and_rerank_matches_the_references():
+    from test_reid_rerank import paper_rerank, reference_aqe
+
+    from metabin_layers.reid.rerank import QueryExpansion, ReRanking
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 3, 2, 2, generator=g)
+    g_pids = np.repeat(np.arange(4), 4)
+    g_camids = np.tile(np.array([1, 2, 3, 4]), 4)
+    q_pids, q_camids = np.arange(4).repeat(2), np.zeros(8, dtype=int)
+    g_imgs = (centres[g_pids] + 1.2 * torch.randn(len(g_pids), 3, 2, 2, generator=g)).double()
+    q_imgs = (centres[q_pids] + 1.2 * torch.randn(8, 3, 2, 2, generator=g)).double()
+    model = torch.nn.Flatten()
+    res = evaluate(
+        model,
+        _loader(q_imgs, q_pids, q_camids),
+        _loader(g_imgs, g_pids, g_camids),
+        metric="euclidean",
+        rerank=ReRanking(k1=4, k2=2, lambda_value=0.3),
+        query_expansion=QueryExpansion(k=3),
+        return_distances=True,
+    )
+    assert res["ranking"] == "average query expansion (k=3, alpha=3) + k-reciprocal re-ranking (k1=4, k2=2, lambda=0.3)"
+    # extract_features returns float32 features: the references start from the same values
+    qf, gf = (t.flatten(1).float().double().numpy() for t in (q_imgs, g_imgs))
+    eq, eg = reference_aqe(qf, gf, 3, 3.0, 1)
+    euclid = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))  # noqa: E731
+    want = paper_rerank(euclid(eq, eg), euclid(eq, eq), euclid(eg, eg), 4, 2, 0.3)
+    # compute_distance returns float32 distances: re-ranked from those, equal to float32 precision
+    np.testing.assert_allclose(res["distmat"], want, rtol=0, atol=1e-5)
+    ref_cmc, ref_ap, ref_inp, _ = slow_reference(res["distmat"], q_pids, g_pids, q_camids, g_camids, len(g_pids))
+    np.testing.assert_allclose(res["cmc"], ref_cmc)
+    assert res["mAP"] == pytest.approx(ref_ap) and res["mINP"] == pytest.approx(ref_inp)
+    plain = evaluate(model, _loader(q_imgs, q_pids, q_camids), _loader(g_imgs, g_pids, g_camids), metric="euclidean")
+    assert plain["mAP"] != res["mAP"]

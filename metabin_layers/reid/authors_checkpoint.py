@@ -230,13 +230,15 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
     """
     from .data import build_data
     from .report import write_results
-    from .train import _device, evaluate_model
+    from .train import _device, evaluate_model, precise_bn
     from .visualize import save_ranked_pictures
 
     device = _device(cfg.device)
     model = load_authors_checkpoint(path, device)
+    data = build_data(cfg)
+    precise = precise_bn(model, data, cfg, device)
     distances: dict[str, dict[str, Any]] = {}
-    metrics = evaluate_model(model, build_data(cfg), cfg, device, distances=distances)
+    metrics = evaluate_model(model, data, cfg, device, distances=distances)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -247,6 +249,7 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
         "norm": model.norm,
         "iterations": None,
         "targets": metrics,
+        "precise_bn_batches": precise,
     }
     write_results(results, out)
     save_ranked_pictures(distances, out, f"{model.norm} checkpoint")

@@ -9,6 +9,8 @@
     metabin-reid train --resume runs/synthetic/metabin --set max_iters=600   # continue a run (folder or checkpoint)
     metabin-reid eval --checkpoint runs/synthetic/metabin/checkpoint.pt      # results in runs/synthetic/metabin/eval
     metabin-reid eval --checkpoint DG-resnet/model_final.pth --data-root datasets   # the authors' release
+    metabin-reid eval --checkpoint runs/synthetic/metabin/checkpoint.pt --rerank --query-expansion \
+                      --set rerank_k1=20 precise_bn_iters=100 --output runs/synthetic/metabin/eval-rerank
     metabin-reid compare --seeds 0 1 2       # BN / IN / BIN-half / BIN / MetaBIN on the same data
     torchrun --nproc_per_node 4 -m metabin_layers.reid.cli train ...   # DDP
 """
@@ -42,6 +44,14 @@ EVAL_KEYS = (
     "metric",
     "eval_batch_size",
     "eval_invalid_as_zero",
+    "rerank",
+    "rerank_k1",
+    "rerank_k2",
+    "rerank_lambda",
+    "query_expansion",
+    "query_expansion_k",
+    "query_expansion_alpha",
+    "precise_bn_iters",
     "output",
 )
 #: Keys that ``eval`` also honours for an authors' checkpoint, which holds no config of its own.
@@ -125,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--targets", nargs="+", help="target datasets (default: the checkpoint's)")
     p_eval.add_argument("--output", help="where results go (default: <checkpoint folder>/eval); never a training run's folder")
     p_eval.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output")
+    p_eval.add_argument(
+        "--rerank",
+        action="store_true",
+        help="k-reciprocal re-ranking (Zhong et al. 2017; --set rerank_k1=20 rerank_k2=6 rerank_lambda=0.3)",
+    )
+    p_eval.add_argument(
+        "--query-expansion",
+        action="store_true",
+        help="average query expansion, as fast-reid's (--set query_expansion_k=5 query_expansion_alpha=3)",
+    )
     p_cmp = sub.add_parser("compare", help="train every normalization variant on the same data and seeds")
     _add_common(p_cmp)
     p_cmp.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="a paper setting (docs/reproducibility.md)")
@@ -287,6 +307,9 @@ def _eval_overrides(args: argparse.Namespace, allowed: Sequence[str]) -> dict[st
             f"(the checkpoint fixes the model and its data); it honours {', '.join(allowed)}"
         )
     overrides.update({k: v for k, v in (("data_root", args.data_root), ("targets", args.targets), ("output", args.output)) if v})
+    for key in ("rerank", "query_expansion"):  # the flags say yes; --set key=false cannot undo them
+        if getattr(args, key):
+            overrides[key] = True
     return overrides
 
 
@@ -331,7 +354,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results
-    from .train import _device, evaluate_model
+    from .train import _device, evaluate_model, precise_bn
     from .visualize import save_ranked_pictures
 
     overrides = _eval_overrides(args, EVAL_KEYS)
@@ -350,6 +373,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     model = ReIDModel(cfg.backbone, data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride).to(device)
     model.load_state_dict(state["model"])
     _plots_notice()
+    precise = precise_bn(model, data, cfg, device)  # the running statistics as the run's final evaluation had them
     distances: dict[str, dict[str, Any]] = {}
     metrics = evaluate_model(model, data, cfg, device, distances=distances)
     clear_output(out, overwrite=args.overwrite)
@@ -367,6 +391,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         "rho_per_layer": [
             {"layer": i, "mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())} for i, r in enumerate(rhos)
         ],
+        "precise_bn_batches": precise,
     }
     write_results(results, out)
     save_ranked_pictures(distances, out, f"{cfg.norm} checkpoint")

@@ -107,11 +107,26 @@ class TrainConfig:
         eval_invalid_as_zero: mAP / mINP over all queries, a query without a valid gallery match
             counting 0 (the authors' Cython evaluator, which produced their tables); False: over
             valid queries only.
+        rerank: k-reciprocal re-ranking of the test distances (Zhong et al. 2017, as fast-reid's
+            ``TEST.RERANK.ENABLED``); results are labelled re-ranked.
+        rerank_k1: ``TEST.RERANK.K1``: the k-reciprocal neighbourhood size.
+        rerank_k2: ``TEST.RERANK.K2``: neighbours of the local query expansion of the encodings.
+        rerank_lambda: ``TEST.RERANK.LAMBDA``: weight of the original distance, in [0, 1].
+        query_expansion: average query expansion of the test features (fast-reid's ``TEST.AQE``),
+            before the distances (and the re-ranking).
+        query_expansion_k: ``TEST.AQE.QE_K``: neighbours combined per item, itself included.
+        query_expansion_alpha: ``TEST.AQE.ALPHA``: exponent of the similarity weights.
+        precise_bn_iters: Precise BN (``TEST.PRECISE_BN.NUM_ITER``): before evaluating, recompute the
+            running statistics of every BatchNorm and MetaBIN layer as their average over this many
+            training batches (``metabin_layers.update_bn_stats``); 0: off.
+        tensorboard: Write tensorboard events (losses, learning rates, mean rho per stage, eval
+            metrics) to ``<output>/tensorboard`` (needs ``pip install 'metabin-layers[tensorboard]'``).
 
     Raises:
         ValueError: If a setting is out of range (an unknown ``norm``, ``amp_dtype``,
             ``in_affine_init`` or ``metric``, a size below 1, ``batch_size`` not a multiple of
-            ``num_instances``, ``combine_all`` not one boolean per source).
+            ``num_instances``, ``combine_all`` not one boolean per source, ``rerank_lambda``
+            outside [0, 1], ``precise_bn_iters`` below 0).
 
     Examples:
         >>> from metabin_layers.reid.config import TrainConfig
@@ -204,6 +219,15 @@ class TrainConfig:
     # mAP / mINP over all queries, a query without a valid gallery match counting 0 (the authors'
     # Cython evaluator, which produced their tables); False: over valid queries only
     eval_invalid_as_zero: bool = False
+    rerank: bool = False  # TEST.RERANK.ENABLED
+    rerank_k1: int = 20  # TEST.RERANK.K1
+    rerank_k2: int = 6  # TEST.RERANK.K2
+    rerank_lambda: float = 0.3  # TEST.RERANK.LAMBDA
+    query_expansion: bool = False  # TEST.AQE.ENABLED
+    query_expansion_k: int = 5  # TEST.AQE.QE_K
+    query_expansion_alpha: float = 3.0  # TEST.AQE.ALPHA
+    precise_bn_iters: int = 0  # TEST.PRECISE_BN.NUM_ITER when enabled; 0: off
+    tensorboard: bool = False  # events in <output>/tensorboard
 
     def __post_init__(self) -> None:
         from .model import NORM_VARIANTS
@@ -224,9 +248,16 @@ class TrainConfig:
             "height",
             "width",
             "log_every",
+            "rerank_k1",
+            "rerank_k2",
+            "query_expansion_k",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.rerank_lambda <= 1.0:
+            raise ValueError(f"rerank_lambda must be in [0, 1], got {self.rerank_lambda}")
+        if self.precise_bn_iters < 0:
+            raise ValueError(f"precise_bn_iters must be >= 0 (0: off), got {self.precise_bn_iters}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
         if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:

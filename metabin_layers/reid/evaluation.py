@@ -12,6 +12,10 @@ Protocol (authors' ``evaluation/reid_evaluation.py`` and ``rank.py``):
   Their compiled Cython path averages AP / INP over *all* queries (invalid ones counting 0);
   ``invalid_as_zero=True`` reproduces that.
 
+Optionally the ranking is post-processed first (``metabin_layers.reid.rerank``): average query
+expansion of the features (fast-reid's ``aqe``), then k-reciprocal re-ranking of the distances
+(Zhong et al. 2017), in fast-reid's order.
+
 Examples:
     >>> from metabin_layers.reid.evaluation import evaluate_rank
     >>> import numpy as np
@@ -25,13 +29,15 @@ Examples:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["evaluate_rank", "extract_features", "compute_distance", "evaluate"]
+from .rerank import QueryExpansion, QueryExpansionArg, RerankArg, ReRanking, average_query_expansion, k_reciprocal_rerank
+
+__all__ = ["evaluate_rank", "extract_features", "compute_distance", "evaluate", "ranking_label", "rerank_distances"]
 
 # Queries per chunk are chosen so that a chunk's (queries x gallery) working arrays stay small.
 _CHUNK_ELEMENTS = 1 << 22
@@ -57,14 +63,23 @@ def evaluate_rank(
     max_rank: int = 50,
     *,
     invalid_as_zero: bool = False,
+    rerank: RerankArg = None,
+    query_expansion: QueryExpansionArg = None,
+    features: Optional[tuple[Any, Any]] = None,
+    metric: str = "cosine",
+    q_q_distmat: Any = None,
+    g_g_distmat: Any = None,
 ) -> tuple[np.ndarray, float, float]:
     """CMC, mAP and mINP of a query x gallery distance matrix (market1501 protocol).
 
     Vectorised over the gallery (per-row ``argsort``, boolean masks, cumulative sums); queries
-    are processed in chunks to bound memory.
+    are processed in chunks to bound memory. With ``rerank`` / ``query_expansion`` the distances
+    are post-processed first (``rerank_distances``).
 
     Args:
-        distmat: ``(num_query, num_gallery)`` distances, smaller = more similar (no NaN).
+        distmat: ``(num_query, num_gallery)`` distances, smaller = more similar (no NaN); None
+            when ``features`` are given with ``query_expansion`` (the distances are then those of
+            the expanded features).
         q_pids: identities of the queries (1-D, any comparable dtype), one per row of ``distmat``.
         g_pids: identities of the gallery items, one per column of ``distmat``.
         q_camids: camera ids of the queries.
@@ -75,6 +90,16 @@ def evaluate_rank(
         invalid_as_zero: average AP / INP over *all* queries with invalid ones counting 0
             (the authors' Cython behaviour) instead of over valid queries. CMC always averages
             over valid queries.
+        rerank: k-reciprocal re-ranking: True (Zhong et al.'s ``k1=20, k2=6, lambda=0.3``) or
+            a ``ReRanking``; needs the query x query and gallery x gallery distances:
+            ``q_q_distmat`` and ``g_g_distmat``, or ``features``.
+        query_expansion: average query expansion of the features: True (fast-reid's ``k=5,
+            alpha=3``) or a ``QueryExpansion``; needs ``features`` and ``distmat=None``.
+        features: ``(query_features, gallery_features)``: the distances (``metric``) are computed
+            from them (after the query expansion) where ``distmat`` or the re-ranking needs them.
+        metric: the distance of ``features``: ``"cosine"`` or ``"euclidean"`` (``compute_distance``).
+        q_q_distmat: ``(num_query, num_query)`` distances for ``rerank`` without ``features``.
+        g_g_distmat: ``(num_gallery, num_gallery)`` distances for ``rerank`` without ``features``.
 
     Returns:
         ``(cmc, mAP, mINP)``: ``cmc`` is a float64 array of length ``max_rank`` (values in
@@ -82,8 +107,8 @@ def evaluate_rank(
         ``mAP`` and ``mINP`` are floats in [0, 1].
 
     Raises:
-        ValueError: bad shapes (the message names the argument), NaN distances, ``max_rank < 1``
-            or no valid query at all.
+        ValueError: bad shapes (the message names the argument), NaN distances, ``max_rank < 1``,
+            no valid query at all, or re-ranking / query expansion without what it needs.
 
     Examples:
         >>> import numpy as np
@@ -93,6 +118,20 @@ def evaluate_rank(
         >>> cmc.tolist(), mAP
         ([0.5, 1.0], 0.75)
     """
+    if rerank or query_expansion:
+        distmat = rerank_distances(
+            distmat,
+            rerank=rerank,
+            query_expansion=query_expansion,
+            features=features,
+            metric=metric,
+            q_q_distmat=q_q_distmat,
+            g_g_distmat=g_g_distmat,
+        )
+    elif distmat is None:
+        if features is None:
+            raise ValueError("distmat: None needs features=(query_features, gallery_features)")
+        distmat = compute_distance(*features, metric=metric)
     if isinstance(distmat, torch.Tensor):
         distmat = distmat.detach().cpu().numpy()
     distmat = np.asarray(distmat)
@@ -157,6 +196,106 @@ def evaluate_rank(
         raise ValueError("no valid query: no query has a true match in the gallery from another camera")
     denom = num_q if invalid_as_zero else num_valid
     return cmc_sum / num_valid, ap_sum / denom, inp_sum / denom
+
+
+def _settings(value: Any, cls: type, name: str) -> Any:
+    """``True`` -> the defaults, a settings object -> itself, None / False -> None."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    raise TypeError(f"{name}: expected a bool or a {cls.__name__}, got {type(value).__name__}")
+
+
+def rerank_distances(
+    distmat: Any,
+    *,
+    rerank: RerankArg = None,
+    query_expansion: QueryExpansionArg = None,
+    features: Optional[tuple[Any, Any]] = None,
+    metric: str = "cosine",
+    q_q_distmat: Any = None,
+    g_g_distmat: Any = None,
+) -> np.ndarray:
+    """The query x gallery distances after query expansion and re-ranking (fast-reid's order).
+
+    With ``query_expansion``, ``features`` are expanded (``average_query_expansion``) and the
+    distances computed from them (``compute_distance(..., metric)``); ``distmat`` must then be None.
+    With ``rerank``, the distances are re-ranked (``k_reciprocal_rerank``) with the query x query
+    and gallery x gallery distances of the same features (or ``q_q_distmat`` / ``g_g_distmat``
+    when no ``features`` are given).
+
+    Args:
+        distmat: ``(num_query, num_gallery)`` distances, or None with ``features``.
+        rerank: True (Zhong et al.'s defaults), a ``ReRanking``, or None / False: none.
+        query_expansion: True (fast-reid's defaults), a ``QueryExpansion``, or None / False: none.
+        features: ``(query_features, gallery_features)``.
+        metric: the distance of ``features``, ``"cosine"`` or ``"euclidean"``.
+        q_q_distmat: query x query distances, for ``rerank`` without ``features``.
+        g_g_distmat: gallery x gallery distances, for ``rerank`` without ``features``.
+
+    Returns:
+        The ``(num_query, num_gallery)`` distances (float64 when re-ranked).
+
+    Raises:
+        ValueError: what a step needs is missing or given twice.
+
+    Examples:
+        >>> import numpy as np
+        >>> from metabin_layers.reid.evaluation import rerank_distances
+        >>> from metabin_layers.reid.rerank import ReRanking
+        >>> qf, gf = np.eye(3)[:1], np.eye(3)
+        >>> int(rerank_distances(None, rerank=ReRanking(k1=2, k2=1), features=(qf, gf)).argmin())
+        0
+    """
+    rr = _settings(rerank, ReRanking, "rerank")
+    qe = _settings(query_expansion, QueryExpansion, "query_expansion")
+    if qe is not None:
+        if features is None:
+            raise ValueError("query_expansion: needs features=(query_features, gallery_features)")
+        if distmat is not None:
+            raise ValueError("distmat: pass None with query_expansion (the distances are those of the expanded features)")
+        features = average_query_expansion(*features, k=qe.k, alpha=qe.alpha, times=qe.times)
+    if features is not None:
+        qf, gf = features
+        if distmat is None:
+            distmat = compute_distance(qf, gf, metric)
+    elif distmat is None:
+        raise ValueError("distmat: None needs features=(query_features, gallery_features)")
+    if rr is None:
+        return np.asarray(distmat)
+    if features is not None:
+        if q_q_distmat is not None or g_g_distmat is not None:
+            raise ValueError("q_q_distmat / g_g_distmat: give them or features, not both")
+        q_q_distmat, g_g_distmat = compute_distance(qf, qf, metric), compute_distance(gf, gf, metric)
+    elif q_q_distmat is None or g_g_distmat is None:
+        raise ValueError("rerank: needs q_q_distmat and g_g_distmat (or features) besides distmat")
+    return k_reciprocal_rerank(distmat, q_q_distmat, g_g_distmat, rr.k1, rr.k2, rr.lambda_value)
+
+
+def ranking_label(rerank: RerankArg = None, query_expansion: QueryExpansionArg = None) -> str:
+    """How the ranking was made, for reports: ``"plain distances"`` or the post-processing steps.
+
+    Args:
+        rerank: the re-ranking (True, a ``ReRanking``, or None / False).
+        query_expansion: the query expansion (True, a ``QueryExpansion``, or None / False).
+
+    Returns:
+        The label, query expansion first (it runs first).
+
+    Examples:
+        >>> from metabin_layers.reid.evaluation import ranking_label
+        >>> ranking_label(), ranking_label(rerank=True, query_expansion=True)
+        ('plain distances', 'average query expansion (k=5, alpha=3) + k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)')
+    """
+    steps = [
+        s.describe()
+        for s in (_settings(query_expansion, QueryExpansion, "query_expansion"), _settings(rerank, ReRanking, "rerank"))
+        if s is not None
+    ]
+    return " + ".join(steps) if steps else "plain distances"
 
 
 def _model_output_to_tensor(out: Any) -> torch.Tensor:
@@ -285,6 +424,8 @@ def evaluate(
     max_rank: int = 50,
     invalid_as_zero: bool = False,
     return_distances: bool = False,
+    rerank: RerankArg = None,
+    query_expansion: QueryExpansionArg = None,
 ) -> dict[str, Any]:
     """Extract features, compute distances and return the Re-ID metrics.
 
@@ -300,13 +441,15 @@ def evaluate(
             gallery counting 0 (see ``evaluate_rank``).
         return_distances: also return ``"distmat"`` (the query x gallery distances) and the
             ``"q_pids"``, ``"g_pids"``, ``"q_camids"``, ``"g_camids"`` arrays (for pictures of
-            the ranked results, ``metabin_layers.reid.visualize``).
+            the ranked results, ``metabin_layers.reid.visualize``); re-ranked when ``rerank``.
+        rerank: k-reciprocal re-ranking (True: Zhong et al.'s defaults, or a ``ReRanking``).
+        query_expansion: average query expansion (True: fast-reid's defaults, or a ``QueryExpansion``).
 
     Returns:
         ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` as floats in [0, 1] (multiply by 100 for
         the usual percentages) and ``"cmc"``, the CMC curve as a numpy array of length
         ``min(max_rank, gallery size)``. When the gallery is smaller than k, rank-k is the last
-        CMC value.
+        CMC value. ``"ranking"`` says how the ranking was made (``ranking_label``).
 
     Examples:
         >>> import torch
@@ -319,7 +462,10 @@ def evaluate(
     """
     qf, q_pids, q_camids = extract_features(model, query_loader, device, flip=flip)
     gf, g_pids, g_camids = extract_features(model, gallery_loader, device, flip=flip)
-    distmat = compute_distance(qf, gf, metric=metric)
+    if rerank or query_expansion:
+        distmat = rerank_distances(None, rerank=rerank, query_expansion=query_expansion, features=(qf, gf), metric=metric)
+    else:
+        distmat = compute_distance(qf, gf, metric=metric)
     cmc, mAP, mINP = evaluate_rank(
         distmat,
         q_pids,
@@ -330,7 +476,7 @@ def evaluate(
         invalid_as_zero=invalid_as_zero,
     )
     result: dict[str, Any] = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
-    result.update(mAP=float(mAP), mINP=float(mINP), cmc=cmc)
+    result.update(mAP=float(mAP), mINP=float(mINP), cmc=cmc, ranking=ranking_label(rerank, query_expansion))
     if return_distances:
         result.update(distmat=distmat, q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
     return result

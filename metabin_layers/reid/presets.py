@@ -188,6 +188,14 @@ AUTHORS_SETTINGS: dict[str, AuthorsSetting] = {
     "metric": AuthorsSetting("TEST.METRIC", "cosine"),
     "eval_batch_size": AuthorsSetting("TEST.IMS_PER_BATCH", 128),
     "eval_invalid_as_zero": AuthorsSetting("their Cython evaluator (mean over all queries)", True),
+    "rerank": AuthorsSetting("TEST.RERANK.ENABLED", False),
+    "rerank_k1": AuthorsSetting("TEST.RERANK.K1", 20),
+    "rerank_k2": AuthorsSetting("TEST.RERANK.K2", 6),
+    "rerank_lambda": AuthorsSetting("TEST.RERANK.LAMBDA", 0.3),
+    "query_expansion": AuthorsSetting("TEST.AQE.ENABLED", False),
+    "query_expansion_k": AuthorsSetting("TEST.AQE.QE_K", 5),
+    "query_expansion_alpha": AuthorsSetting("TEST.AQE.ALPHA", 3.0),
+    "precise_bn_iters": AuthorsSetting("TEST.PRECISE_BN (ENABLED False: 0; NUM_ITER 300 when on)", 0),
 }
 
 #: Keys with no counterpart in the authors' configs (where to run, what to log, synthetic data).
@@ -196,6 +204,7 @@ NOT_IN_AUTHORS_CONFIGS: dict[str, str] = {
     "device": "where to run",
     "output": "where results go",
     "log_every": "logging only",
+    "tensorboard": "logging only",
     "checkpoint_every": "checkpointing only",
     "checkpoint_every_minutes": "checkpointing only",
     "compile": "torch.compile of the base and meta steps: speed only",

@@ -12,6 +12,7 @@ __all__ = [
     "write_text_atomic",
     "results_table",
     "results_caption",
+    "ranking_note",
     "split_notice",
     "comparison_table",
     "baseline_table",
@@ -285,6 +286,32 @@ NORM_LABELS = {
 }
 
 
+def ranking_note(results: Mapping[str, Any]) -> str:
+    """How the metrics were obtained beyond the plain protocol: ``""``, or e.g.
+    ``" after k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3), with precise BN over 100 batches"``.
+
+    Args:
+        results: a run's results; its targets' ``ranking`` (``evaluate``) and its
+            ``precise_bn_batches`` are read.
+
+    Examples:
+        >>> from metabin_layers.reid.report import ranking_note
+        >>> ranking_note({"targets": {"t": {"ranking": "plain distances"}}})
+        ''
+        >>> ranking_note({"targets": {"t": {"ranking": "k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)"}},
+        ...               "precise_bn_batches": 100})
+        ' after k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3), with precise BN over 100 batches'
+    """
+    rankings = sorted(
+        {str(e["ranking"]) for e in results.get("targets", {}).values() if isinstance(e, Mapping) and e.get("ranking")}
+        - {"plain distances"}
+    )
+    note = f" after {'; '.join(rankings)}" if rankings else ""
+    if results.get("precise_bn_batches"):
+        note += f", with precise BN over {results['precise_bn_batches']} batches"
+    return note
+
+
 def results_caption(results: Mapping[str, Any]) -> str:
     """The line printed above a run's table: what was evaluated, how long it trained, units.
 
@@ -293,7 +320,9 @@ def results_caption(results: Mapping[str, Any]) -> str:
             ``checkpoint`` marks an evaluation of a saved model).
 
     Returns:
-        One line, e.g. ``"MetaBIN (seed 0, 10 iterations) on style4, metrics in %:"``.
+        One line, e.g. ``"MetaBIN (seed 0, 10 iterations) on style4, metrics in %:"``; re-ranked
+        metrics say so (``ranking_note``): ``"... on style4, metrics in % after k-reciprocal
+        re-ranking (k1=20, k2=6, lambda=0.3):"``.
 
     Examples:
         >>> from metabin_layers.reid.report import results_caption
@@ -305,7 +334,7 @@ def results_caption(results: Mapping[str, Any]) -> str:
     if results.get("iterations"):
         trained += f", {results['iterations']} iterations"
     what = f"checkpoint {results['checkpoint']}: " if results.get("checkpoint") else ""
-    return f"{what}{label} ({trained}) on {', '.join(results['targets'])}, metrics in %:"
+    return f"{what}{label} ({trained}) on {', '.join(results['targets'])}, metrics in %{ranking_note(results)}:"
 
 
 def baseline_table(bn: Mapping[str, Any], metabin: Mapping[str, Any], target: Optional[str] = None) -> str:
@@ -338,7 +367,7 @@ def baseline_table(bn: Mapping[str, Any], metabin: Mapping[str, Any], target: Op
     target = target if target is not None else next(iter(metabin["targets"]))
     lines = [
         f"Held-out style {target} (never seen in training), seed {metabin['seed']}, "
-        f"{metabin['iterations']} iterations each; metrics in %:",
+        f"{metabin['iterations']} iterations each; metrics in %{ranking_note(metabin)}:",
         "| model | R-1 | R-5 | mAP | mINP |",
         "|---|---|---|---|---|",
     ]
@@ -397,7 +426,9 @@ def write_results(results: Mapping[str, Any], output: Path, echo: bool = True, p
     if notice:
         table += "\n\n" + notice
     header = f"# {results['norm']} (seed {results['seed']}, {results['iterations']} iterations)\n\n"
-    write_text_atomic(output / "results.md", header + table + "\n")
+    note = ranking_note(results)
+    footer = f"\n\nMetrics{note}.\n" if note else "\n"
+    write_text_atomic(output / "results.md", header + table + footer)
     if echo:
         print(results_caption(results) + "\n" + table, flush=True)
     if plots is None:

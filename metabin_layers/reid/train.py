@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import CapturedIteration, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
+from .. import CapturedIteration, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters, update_bn_stats
 from ..episode import CyclicInnerLR
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -36,14 +37,18 @@ from .config import TrainConfig
 from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError, RecipeError
 from .evaluation import evaluate
+from .events import log_iteration, log_metrics, require_tensorboard, tensorboard_writer
 from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
 from .report import NORM_LABELS, write_results, write_text_atomic
+from .rerank import QueryExpansion, ReRanking
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
 from .visualize import save_ranked_pictures
 
 __all__ = [
     "train",
     "evaluate_model",
+    "precise_bn",
+    "ranking_settings",
     "Trainer",
     "TrainingInterrupted",
     "check_output",
@@ -440,6 +445,8 @@ class Trainer:
         #: The iteration of the last complete checkpoint written or loaded (None: none yet).
         self.checkpoint_iteration: Optional[int] = None
         self.history: list[dict[str, float]] = []
+        #: A tensorboard ``SummaryWriter`` that ``run`` writes the logged iterations to (None: none).
+        self.events: Optional[Any] = None
         # Losses that had no triplet (a zero loss, see metabin_layers.losses), summed over ranks:
         # counted on the device, read when logged or saved.
         self._degenerate = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -630,7 +637,9 @@ class Trainer:
         ``log.txt`` is rewritten from ``history`` first, so a resumed run logs every iteration
         once (lines logged after the checkpoint it resumes from are dropped: those iterations run
         again). Checkpoints follow ``checkpoint_due`` (``checkpoint_every``,
-        ``checkpoint_every_minutes``, and after the last iteration).
+        ``checkpoint_every_minutes``, and after the last iteration). Each logged iteration also
+        goes to ``self.events``, a tensorboard ``SummaryWriter``, when one is set
+        (``metabin_layers.reid.events.log_iteration``).
 
         Args:
             output: The run folder (it must exist).
@@ -690,6 +699,8 @@ class Trainer:
                     if log is not None:
                         log.write(line + "\n")
                         log.flush()
+                    if self.events is not None and is_main:
+                        log_iteration(self.events, logs, self.model.backbone)
                     if not progress and is_main:
                         print(line, flush=True)
                 minutes = (time.perf_counter() - last_save) / 60
@@ -762,6 +773,7 @@ def evaluate_model(
                     flip=cfg.eval_flip,
                     invalid_as_zero=cfg.eval_invalid_as_zero,
                     return_distances=keep,
+                    **ranking_settings(cfg),
                 )
             )
             if keep:
@@ -777,8 +789,88 @@ def evaluate_model(
         entry["num_splits"] = len(runs)
         # which queries mAP / mINP average over (the authors' Cython evaluator: all of them)
         entry["map_averaging"] = "all queries, invalid ones as 0" if cfg.eval_invalid_as_zero else "valid queries"
+        entry["ranking"] = runs[0]["ranking"]  # plain distances, or re-ranked / query-expanded
         results[name] = entry
     return results
+
+
+def ranking_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``evaluate``'s ``rerank`` and ``query_expansion`` arguments from the config.
+
+    Args:
+        cfg: its ``rerank*`` and ``query_expansion*`` keys are read.
+
+    Returns:
+        ``{"rerank": ReRanking or None, "query_expansion": QueryExpansion or None}``.
+
+    Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.train import ranking_settings
+        >>> ranking_settings(TrainConfig(rerank=True, rerank_k1=10))
+        {'rerank': ReRanking(k1=10, k2=6, lambda_value=0.3), 'query_expansion': None}
+    """
+    rerank = ReRanking(cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
+    qe = QueryExpansion(cfg.query_expansion_k, cfg.query_expansion_alpha) if cfg.query_expansion else None
+    return {"rerank": rerank, "query_expansion": qe}
+
+
+def precise_bn(
+    model: nn.Module, data: RecipeData, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Optional[int]:
+    """Precise BN: the running statistics of every BatchNorm and MetaBIN layer of ``model`` become
+    their average over ``cfg.precise_bn_iters`` training batches (``metabin_layers.update_bn_stats``).
+
+    The batches are the base step's kind (``RandomIdentitySampler``, training transforms) from a
+    stream of their own, seeded by ``cfg.seed``: a run's final evaluation and ``metabin-reid eval``
+    of its checkpoint see the same batches, and the run's random generators are left as they were.
+    With several processes, every rank must call it (synchronised layers average over the group).
+
+    Args:
+        model: the model (its train/eval mode is kept).
+        data: the run's data (its ``train_set``).
+        cfg: ``precise_bn_iters`` (0: nothing is done), ``batch_size``, ``num_instances``, ``seed``, ``workers``.
+        device: where the batches go.
+        rank: this process's rank.
+        world_size: the number of processes.
+
+    Returns:
+        The number of batches averaged over; None when ``cfg.precise_bn_iters`` is 0.
+
+    Examples:
+        >>> import torch
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.data import build_data
+        >>> from metabin_layers.reid.model import ReIDModel
+        >>> from metabin_layers.reid.train import precise_bn
+        >>> cfg = TrainConfig(syn_train_ids=4, syn_test_ids=2, syn_styles=3, syn_held_out=[2], syn_images_per_id=2,
+        ...                   height=32, width=16, workers=0, batch_size=4, num_instances=2, precise_bn_iters=3)
+        >>> data = build_data(cfg)
+        >>> model = ReIDModel("test_resnet", data.num_classes, norm="metabin").eval()
+        >>> precise_bn(model, data, cfg, torch.device("cpu")), int(model.neck.num_batches_tracked), model.training
+        (3, 3, False)
+    """
+    if cfg.precise_bn_iters <= 0:
+        return None
+    seed = cfg.seed + 2  # the base (seed) and meta (seed + 1) streams have their own
+    sampler = RandomIdentitySampler(
+        data.train_items,
+        cfg.batch_size,
+        cfg.num_instances,
+        seed=seed,
+        num_batches=cfg.precise_bn_iters,
+        rank=rank,
+        world_size=world_size,
+    )
+    loader = DataLoader(
+        data.train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with torch.random.fork_rng(devices=[]):  # the augmentations draw from a generator of their own
+        torch.manual_seed(seed)
+        return update_bn_stats(model, loader, num_iters=cfg.precise_bn_iters, device=device)
 
 
 #: Files a run writes into its output folder; any of them there means an earlier run.
@@ -799,6 +891,15 @@ RESUME_FREE_KEYS = (
     "eval_flip",
     "metric",
     "eval_batch_size",
+    "rerank",
+    "rerank_k1",
+    "rerank_k2",
+    "rerank_lambda",
+    "query_expansion",
+    "query_expansion_k",
+    "query_expansion_alpha",
+    "precise_bn_iters",
+    "tensorboard",
 )
 
 
@@ -872,6 +973,8 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
     output.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
         (output / name).unlink(missing_ok=True)
+    if overwrite and not resuming:  # the earlier run's tensorboard events
+        shutil.rmtree(output / "tensorboard", ignore_errors=True)
     for stale in output.glob(".checkpoint.pt.*.tmp"):  # a save cut short by a killed process
         stale.unlink(missing_ok=True)
     for picture in output.glob("ranked-*.png"):
@@ -980,7 +1083,10 @@ def train(
     Writes into ``cfg.output``: ``config.json``, ``log.txt``, ``checkpoint.pt``,
     ``results.json``, ``results.md``, ``ranked.png`` (``ranked-<target>.png`` with several
     targets: a few queries and their top-10, ``metabin_layers.reid.visualize``) and, with
-    matplotlib, ``rho.png`` and ``cmc.png``.
+    matplotlib, ``rho.png`` and ``cmc.png``; with ``cfg.tensorboard``, tensorboard events in
+    ``tensorboard/`` (``metabin_layers.reid.events``). With ``cfg.precise_bn_iters`` the running
+    statistics are recomputed before the evaluation (``precise_bn``; the checkpoint keeps those of
+    training, ``metabin-reid eval`` recomputes them the same way).
 
     Args:
         cfg: the run's configuration.
@@ -999,11 +1105,13 @@ def train(
         On rank 0, the results written to ``results.json``: ``config``, ``seed``, ``norm``,
         ``iterations``, ``train_seconds``, per-target ``targets`` metrics (``evaluate_model``),
         ``test_splits``, ``mean_rho`` (over every rho channel; None without rho),
-        ``rho_per_layer`` and ``history``; ``{}`` on the other ranks.
+        ``rho_per_layer``, ``history`` and ``precise_bn_batches`` (None without precise BN);
+        ``{}`` on the other ranks.
 
     Raises:
         OutputFolderError: If ``cfg.output`` holds an earlier run and neither ``overwrite`` nor
             ``resume`` is given.
+        RecipeError: If ``cfg.tensorboard`` is set and tensorboard is not installed.
         CheckpointError: If the checkpoint to resume cannot be read, its config differs (without
             ``allow_config_change``) or it does not fit the run.
         TrainingInterrupted: On ``KeyboardInterrupt`` (Ctrl-C) while training (``Trainer.run``):
@@ -1027,6 +1135,8 @@ def train(
     """
     output = Path(cfg.output)
     check_output(output, overwrite=overwrite, resuming=bool(resume))
+    if cfg.tensorboard:
+        require_tensorboard()  # before training, not after it
     state, source = _resume_state(resume, cfg, allow_config_change) if resume else (None, None)
     trainer = Trainer(cfg, data)
     if state is not None:
@@ -1043,35 +1153,56 @@ def train(
             print(trainer.data.description, flush=True)
         if trainer.checkpoint_iteration is not None:
             print(f"resumed from iteration {trainer.checkpoint_iteration} ({source})", flush=True)
-    trainer.run(output, progress=progress)
-    results: dict[str, Any] = {}
-    if trainer.rank == 0:
-        distances: dict[str, dict[str, Any]] = {}
-        metrics = evaluate_model(trainer.model, trainer.data, cfg, trainer.device, distances=distances)
-        results = {
-            "config": cfg.to_dict(),
-            "seed": cfg.seed,
-            "norm": cfg.norm,
-            "iterations": trainer.iteration,
-            "train_seconds": round(getattr(trainer, "train_seconds", 0.0), 2),
-            "targets": metrics,
-            "test_splits": trainer.data.test_splits,
-            "mean_rho": trainer.mean_rho(),
-            "rho_per_layer": [
-                {
-                    "layer": i,
-                    "mean": float(m.rho.detach().mean()),
-                    "min": float(m.rho.detach().min()),
-                    "max": float(m.rho.detach().max()),
-                }
-                for i, m in enumerate(metabin_modules(trainer.model.backbone))
-            ],
-            "history": trainer.history,
-        }
-        write_results(results, output, echo=verbose)
-        save_ranked_pictures(distances, output, NORM_LABELS.get(cfg.norm, cfg.norm))
-        if verbose:
-            print(f"Results, plots and checkpoint: {output}", flush=True)
+    writer = None
+    if cfg.tensorboard and trainer.rank == 0:  # a resumed run hides the events after its checkpoint
+        writer = tensorboard_writer(output, purge_step=trainer.iteration or None)
+    trainer.events = writer
+    try:
+        trainer.run(output, progress=progress)
+        # every rank: synchronised layers average the statistics over the group
+        precise = precise_bn(trainer.model, trainer.data, cfg, trainer.device, trainer.rank, trainer.world_size)
+        results: dict[str, Any] = {}
+        if trainer.rank == 0:
+            results = _evaluate_and_report(trainer, cfg, output, verbose, precise, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    return results
+
+
+def _evaluate_and_report(
+    trainer: Trainer, cfg: TrainConfig, output: Path, verbose: bool, precise: Optional[int], writer: Optional[Any]
+) -> dict[str, Any]:
+    """The end of ``train`` on rank 0: evaluation, ``results.*``, pictures and tensorboard metrics."""
+    distances: dict[str, dict[str, Any]] = {}
+    metrics = evaluate_model(trainer.model, trainer.data, cfg, trainer.device, distances=distances)
+    if writer is not None:
+        log_metrics(writer, metrics, trainer.iteration)
+    results = {
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "norm": cfg.norm,
+        "iterations": trainer.iteration,
+        "train_seconds": round(getattr(trainer, "train_seconds", 0.0), 2),
+        "targets": metrics,
+        "test_splits": trainer.data.test_splits,
+        "mean_rho": trainer.mean_rho(),
+        "rho_per_layer": [
+            {
+                "layer": i,
+                "mean": float(m.rho.detach().mean()),
+                "min": float(m.rho.detach().min()),
+                "max": float(m.rho.detach().max()),
+            }
+            for i, m in enumerate(metabin_modules(trainer.model.backbone))
+        ],
+        "history": trainer.history,
+        "precise_bn_batches": precise,
+    }
+    write_results(results, output, echo=verbose)
+    save_ranked_pictures(distances, output, NORM_LABELS.get(cfg.norm, cfg.norm))
+    if verbose:
+        print(f"Results, plots and checkpoint: {output}", flush=True)
     return results
 
 
