@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metabin_layers.reid.checks import check_sources
 from metabin_layers.reid.cli import main
 from metabin_layers.reid.config import TrainConfig, load_config
+from metabin_layers.reid.data import RecipeData
 from metabin_layers.reid.errors import ConfigError, RecipeError
 from metabin_layers.reid.train import Trainer, train
 from metabin_layers.reid.validation import validate_config
@@ -135,14 +137,20 @@ def test_meta_train_domains_are_checked_against_the_sources():
     assert load_config(overrides={"num_meta_train_domains": 3}).num_meta_train_domains == 3
     with pytest.raises(ConfigError, match=r"num_meta_train_domains=4: expected an integer between 1 and 3"):
         load_config(overrides={"num_meta_train_domains": 4})
-    # real data: one domain per source
+    # real data: checked against the domains read, before the first iteration
+    items = [(f"{d}_{p}_{k}.jpg", 10 * d + p, k % 2, d) for d in range(2) for p in range(8) for k in range(4)]
+    data = RecipeData(items, None, 16, 2, {}, "", folders={"market1501": "m", "dukemtmcreid": "d"})
+    two = dict(data_root="d", sources=["market1501", "dukemtmcreid"], batch_size=8, meta_batch_size=16)
+    check_sources(TrainConfig(**two, num_meta_train_domains=1), data)
     with pytest.raises(ConfigError, match=r"num_meta_train_domains=2: expected an integer between 1 and 1"):
-        TrainConfig(data_root="d", sources=["market1501", "dukemtmcreid"], num_meta_train_domains=2)
-    # one source: the meta step needs two domains (or cameras_as_domains)
+        check_sources(TrainConfig(**two, num_meta_train_domains=2), data)
+    with pytest.raises(ConfigError, match=r"meta_batch_size=20: expected a multiple of num_domains x num_instances = 2 x 4"):
+        check_sources(TrainConfig(**{**two, "meta_batch_size": 20}), data)
+    # one source: the meta step needs two domains (cameras as domains, or several sources)
+    one = RecipeData([it for it in items if it[3] == 0], None, 8, 1, {}, "", folders={"market1501": "m"})
     with pytest.raises(ConfigError, match=r"sources=\['market1501'\]: expected at least 2 source domains"):
-        TrainConfig(data_root="d", sources=["market1501"], norm="metabin")
-    TrainConfig(data_root="d", sources=["market1501"], norm="metabin", cameras_as_domains=True)
-    TrainConfig(data_root="d", sources=["market1501"], norm="bn")
+        check_sources(TrainConfig(data_root="d", sources=["market1501"], batch_size=8, meta_batch_size=16), one)
+    check_sources(TrainConfig(data_root="d", sources=["market1501"], norm="bn", batch_size=8), one)
 
 
 def test_first_inner_loop_and_max_iters_bounds_hold_in_the_trainer(tmp_path):

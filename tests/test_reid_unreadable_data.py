@@ -125,7 +125,7 @@ def test_an_empty_training_folder_is_one_line(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(_args(tmp_path / "data", out)) == 2
     err = _one_line(capsys)
-    assert "market1501" in err and "bounding_box_train" in err and "no image" in err, err
+    assert "source market1501" in err and str(base) in err and "no training image" in err, err
     assert not out.exists()
 
 

@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .disk import disk_error, find_disk_error
 from .errors import CheckpointError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
@@ -115,6 +116,8 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
 
     Raises:
         TypeError: ``state`` holds another kind of object (a numpy array, a custom class, ...).
+        DiskError: the disk is full, read-only or over quota: one line naming ``path`` and the
+            space left; the previous file is intact.
         KeyboardInterrupt: Ctrl-C came while writing, also when torch's writer then failed
             because of it.
 
@@ -139,9 +142,12 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
         os.replace(tmp, path)
     except Exception as err:
         # Ctrl-C inside torch.save makes its zip writer fail on the way out ("unexpected pos"):
-        # report the interrupt, not that consequence of it.
+        # report the interrupt, not that consequence of it. A full disk does the same.
         if _caused_by_interrupt(err):
             raise KeyboardInterrupt from err
+        disk = find_disk_error(err)
+        if disk is not None:
+            raise disk_error(path, disk) from err
         raise
     finally:
         tmp.unlink(missing_ok=True)
