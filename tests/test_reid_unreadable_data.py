@@ -94,9 +94,7 @@ def test_a_bad_image_is_named_before_training(tmp_path, monkeypatch, capsys, pro
 
 def test_check_images_reads_every_header_and_names_the_set(tmp_path):
     base = _market(tmp_path)
-    cfg = load_config(
-        overrides={"data_root": str(tmp_path), "sources": ["market1501"], "targets": ["market1501"], "norm": "bn"}
-    )
+    cfg = load_config(overrides={"data_root": str(tmp_path), "sources": ["market1501"], "targets": ["market1501"], "norm": "bn"})
     data = build_data(cfg)
     check_images(data)  # all fine
     bad = base / "query" / "0101_c1s1_000101_00.jpg"

@@ -304,7 +304,9 @@ def _coerce(name: str, value: Any) -> Any:
             return [_boolean(name, t.strip()) for t in text.strip("[]").split(",") if t.strip()]
         if isinstance(default, list):
             items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
-            return [_number(name, t, int, "a list of integers") for t in items] if default and isinstance(default[0], int) else items
+            return (
+                [_number(name, t, int, "a list of integers") for t in items] if default and isinstance(default[0], int) else items
+            )
         if isinstance(default, bool):
             return _boolean(name, text)
         if isinstance(default, int) or name in ("iters_per_epoch", "max_iters", "num_meta_train_domains", "checkpoint_every"):

@@ -81,8 +81,7 @@ def _refusal(folder: Path, path: Path) -> OutputFolderError:
             f"wait for it, choose another --output, or if no run uses this folder clear the lock with: {clear}"
         )
     return OutputFolderError(
-        f"output {folder}: in use by a run of {who}; wait for it to finish, choose another --output, "
-        f"or stop that process first"
+        f"output {folder}: in use by a run of {who}; wait for it to finish, choose another --output, or stop that process first"
     )
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import CapturedIteration, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters
+from .. import CapturedIteration, MetaBINOptimizer, clamp_rho_, convert_sync_metabin, metabin_modules, rho_parameters
 from ..episode import CyclicInnerLR
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -354,7 +354,11 @@ class Trainer:
         base_sampler = RandomIdentitySampler(
             self.data.train_items, cfg.batch_size, cfg.num_instances, seed=cfg.seed, rank=self.rank, world_size=self.world_size
         )
-        self.ipe = cfg.iters_per_epoch if cfg.iters_per_epoch is not None else max(1, base_sampler.estimated_num_images // cfg.batch_size)
+        self.ipe = (
+            cfg.iters_per_epoch
+            if cfg.iters_per_epoch is not None
+            else max(1, base_sampler.estimated_num_images // cfg.batch_size)
+        )
         self.max_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * self.ipe
         self.base_batches = _Batches(self.data.train_set, base_sampler, cfg.workers, self.device)
         self.meta_batches: Optional[_Batches] = None
@@ -469,10 +473,7 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         if self.rho_opt is not None:
-            with torch.no_grad():
-                rhos: list[Tensor] = list(rho_parameters(self.model))
-                torch._foreach_clamp_min_(rhos, 0.0)
-                torch._foreach_clamp_max_(rhos, 1.0)
+            clamp_rho_(self.model)  # in [0, 1], and taken as checked by the layers (no re-check)
 
     def base_step(self) -> dict[str, Tensor]:
         """One base update; returns its detached losses (tensors: read them when logging)."""

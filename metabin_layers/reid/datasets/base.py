@@ -466,8 +466,7 @@ class SplitReIDDataset(ReIDDataset):
             raise ValueError(f"{self.name}: cannot read split file {path!r}: {exc}") from exc
         except RecursionError:  # json's parser recurses once per nesting level
             raise ValueError(
-                f"{self.name}: cannot read split file {path!r}: its JSON is nested too deep; "
-                "delete it to regenerate the splits"
+                f"{self.name}: cannot read split file {path!r}: its JSON is nested too deep; delete it to regenerate the splits"
             ) from None
         if not isinstance(splits, list) or len(splits) < min_entries or not all(isinstance(s, dict) for s in splits):
             raise ValueError(
