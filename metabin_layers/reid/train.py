@@ -1061,8 +1061,13 @@ def train(
         ``rho_per_layer`` and ``history``; ``{}`` on the other ranks.
 
     Raises:
+        ConfigError: If a config value is wrong (``validate_config``), before anything is read
+            or written.
         OutputFolderError: If ``cfg.output`` holds an earlier run and neither ``overwrite`` nor
-            ``resume`` is given.
+            ``resume`` is given, or another run holds the folder (``metabin_layers.reid.lock``:
+            on rank 0 the run holds ``.metabin-reid.lock`` there until it ends).
+        DiskError: If the disk is full, read-only or over quota while a file is written (the
+            previous checkpoint and results intact).
         CheckpointError: If the checkpoint to resume cannot be read, its config differs (without
             ``allow_config_change``) or it does not fit the run.
         TrainingInterrupted: On ``KeyboardInterrupt`` (Ctrl-C) while training (``Trainer.run``):
