@@ -15,7 +15,18 @@ from .distributed import SyncMetaBIN, convert_sync_metabin
 from .export import fold_metabin_for_inference
 from .factory import create_norm_layer, get_norm_layer
 from .graphs import CapturedIteration
-from .layers import MetaBIN1d, MetaBIN2d, MetaBIN3d, MetaBINAct2d, base_parameters, metabin_modules, rho_parameters, stats_mode
+from .layers import (
+    MetaBIN1d,
+    MetaBIN2d,
+    MetaBIN3d,
+    MetaBINAct2d,
+    base_parameters,
+    check_rho,
+    clamp_rho_,
+    metabin_modules,
+    rho_parameters,
+    stats_mode,
+)
 from .optim import MetaBINOptimizer
 from .precise_bn import update_bn_stats
 
@@ -36,6 +47,8 @@ __all__ = [
     "metabin_modules",
     "rho_parameters",
     "base_parameters",
+    "check_rho",
+    "clamp_rho_",
     "stats_mode",
     "fold_metabin_for_inference",
     "update_bn_stats",

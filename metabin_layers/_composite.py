@@ -43,7 +43,15 @@ def bcast(v: Tensor, ndim: int) -> Tensor:
 def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Biased variance and mean per (n, c), in the statistics dtype (differentiable; Welford)."""
     sd = stat_dtype(x.dtype)
-    return torch.var_mean(x if x.dtype == sd else x.to(sd), dim=tuple(range(2, x.dim())), correction=0)
+    x = x if x.dtype == sd else x.to(sd)
+    dims = tuple(range(2, x.dim()))
+    if x.shape[0] == 0:
+        # An empty local batch (a SyncMetaBIN rank without samples): var_mean would warn that its
+        # degrees of freedom are <= 0 (it divides numel by the empty output's numel); the
+        # statistics of no sample are empty, and these ops keep them in the graph.
+        mean = x.mean(dims)
+        return (x - bcast(mean, x.dim())).square().mean(dims), mean
+    return torch.var_mean(x, dim=dims, correction=0)
 
 
 def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

@@ -163,6 +163,7 @@ class SyncMetaBIN(_MetaBINBase):
         if group is None:
             return super().forward(x)
         self._check_input(x)
+        self._check_rho_if_changed()
         shape = tuple(x.shape)
         squeeze = x.dim() == 2
         if squeeze:

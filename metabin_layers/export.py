@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._bin_math import about, batch_stats, branch_terms, mix, stat_dtype
-from .layers import MetaBINAct2d, _MetaBINBase, replace_modules
+from .layers import MetaBINAct2d, _MetaBINBase, check_rho, replace_modules, rho_problem
 
 __all__ = ["FoldedMetaBIN", "FoldedMetaBINAct2d", "fold_metabin_for_inference", "folded_eval_forward"]
 
@@ -293,6 +293,10 @@ def _folded_tensors(layer: _MetaBINBase, for_capture: bool = False) -> dict:
             "eval-mode output, with running statistics, is a fixed function that can be folded)"
         )
     rho_t = layer._rho_override if layer._rho_override is not None else layer.rho
+    if not for_capture:  # a folded layer must compute what a valid layer computes: never fold a bad rho
+        problem = rho_problem(rho_t)
+        if problem is not None:
+            raise ValueError(f"{layer._label()}: {problem}")
     sd = stat_dtype(layer.rho.dtype)
     cd = sd if for_capture else torch.float64  # coefficients in float64, stored in the statistics dtype
     rho = rho_t.detach().to(cd)
@@ -404,7 +408,8 @@ def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Mo
         The folded model (the copy, or ``model``; the new root when ``model`` is a MetaBIN layer).
 
     Raises:
-        ValueError: ``model`` or one of its MetaBIN layers is in training mode.
+        ValueError: ``model`` or one of its MetaBIN layers is in training mode, or a layer's rho
+            lies outside [0, 1] or is not finite (the message names the layer's path).
 
     Examples:
         >>> import torchvision
@@ -430,6 +435,7 @@ def fold_metabin_for_inference(model: nn.Module, inplace: bool = False) -> nn.Mo
             f"fold_metabin_for_inference needs a model in eval mode; in training mode: {shown}. "
             "Call model.eval() first (folding uses the running statistics)"
         )
+    check_rho(model)  # names the layer whose rho is outside [0, 1] or not finite
     if not inplace:
         model = copy.deepcopy(model)
 

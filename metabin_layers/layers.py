@@ -25,6 +25,8 @@ __all__ = [
     "metabin_modules",
     "rho_parameters",
     "base_parameters",
+    "check_rho",
+    "clamp_rho_",
     "replace_modules",
     "AUTHORS_LAYER_KEYS",
     "IN_AFFINE_INITS",
@@ -78,6 +80,16 @@ class _MetaBINBase(nn.Module):
     loaded BN affine; ``"identity"``: weight 1, bias 0). So a model built with MetaBIN layers and
     then given the BatchNorm model's weights equals the converted BatchNorm model. Any other
     missing or unexpected key stays an error in strict mode.
+
+    rho must lie in [0, 1] and be finite; a value outside is an error naming the layer, never
+    clamped silently. It is checked where it enters: ``rho_init``, ``load_state_dict``,
+    ``rho_override``, folding (``fold_metabin_for_inference``, every time), ``MetaBINOptimizer``
+    (when built and at each ``meta_step``) and the forward. The forward and ``meta_step`` check
+    lazily, on the host and without a device sync on the training path: only when rho's autograd
+    version counter (or the tensor) changed since the last check, i.e. after ``rho.fill_(...)``
+    under ``no_grad``, ``rho.copy_(...)``, a new Parameter, ``.to()``; the library's own updates
+    (``meta_step``, ``clamp_rho_``) mark their result checked. Writes through ``rho.data`` bypass
+    the version counter: folding and ``check_rho`` still see them.
     """
 
     _input_dims: tuple[int, ...] = ()
@@ -95,6 +107,8 @@ class _MetaBINBase(nn.Module):
     _backend: str
     # Set once the layer has warned about an input with a single value per channel and sample.
     _single_value_warned: bool = False
+    # (id, version, data pointer) of the rho last found valid: the forward re-checks only on change.
+    _rho_checked: Optional[tuple[int, int, int]] = None
     __jit_unused_properties__ = ["stats_mode", "backend"]
     _version = 2  # same as nn.BatchNorm: num_batches_tracked exists
 
@@ -214,6 +228,7 @@ class _MetaBINBase(nn.Module):
                     assert p is not None
                     p.fill_(value)
             self.rho.fill_(self.rho_init)
+        self._mark_rho_checked()  # rho_init was checked in [0, 1]
 
     def extra_repr(self) -> str:
         return (
@@ -234,6 +249,9 @@ class _MetaBINBase(nn.Module):
         """
         if rho.shape != self.rho.shape:
             raise ValueError(f"rho override must have shape {tuple(self.rho.shape)}, got {tuple(rho.shape)}")
+        problem = rho_problem(rho)
+        if problem is not None:
+            raise ValueError(f"{self._label()}: rho override: {problem}")
         previous, self._rho_override = self._rho_override, rho
         try:
             yield
@@ -258,6 +276,41 @@ class _MetaBINBase(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
+
+    # -- rho checks ---------------------------------------------------------------------------
+    def _label(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    @torch.jit.unused
+    def _rho_key(self) -> Optional[tuple[int, int, int]]:
+        """What identifies rho's current values on the host (None: not trackable, e.g. an inference tensor)."""
+        try:
+            return (id(self.rho), self.rho._version, self.rho.data_ptr())
+        except RuntimeError:
+            return None
+
+    @torch.jit.unused
+    def _mark_rho_checked(self) -> None:
+        self._rho_checked = self._rho_key()
+
+    @torch.jit.unused
+    def _rho_changed(self) -> bool:
+        """Whether rho may have changed since it was last found valid (host-side, no device sync)."""
+        if _compiler_flag("is_compiling") or torch.jit.is_tracing():
+            return False  # traced or compiled code cannot branch on values
+        if self.rho.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # nor can a CUDA graph capture
+        key = self._rho_key()
+        return key is not None and key != self._rho_checked
+
+    @torch.jit.unused
+    def _check_rho_if_changed(self) -> None:
+        """The forward's lazy check: rho in [0, 1] and finite, re-checked (one sync) only after a change."""
+        if self._rho_changed():
+            problem = rho_problem(self.rho)
+            if problem is not None:
+                raise ValueError(f"{self._label()}: {problem}")
+            self._mark_rho_checked()
 
     # -- forward -----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -287,6 +340,7 @@ class _MetaBINBase(nn.Module):
             from .export import folded_eval_forward
 
             return folded_eval_forward(self, x)
+        self._check_rho_if_changed()
         shape = tuple(x.shape)  # the caller's shape, for the messages (before any unsqueeze)
         squeeze = x.dim() == 2
         if squeeze:
@@ -341,7 +395,88 @@ class _MetaBINBase(nn.Module):
         if rho is not None and rho.numel() and (rho.min() < 0 or rho.max() > 1 or rho.isnan().any()):
             error_msgs.append(f"{prefix}rho must lie in [0, 1], got values in [{rho.min().item():.4g}, {rho.max().item():.4g}]")
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "rho"}
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if rho is not None and len(error_msgs) == errors:
+            self._mark_rho_checked()  # loaded, and checked above
+
+
+def rho_problem(rho: Tensor) -> Optional[str]:
+    """Why ``rho`` is not a valid rho (a value outside [0, 1], NaN or infinite), or None.
+
+    Reads the values on the host (one device sync): for the checks outside the training path.
+    """
+    r = rho.detach().flatten()
+    bad = ~((r >= 0) & (r <= 1))  # NaN fails both comparisons
+    if r.numel() == 0 or not bool(bad.any()):
+        return None
+    channels = bad.nonzero().flatten().tolist()
+    first = channels[0]
+    return (
+        f"rho must lie in [0, 1] and be finite, got {float(r[first]):g} in channel {first} "
+        f"({len(channels)} of {r.numel()} channels outside)"
+    )
+
+
+def check_rho(model: nn.Module) -> None:
+    """Check that every MetaBIN layer's rho lies in [0, 1] and is finite (a host read per layer).
+
+    What folding and ``MetaBINOptimizer`` run; call it after changing rho by hand (e.g. through
+    ``rho.data``, which the layers' own lazy check does not see).
+
+    Args:
+        model: a model, or a single MetaBIN layer.
+
+    Raises:
+        ValueError: naming the first layer (its path in ``model``), the channel and the value.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metabin_layers import MetaBIN2d, check_rho
+        >>> model = nn.Sequential(MetaBIN2d(2), MetaBIN2d(3))
+        >>> check_rho(model)  # rho_init=1: fine
+        >>> model[1].rho.data[2] = 1.5
+        >>> check_rho(model)
+        Traceback (most recent call last):
+            ...
+        ValueError: layer '1' (MetaBIN2d(3)): rho must lie in [0, 1] and be finite, got 1.5 in channel 2 (1 of 3 channels outside)
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, _MetaBINBase):
+            problem = rho_problem(m.rho)
+            if problem is not None:
+                raise ValueError(f"layer {name or '<root>'!r} ({m._label()}): {problem}")
+            m._mark_rho_checked()
+
+
+@torch.no_grad()
+def clamp_rho_(model: nn.Module) -> None:
+    """Clamp every rho of ``model`` to [0, 1] in place (foreach ops, no host sync), after a step.
+
+    For optimizers that step rho themselves (rho trained end to end with the task loss); the
+    layers then take the clamped values as checked (no re-check in the next forward). A NaN stays
+    NaN: keep the loss finite (e.g. with a ``GradScaler``, which skips such steps).
+
+    Args:
+        model: a model, or a single MetaBIN layer.
+
+    Examples:
+        >>> import torch
+        >>> from metabin_layers import MetaBIN2d, clamp_rho_
+        >>> layer = MetaBIN2d(2)
+        >>> with torch.no_grad():
+        ...     _ = layer.rho.add_(0.5)
+        >>> clamp_rho_(layer); layer.rho.tolist()
+        [1.0, 1.0]
+    """
+    layers = metabin_modules(model)
+    rhos: list[Tensor] = [m.rho for m in layers]
+    if rhos:
+        torch._foreach_clamp_min_(rhos, 0.0)
+        torch._foreach_clamp_max_(rhos, 1.0)
+    for m in layers:
+        m._mark_rho_checked()
 
     def _fill_batchnorm_state(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Add ``rho`` / ``in_weight`` / ``in_bias`` to a plain BatchNorm's entries, as the converter sets them.
@@ -367,7 +502,7 @@ class _MetaBINBase(nn.Module):
 
 
 def _check_rho_init(rho_init: float) -> None:
-    if not isinstance(rho_init, (int, float)) or not 0.0 <= float(rho_init) <= 1.0:
+    if isinstance(rho_init, bool) or not isinstance(rho_init, (int, float)) or not 0.0 <= float(rho_init) <= 1.0:
         raise ValueError(f"rho_init must be a number in [0, 1], got {rho_init!r}")
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._collectives import active_group, average_over_group, global_domains
 from .episode import ConstantInnerLR, CyclicInnerLR, DomainSplit, InnerLR, _split_batch, split_domains
-from .layers import _MetaBINBase, metabin_modules, rho_parameters
+from .layers import _MetaBINBase, check_rho, metabin_modules, rho_parameters, rho_problem
 
 __all__ = ["MetaBINOptimizer"]
 
@@ -153,7 +153,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         ...     meta_train_loss=lambda: model(x[:4]).logsumexp(1).mean(),
         ...     meta_test_loss=lambda: nn.functional.cross_entropy(model(x[4:]), y[4:]))
         >>> sorted(out)
-        ['inner_lr', 'meta_test_loss', 'meta_train_loss', 'skipped']
+        ['inner_lr', 'meta_test_loss', 'meta_train_loss', 'skip_flags', 'skipped']
     """
 
     def __init__(
@@ -186,6 +186,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self.rhos)}
         if not self.layers:
             raise ValueError("model has no MetaBIN layer: convert it first with convert_bn_to_metabin(model)")
+        check_rho(model)  # names a layer whose rho lies outside [0, 1] or is not finite
         rho_ids = {id(p) for p in self.rhos}
         for group in base_optimizer.param_groups:
             if any(id(p) in rho_ids for p in group["params"]):
@@ -387,11 +388,19 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             meta_test_loss: computes ``L_mte`` on the meta-test domains by calling the model;
                 it runs with rho' installed in every layer.
 
+        A non-finite meta-train or meta-test loss is refused the same way, also when its
+        gradients are finite (a detached NaN added to it): rho is left untouched, and
+        ``skip_reason`` names the loss. A rho changed outside the optimizer to a value outside
+        [0, 1] or not finite raises ``ValueError`` naming the layer (checked on the host, and
+        only for layers whose rho changed: no device sync otherwise).
+
         Returns:
             ``{"meta_train_loss": Tensor, "meta_test_loss": Tensor, "inner_lr": float,
-            "skipped": Tensor}``: the losses (detached) and ``skipped`` (a 0-dim bool tensor, True
-            when a gradient was not finite) stay on the device; read them when you log. Inside a
-            CUDA graph capture ``inner_lr`` is a device tensor too (see ``before_replay``).
+            "skipped": Tensor, "skip_flags": Tensor}``: the losses (detached), ``skipped`` (a
+            0-dim bool tensor, True when a gradient or a loss was not finite) and ``skip_flags``
+            (bool ``[meta-train loss, meta-test loss, skipped]``, read by ``skip_reason``) stay
+            on the device; read them when you log. Inside a CUDA graph capture ``inner_lr`` is a
+            device tensor too (see ``before_replay``).
         """
         schedule, count, grads = self.inner_lr.state_dict(), self.num_meta_steps, [p.grad for p in self.rhos]
         try:
@@ -403,9 +412,31 @@ class MetaBINOptimizer(torch.optim.Optimizer):
                 p.grad = g
             raise
 
+    def _check_changed_rho(self) -> None:
+        """Refuse a rho changed outside the optimizer to a value outside [0, 1] or not finite.
+
+        Host-side: only layers whose rho changed since it was last checked are read (one sync
+        each), so the optimizer's own updates cost nothing; see the rho policy of ``MetaBIN2d``.
+        """
+        for name, m in self.model.named_modules():
+            if isinstance(m, _MetaBINBase) and m._rho_changed():
+                problem = rho_problem(m.rho)
+                if problem is not None:
+                    raise ValueError(
+                        f"MetaBINOptimizer.meta_step: layer {name or '<root>'!r} ({m._label()}): {problem}; "
+                        "rho was changed outside the optimizer: set it back in [0, 1]"
+                    )
+                m._mark_rho_checked()
+
+    def _mark_rho_checked(self) -> None:
+        for m in metabin_modules(self.model):
+            m._mark_rho_checked()
+
     def _episode_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
         scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
         device = self.rhos[0].device
+        if not _capturing(device):
+            self._check_changed_rho()
         lrs = self._rho_lrs()
         factors = [lrs[id(p)] if self.inner_lr.relative else 1.0 for p in self.rhos]
         scale: Optional[Tensor] = None
@@ -440,24 +471,63 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             outer = self._grad(l_mte, scaler, create_graph=False, phase="outer")
         for p, g in zip(self.rhos, outer):
             p.grad = g
+        # A loss that is not finite refuses the step even when its gradients are (a detached NaN
+        # added to it): folded into found_inf on the device, so the skip costs no host sync.
+        l_mtr_d, l_mte_d = l_mtr.detach(), l_mte.detach()
+        loss_bad = torch.stack([~torch.isfinite(l_mtr_d), ~torch.isfinite(l_mte_d)])
         if scaler is not None:
             # The scaler finds the overflow of the outer gradient itself; make it see the inner
-            # one too (inf added where found_inf is 1): it then skips the step and backs off.
+            # one and a non-finite loss too (inf added where found_inf is 1): it then skips.
+            torch.maximum(found_inf, loss_bad.any().float(), out=found_inf)
             outer[0].add_(found_inf / (1.0 - found_inf))
             _check_finite(outer, found_inf, one)
             scaler.step(self.rho_optimizer)
             self._update_scaler()  # one update for the base and the meta step of this iteration
         else:
             _check_finite(outer, found_inf, one)
+            torch.maximum(found_inf, loss_bad.any().float(), out=found_inf)
             self._step_rho_unless(found_inf)
         self.clamp_rho()
         self._count_skipped(found_inf)
         return {
-            "meta_train_loss": l_mtr.detach(),
-            "meta_test_loss": l_mte.detach(),
+            "meta_train_loss": l_mtr_d,
+            "meta_test_loss": l_mte_d,
             "inner_lr": inner_lr,
             "skipped": found_inf > 0,
+            "skip_flags": torch.cat([loss_bad, (found_inf > 0).reshape(1)]),
         }
+
+    @staticmethod
+    def skip_reason(stats: dict[str, Any]) -> Optional[str]:
+        """Why the ``meta_step`` that returned ``stats`` was skipped; None when it stepped rho.
+
+        Reads the device (one sync): call it when you log, e.g. when ``stats["skipped"]``.
+
+        Args:
+            stats: what ``meta_step`` returned.
+
+        Returns:
+            ``"meta_train_loss is not finite (nan): ..."``, the same for ``meta_test_loss``, or
+            a sentence on a non-finite gradient of rho; None for a step taken.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin
+            >>> model = convert_bn_to_metabin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), rho_init=0.5)
+            >>> opt = MetaBINOptimizer(model, torch.optim.SGD(base_parameters(model), lr=0.1), inner_lr=0.1)
+            >>> x = torch.randn(4, 3, 6, 6)
+            >>> out = opt.meta_step(lambda: model(x[:2]).square().mean(), lambda: model(x[2:]).mean() + float("nan"))
+            >>> print(MetaBINOptimizer.skip_reason(out))
+            meta_test_loss is not finite (nan): the meta step was skipped, rho is unchanged
+        """
+        mtr_bad, mte_bad, skipped = (bool(v) for v in stats["skip_flags"].tolist())
+        for bad, name in ((mtr_bad, "meta_train_loss"), (mte_bad, "meta_test_loss")):
+            if bad:
+                return f"{name} is not finite ({float(stats[name]):g}): the meta step was skipped, rho is unchanged"
+        if skipped:
+            return "a gradient of rho was not finite: the meta step was skipped, rho is unchanged"
+        return None
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def before_replay(self) -> None:
@@ -541,10 +611,16 @@ class MetaBINOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def clamp_rho(self) -> None:
-        """Clamp every rho to [0, 1] in place (two foreach launches for all layers)."""
+        """Clamp every rho to [0, 1] in place (two foreach launches for all layers).
+
+        The layers take the result as checked: ``meta_step`` starts from a valid rho (refusing one
+        changed outside it, see ``MetaBIN2d``) and skips non-finite gradients and losses, so the
+        clamp only trims a step that went past 0 or 1.
+        """
         rhos = cast(list[Tensor], self.rhos)
         torch._foreach_clamp_min_(rhos, 0.0)
         torch._foreach_clamp_max_(rhos, 1.0)
+        self._mark_rho_checked()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

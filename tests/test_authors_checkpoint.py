@@ -135,3 +135,26 @@ def test_mobilenet_widths_and_torchreid_imagenet_names(tmp_path):
     model = ReIDModel("mobilenetv2_x1_4", num_classes=3, norm="bn", pretrained_path=str(path))
     for key, value in net.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("problem", ["unknown_backbone", "wrong_shape", "pixel_std"])
+def test_a_malformed_authors_checkpoint_is_one_line_and_creates_no_folder(tmp_path, capsys, problem):
+    path = tmp_path / "model_final.pth"
+    if problem == "unknown_backbone":
+        ckpt = {"model": {"heads.classifier_fc.weight": torch.zeros(3, 4), "backbone.conv1.weight": torch.zeros(1)}}
+        expected = "unknown backbone"
+    else:
+        ckpt = to_authors_layout(ReIDModel("mobilenetv2_x1_4", num_classes=3, norm="bn"))
+        if problem == "wrong_shape":
+            ckpt["model"]["backbone.layer1.conv.weight"] = torch.zeros(2, 2)
+            expected = "backbone.layer1.conv.weight"
+        else:
+            ckpt["model"]["pixel_std"] = torch.ones(1, 3, 1, 1)
+            expected = "pixel_std"
+    torch.save(ckpt, path)
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"metabin-reid: error: checkpoint {path}: ") and expected in err, err
+    assert not out.exists()

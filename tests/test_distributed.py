@@ -510,3 +510,23 @@ def test_distributed_option_is_checked():
         _build_opt(model, False, distributed=True)
     with pytest.raises(ValueError, match="distributed must be"):
         _build_opt(model, False, distributed="yes")
+
+
+def _empty_rank_warning_worker(rank, port):
+    _init(rank, port)
+    warnings.resetwarnings()  # _init ignores every warning: record them here
+    for backend in ("fused", "composite"):
+        torch.manual_seed(0)
+        layer = convert_sync_metabin(_random_layer(MetaBIN2d, 3))
+        layer.backend = backend
+        x = torch.randn(0 if rank == 0 else 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            layer(x).sum().backward()
+        assert [str(w.message) for w in seen] == [], (rank, backend, [str(w.message) for w in seen])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_an_empty_local_batch_prints_no_degrees_of_freedom_warning():
+    _spawn(_empty_rank_warning_worker)

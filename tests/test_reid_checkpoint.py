@@ -279,3 +279,50 @@ def test_set_may_be_repeated_and_unknown_keys_list_the_valid_ones(tmp_path, caps
     known = line.split("known keys:")[1]
     assert all(key in known for key in ("lr", "margin", "max_iters", "rho_lr_factor", "num_instances"))
     assert not (tmp_path / "o").exists()
+
+
+# -- damaged files are told from unsafe ones ------------------------------------------------------
+
+
+def _zip_with_bad_crc(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "bad_crc.pt"
+    ckpt.save_checkpoint({"iteration": 3, "weights": torch.arange(4096, dtype=torch.float32)}, path)
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + 100] ^= 0xFF  # one byte of the tensor data: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("problem", ["random_bytes", "text", "pickle_garbage", "bad_crc"])
+def test_a_damaged_file_is_called_damaged_not_unsafe_and_without_ansi_codes(tmp_path, problem):
+    path = tmp_path / "checkpoint.pt"
+    if problem == "random_bytes":
+        path.write_bytes(random.Random(0).randbytes(4000))
+    elif problem == "text":
+        path.write_text("hello, this is not a checkpoint\n")
+    elif problem == "pickle_garbage":
+        path.write_bytes(b"\x80\x02" + random.Random(1).randbytes(500))
+    else:
+        path = _zip_with_bad_crc(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path}: ") and "damaged" in message, message
+    assert "could run code" not in message and "weights_only" not in message, message
+    assert "\x1b" not in message and "\n" not in message, message
+
+
+def test_an_unsafe_file_is_called_unsafe_naming_the_object_without_torchs_advice(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": _RunsCode(marker)}, evil)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(evil)
+    message = str(info.value)
+    assert "could run code" in message and "damaged" not in message, message
+    assert "\x1b" not in message and "\n" not in message and "weights_only" not in message, message
+    assert "Unsupported global" in message, message
+    assert not marker.exists()

@@ -53,10 +53,12 @@ def test_config_keys_are_typed_checked_and_honoured_by_eval():
     assert (cfg.query_expansion, cfg.query_expansion_k, cfg.query_expansion_alpha) == (False, 5, 3.0)
     assert (cfg.precise_bn_iters, cfg.tensorboard) == (0, False)
     for key, value, match in (
-        ("rerank_k1", 0, "rerank_k1 must be >= 1"),
-        ("query_expansion_k", 0, "query_expansion_k must be >= 1"),
-        ("rerank_lambda", 1.5, r"rerank_lambda must be in \[0, 1\]"),
-        ("precise_bn_iters", -1, "precise_bn_iters must be >= 0"),
+        ("rerank_k1", 0, "rerank_k1=0: expected an integer >= 1"),
+        ("query_expansion_k", 0, "query_expansion_k=0: expected an integer >= 1"),
+        ("rerank_lambda", 1.5, r"rerank_lambda=1.5: expected a finite number in \[0, 1\]"),
+        ("rerank_lambda", float("nan"), r"rerank_lambda=nan: expected a finite number in \[0, 1\]"),
+        ("query_expansion_alpha", -1.0, "query_expansion_alpha=-1.0: expected a finite number >= 0"),
+        ("precise_bn_iters", -1, "precise_bn_iters=-1: expected an integer >= 0"),
     ):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**{key: value})

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..layers import AUTHORS_LAYER_KEYS
 from .config import TrainConfig
+from .errors import CheckpointError
 from .model import MOBILENETV2_X1_4, ReIDModel
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -175,7 +176,8 @@ def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.devic
         The model, in eval mode.
 
     Raises:
-        ValueError: If the file is not in the authors' layout or its backbone is not supported.
+        CheckpointError: If the file is not in the authors' layout, its backbone is not supported
+            or a tensor does not fit (a ``ValueError``; one line naming the file).
 
     Examples:
         >>> import os, tempfile, torch
@@ -192,21 +194,35 @@ def load_authors_checkpoint(path: Union[str, Path], device: Optional[torch.devic
         >>> model.norm, model.classifier.out_features, model.training
         ('bn', 3, False)
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = _unwrap(raw)
-    if _CLASSIFIER not in theirs:
-        raise ValueError(f"{path}: not in the authors' layout (no {_CLASSIFIER!r})")
-    backbone, norm = _architecture(theirs)
-    state = authors_state_dict_to_recipe(theirs)
-    model = ReIDModel(backbone, num_classes=int(theirs[_CLASSIFIER].shape[0]), norm=norm, last_stride=1)
-    own = model.state_dict()
-    for key in own.keys() - state.keys():
-        if key.endswith("num_batches_tracked"):  # theirs may not save the counter
-            state[key] = torch.zeros((), dtype=torch.long)
-        elif key.endswith(("in_weight", "in_bias")) and norm == "bin-gate1":  # tied: the BN affine
-            state[key] = state[key.replace(".in_", ".")]
-    model.load_state_dict(state, strict=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = _unwrap(raw)
+        if _CLASSIFIER not in theirs:
+            raise ValueError(f"not in the authors' layout (no {_CLASSIFIER!r})")
+        backbone, norm = _architecture(theirs)
+        state = authors_state_dict_to_recipe(theirs)
+        model = ReIDModel(backbone, num_classes=int(theirs[_CLASSIFIER].shape[0]), norm=norm, last_stride=1)
+        own = model.state_dict()
+        for key in own.keys() - state.keys():
+            if key.endswith("num_batches_tracked"):  # theirs may not save the counter
+                state[key] = torch.zeros((), dtype=torch.long)
+            elif key.endswith(("in_weight", "in_bias")) and norm == "bin-gate1":  # tied: the BN affine
+                state[key] = state[key.replace(".in_", ".")]
+        model.load_state_dict(state, strict=True)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path}: {_one_line(err)}") from err
     return model.to(device or "cpu").eval()
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of ``err`` and, for a strict load, the first tensor named in its report."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    first = lines[0].rstrip(":")
+    return f"{first}: {lines[1]}" if len(lines) > 1 and first.startswith("Error(s) in loading state_dict") else first
 
 
 def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dict[str, Any]:
@@ -228,19 +244,21 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
         >>> cfg = load_config(overrides={"data_root": "datasets"})  # doctest: +SKIP
         >>> evaluate_authors_checkpoint("DG-resnet/model_final.pth", cfg)["targets"]["grid"]["rank1"]  # doctest: +SKIP
     """
+    from .checks import check_images, check_targets
     from .data import build_data
     from .report import write_results
-    from .train import _device, evaluate_model, precise_bn
+    from .train import _device, evaluate_model, precise_bn, replacing_results
     from .visualize import save_ranked_pictures
 
     device = _device(cfg.device)
-    model = load_authors_checkpoint(path, device)
+    model = load_authors_checkpoint(path, device)  # refused before any data is read or folder made
     data = build_data(cfg)
+    check_targets(data)
+    check_images(data)
     precise = precise_bn(model, data, cfg, device)
     distances: dict[str, dict[str, Any]] = {}
     metrics = evaluate_model(model, data, cfg, device, distances=distances)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         "config": cfg.to_dict(),
         "checkpoint": str(path),
@@ -251,7 +269,8 @@ def evaluate_authors_checkpoint(path: Union[str, Path], cfg: TrainConfig) -> dic
         "targets": metrics,
         "precise_bn_batches": precise,
     }
-    write_results(results, out)
-    save_ranked_pictures(distances, out, f"{model.norm} checkpoint")
+    with replacing_results(out):  # an earlier evaluation there stays until this one is written
+        write_results(results, out)
+        save_ranked_pictures(distances, out, f"{model.norm} checkpoint")
     print(f"Results and plots: {out}", flush=True)
     return results

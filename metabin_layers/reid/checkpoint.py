@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
+import re
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from .disk import disk_error, find_disk_error
 from .errors import CheckpointError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
@@ -114,6 +116,8 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
 
     Raises:
         TypeError: ``state`` holds another kind of object (a numpy array, a custom class, ...).
+        DiskError: the disk is full, read-only or over quota: one line naming ``path`` and the
+            space left; the previous file is intact.
         KeyboardInterrupt: Ctrl-C came while writing, also when torch's writer then failed
             because of it.
 
@@ -138,9 +142,12 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
         os.replace(tmp, path)
     except Exception as err:
         # Ctrl-C inside torch.save makes its zip writer fail on the way out ("unexpected pos"):
-        # report the interrupt, not that consequence of it.
+        # report the interrupt, not that consequence of it. A full disk does the same.
         if _caused_by_interrupt(err):
             raise KeyboardInterrupt from err
+        disk = find_disk_error(err)
+        if disk is not None:
+            raise disk_error(path, disk) from err
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -155,6 +162,48 @@ def _caused_by_interrupt(err: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__context__
     return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: What torch's safe unpickler says of an object it refuses to build (a global it does not allow).
+_UNSAFE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
+_PICKLE_PROTOCOL = b"\x80"  # the first byte of a pickle of protocol 2 or later (torch's legacy format)
+
+
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    """Why ``torch.load`` refused ``path``: unsafe (it would build other objects) or damaged.
+
+    torch reports both as an unpickling error; only a well-formed archive or pickle that names a
+    global can be unsafe. Its advice on how to load the file anyway and its ANSI codes are left out.
+    """
+    text = _ANSI.sub("", str(err))
+    unsafe = _UNSAFE.search(text)
+    if unsafe is not None:
+        return (
+            "refused, it holds objects other than tensors and plain values, which could run code when "
+            f"loaded (Unsupported global: GLOBAL {unsafe.group(1)})"
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as zip_err:
+            return f"damaged: the zip archive cannot be read ({_first_line(zip_err)}): the file is corrupt or truncated"
+        if bad is not None:
+            return f"damaged: bad checksum of {bad} in the zip archive: the file is corrupt or truncated"
+        return f"damaged: not a readable checkpoint ({_first_line(err)})"
+    if not head.startswith(_PICKLE_PROTOCOL):
+        return "damaged: neither a zip archive nor a pickle (not a checkpoint, or a corrupt or truncated one)"
+    return f"damaged: the pickle cannot be read ({_first_line(err)}): the file is corrupt or truncated"
+
+
+def _first_line(err: BaseException) -> str:
+    text = _ANSI.sub("", str(err)).strip()
+    if "WeightsUnpickler error:" in text:  # torch's own reason, without its advice around it
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    return text.strip().splitlines()[0].strip() if text.strip() else type(err).__name__
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
@@ -196,17 +245,8 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: the file is empty (an interrupted save?)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path}: refused, it holds objects other than tensors and plain values, which "
-            f"could run code when loaded ({first})"
-        ) from err
-    except Exception as err:  # whatever a damaged file makes the reader raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path}: not a readable checkpoint, the file is corrupt or truncated ({first})"
-        ) from err
+    except Exception as err:  # whatever a damaged or unsafe file makes the reader raise
+        raise CheckpointError(f"checkpoint {path}: {_why_unreadable(path, err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path}: not a metabin-reid checkpoint (no {FORMAT!r} header; files written "

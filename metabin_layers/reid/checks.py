@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterable, Optional
 
 from .config import TrainConfig
 from .data import RecipeData
 from .errors import DataError, RecipeError
+from .validation import check_meta_domains
 
-__all__ = ["check_targets", "check_sources", "check_data", "check_pretrained"]
+__all__ = ["check_targets", "check_sources", "check_data", "check_images", "check_pretrained"]
 
 
 def check_pretrained(cfg: TrainConfig) -> None:
@@ -94,6 +95,9 @@ def check_sources(cfg: TrainConfig, data: RecipeData) -> None:
     """The training sources can fill the P x K batch and, for MetaBIN, the domain-balanced meta batch.
 
     Raises:
+        ConfigError: for a meta-learned ``norm`` on real data, fewer than two domains, or
+            ``num_meta_train_domains`` / ``meta_batch_size`` that do not fit the domains read
+            (``validation.check_meta_domains``).
         DataError: no training image; fewer identities over all sources than ``P = batch_size /
             num_instances``; a source (domain) with fewer identities than the meta batch takes from
             each domain (``meta_batch_size / (num_domains * num_instances)``). Each names the
@@ -132,6 +136,8 @@ def check_sources(cfg: TrainConfig, data: RecipeData) -> None:
             f"the sources hold {total} identities, fewer than P = batch_size / num_instances = "
             f"{cfg.batch_size} / {cfg.num_instances} = {p} ({counts})"
         )
+    if cfg.data_root is not None:  # the synthetic data's domains were checked with the config
+        check_meta_domains(cfg, len(ids))
     if cfg.norm == "metabin":
         per_domain = cfg.meta_batch_size // max(1, len(ids) * cfg.num_instances)
         for d, v in sorted(ids.items()):
@@ -163,3 +169,70 @@ def check_data(cfg: TrainConfig, data: RecipeData) -> None:
     """
     check_sources(cfg, data)
     check_targets(data)
+
+
+def _image_problem(path: str) -> Optional[str]:
+    """Why ``path`` does not open as an image (its header only is read), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 (parsed from the header; the pixels are not decoded)
+    except Image.DecompressionBombError as err:  # a header asking for more pixels than PIL decodes
+        return f"too large to decode ({err})"
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _image_sets(data: RecipeData) -> Iterable[tuple[str, Iterable[str]]]:
+    from .datasets import ImageDataset
+
+    yield "the training set", (str(item[0]) for item in data.train_items)
+    for name, splits in data.targets.items():
+        for i, split in enumerate(splits):
+            which = f", split {i}" if len(splits) > 1 else ""
+            for part in ("query", "gallery"):
+                ds = getattr(split, part)
+                if isinstance(ds, ImageDataset):
+                    yield f"target {name}{which}, {part}", (it.img_path for it in ds.items)
+
+
+def check_images(data: RecipeData) -> None:
+    """Every image file of the run opens as an image: training, query and gallery sets alike.
+
+    Reads each file's header (a few hundred bytes; the pixels are not decoded), so a file that is
+    empty, not an image, a broken symlink or a symlink loop, or too large for PIL to decode
+    (``PIL.Image.MAX_IMAGE_PIXELS``) is found before the first iteration, not in the middle of
+    training or after it. Images of the synthetic data are drawn, not read: nothing to check.
+
+    Args:
+        data: the run's data (``metabin_layers.reid.data.build_data``).
+
+    Raises:
+        DataError: naming the set, the file and why it does not open.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from metabin_layers.reid.checks import check_images
+        >>> from metabin_layers.reid.data import RecipeData
+        >>> bad = os.path.join(tempfile.mkdtemp(), "0001_c1s1_000101_00.jpg")
+        >>> _ = open(bad, "wb").write(b"")
+        >>> data = RecipeData([(bad, 0, 0, 0)], None, 1, 1, {}, "", folders={"market1501": "/data"})
+        >>> try:
+        ...     check_images(data)
+        ... except DataError as err:
+        ...     print(str(err).split(":")[0])
+        the training set
+    """
+    if not data.folders:  # synthetic data
+        return
+    seen: set[str] = set()
+    for where, paths in _image_sets(data):
+        for path in paths:
+            if path in seen:
+                continue
+            seen.add(path)
+            problem = _image_problem(path)
+            if problem is not None:
+                raise DataError(f"{where}: cannot read image {path}: {problem}")

@@ -30,6 +30,7 @@ from .config import TrainConfig, default_output, load_config, parse_overrides, r
 from .errors import OutputFolderError, RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
+from .validation import validate_config
 
 __all__ = ["main", "build_parser", "EVAL_KEYS", "EVAL_DATA_KEYS"]
 
@@ -210,11 +211,13 @@ def _config(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) ->
         if output is None:  # one folder per preset (and variant), as the synthetic runs have
             overrides["output"] = default_output(overrides.get("norm", "metabin"), synthetic=False, preset=preset)
     try:
-        return load_config(args.config, overrides, quick=args.quick, main_job=_with_baseline(args))
+        cfg = load_config(args.config, overrides, quick=args.quick, main_job=_with_baseline(args))
+        validate_config(cfg)  # and the device, backbone and datasets, before anything is read or written
     except KeyError as err:
         raise RecipeError(f"{args.config}: {err.args[0]}") from err
     except ValueError as err:
         raise RecipeError(f"config: {err}") from err
+    return cfg
 
 
 def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> TrainConfig:
@@ -234,6 +237,7 @@ def _resume_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
     values.update(overrides)  # --set and the options given (--output: default the run's folder)
     try:
         cfg = TrainConfig(**values)
+        validate_config(cfg)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"resume {source}: config: {err}") from err
     ignored = [flag for flag, given in (("--quick", args.quick), ("--preset", getattr(args, "preset", None))) if given]
@@ -331,7 +335,6 @@ def _eval_output(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from .authors_checkpoint import evaluate_authors_checkpoint, is_authors_checkpoint
-    from .train import clear_output
 
     if is_authors_checkpoint(args.checkpoint):  # a released model of the MetaBIN authors
         overrides = _eval_overrides(args, EVAL_KEYS + EVAL_DATA_KEYS)
@@ -339,22 +342,22 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         overrides["output"] = str(out)
         try:
             cfg = load_config(None, overrides)
+            validate_config(cfg)
         except ValueError as err:
             raise RecipeError(f"config: {err}") from err
         _plots_notice()
-        clear_output(out, overwrite=args.overwrite)
-        return evaluate_authors_checkpoint(args.checkpoint, cfg)
+        return evaluate_authors_checkpoint(args.checkpoint, cfg)  # the folder is made once results are due
 
     import torch
 
     from metabin_layers import metabin_modules
 
     from .checkpoint import load_checkpoint
-    from .checks import check_targets
+    from .checks import check_images, check_targets
     from .data import build_data
     from .model import ReIDModel
     from .report import write_results
-    from .train import _device, evaluate_model, precise_bn
+    from .train import _device, evaluate_model, precise_bn, replacing_results
     from .visualize import save_ranked_pictures
 
     overrides = _eval_overrides(args, EVAL_KEYS)
@@ -365,10 +368,12 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     saved["output"] = str(out)  # beside the training run's own results by default, never over them
     try:
         cfg = TrainConfig(**saved)
+        validate_config(cfg)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"config: {err}") from err
     data = build_data(cfg)
     check_targets(data)
+    check_images(data)  # every query and gallery image opens, before the model runs
     device = _device(cfg.device)
     model = ReIDModel(cfg.backbone, data.num_classes, norm=cfg.norm, last_stride=cfg.last_stride).to(device)
     model.load_state_dict(state["model"])
@@ -376,7 +381,6 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     precise = precise_bn(model, data, cfg, device)  # the running statistics as the run's final evaluation had them
     distances: dict[str, dict[str, Any]] = {}
     metrics = evaluate_model(model, data, cfg, device, distances=distances)
-    clear_output(out, overwrite=args.overwrite)
     layers = metabin_modules(model.backbone)
     rhos = [m.rho.detach() for m in layers]
     results = {
@@ -393,8 +397,9 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "precise_bn_batches": precise,
     }
-    write_results(results, out)
-    save_ranked_pictures(distances, out, f"{cfg.norm} checkpoint")
+    with replacing_results(out):  # an earlier evaluation there stays until this one is written
+        write_results(results, out)
+        save_ranked_pictures(distances, out, f"{cfg.norm} checkpoint")
     print(f"Results and plots: {out}", flush=True)
     return results
 
@@ -420,6 +425,23 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     write_text_atomic(root / "compare.json", json.dumps(runs, indent=2))
     print(table, flush=True)
     return runs
+
+
+def _user_error_line(err: BaseException) -> Optional[str]:
+    """The one line for an error of the user's files met while running: a disk that cannot take
+    a file (full, read-only, over quota), or an image that cannot be decoded; None for others."""
+    from .datasets import UnreadableImageError
+    from .disk import disk_error, find_disk_error
+
+    disk = find_disk_error(err)
+    if disk is not None:
+        return str(disk_error(disk.filename or "a file of the run", disk))
+    if isinstance(err, UnreadableImageError):
+        # From a loader worker the message holds the worker's traceback: its last line is ours.
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else type(err).__name__
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return None
 
 
 def _interrupted(stop: KeyboardInterrupt) -> str:
@@ -489,6 +511,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if (err.name or "").partition(".")[0] not in RECIPE_DEPENDENCIES:
             raise
         print(f"metabin-reid: error: install metabin-layers[reid] (the recipe needs {err.name})", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk, an image that cannot be decoded: the user's to fix
+        line = None if args.debug else _user_error_line(err)
+        if line is None:
+            raise
+        print(f"metabin-reid: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         if args.debug:

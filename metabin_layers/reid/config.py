@@ -123,10 +123,11 @@ class TrainConfig:
             metrics) to ``<output>/tensorboard`` (needs ``pip install 'metabin-layers[tensorboard]'``).
 
     Raises:
-        ValueError: If a setting is out of range (an unknown ``norm``, ``amp_dtype``,
-            ``in_affine_init`` or ``metric``, a size below 1, ``batch_size`` not a multiple of
-            ``num_instances``, ``combine_all`` not one boolean per source, ``rerank_lambda``
-            outside [0, 1], ``precise_bn_iters`` below 0).
+        ConfigError: If a setting has the wrong type, is out of range (NaN and infinity
+            included) or conflicts with another (``batch_size`` not a multiple of
+            ``num_instances``, ``num_meta_train_domains`` not below the number of source domains,
+            ...): see ``metabin_layers.reid.validation.validate_config``. A ``ValueError``.
+        ValueError: If ``combine_all`` is not one boolean per source.
 
     Examples:
         >>> from metabin_layers.reid.config import TrainConfig
@@ -136,7 +137,7 @@ class TrainConfig:
         >>> TrainConfig(batch_size=30)
         Traceback (most recent call last):
             ...
-        ValueError: batch_size (30) must be a multiple of num_instances (4)
+        metabin_layers.reid.errors.ConfigError: batch_size (30) must be a multiple of num_instances (4)
     """
 
     # -- data ----------------------------------------------------------------------------------
@@ -230,41 +231,12 @@ class TrainConfig:
     tensorboard: bool = False  # events in <output>/tensorboard
 
     def __post_init__(self) -> None:
-        from .model import NORM_VARIANTS
+        from .validation import validate_config
 
-        if self.norm not in NORM_VARIANTS:
-            raise ValueError(f"norm must be one of {NORM_VARIANTS}, got {self.norm!r}")
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
-        if self.in_affine_init not in ("copy", "identity"):
-            raise ValueError(f"in_affine_init must be 'copy' or 'identity', got {self.in_affine_init!r}")
-        if self.metric not in ("cosine", "euclidean"):
-            raise ValueError(f"metric must be 'cosine' or 'euclidean', got {self.metric!r}")
-        for name in (
-            "batch_size",
-            "num_instances",
-            "meta_batch_size",
-            "epochs",
-            "height",
-            "width",
-            "log_every",
-            "rerank_k1",
-            "rerank_k2",
-            "query_expansion_k",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.rerank_lambda <= 1.0:
-            raise ValueError(f"rerank_lambda must be in [0, 1], got {self.rerank_lambda}")
-        if self.precise_bn_iters < 0:
-            raise ValueError(f"precise_bn_iters must be >= 0 (0: off), got {self.precise_bn_iters}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
-        if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
-            raise ValueError(f"checkpoint_every_minutes must be > 0 or None, got {self.checkpoint_every_minutes}")
+        # Types, ranges and the constraints between keys; the device, backbone and datasets are
+        # checked by train() and the CLI (validate_config with environment=True).
+        validate_config(self, environment=False)
         self.combine_all = _per_source(self.combine_all, self.sources)
-        if self.batch_size % self.num_instances:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances ({self.num_instances})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -355,7 +327,9 @@ def _coerce(name: str, value: Any) -> Any:
             return [_boolean(name, t.strip()) for t in text.strip("[]").split(",") if t.strip()]
         if isinstance(default, list):
             items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
-            return [int(t) for t in items] if default and isinstance(default[0], int) else items
+            return (
+                [_number(name, t, int, "a list of integers") for t in items] if default and isinstance(default[0], int) else items
+            )
         if isinstance(default, bool):
             return _boolean(name, text)
         if isinstance(default, int) or name in ("iters_per_epoch", "max_iters", "num_meta_train_domains", "checkpoint_every"):

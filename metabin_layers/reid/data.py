@@ -193,6 +193,9 @@ def _real(cfg: TrainConfig, train_tf: Callable, test_tf: Callable) -> RecipeData
     sources = [problems.build(name, combine_all=flag) for name, flag in zip(cfg.sources, flags)]
     probes = {name: problems.build(name) for name in cfg.targets}
     problems.check()
+    for name, ds in zip(cfg.sources, sources):
+        if not ds.train:  # an empty training folder
+            raise DataError(f"source {name} (folder {ds.dataset_dir}): no training image in it")
     train = combine_sources(sources)
     items = train.train
     if cfg.cameras_as_domains:

@@ -6,7 +6,7 @@ with status 2 instead of showing a traceback; used as a library they are ordinar
 
 from __future__ import annotations
 
-__all__ = ["RecipeError", "CheckpointError", "OutputFolderError", "DataError"]
+__all__ = ["RecipeError", "ConfigError", "CheckpointError", "OutputFolderError", "DataError", "DiskError"]
 
 
 class RecipeError(ValueError):
@@ -25,6 +25,24 @@ class RecipeError(ValueError):
         metabin-reid: error: target viper (folder /data/viper): the query set is empty
         >>> issubclass(RecipeError, ValueError)
         True
+    """
+
+
+class ConfigError(RecipeError):
+    """A config value of the wrong type, out of range, or in conflict with another key.
+
+    Raised by ``metabin_layers.reid.validation.validate_config`` (which ``TrainConfig`` runs when
+    built) before any folder is created or any data is read; the message is one line,
+    ``<key>=<value>: expected <what>``.
+
+    Examples:
+        >>> from metabin_layers.reid.config import TrainConfig
+        >>> from metabin_layers.reid.errors import ConfigError
+        >>> try:
+        ...     TrainConfig(lr=-1.0)
+        ... except ConfigError as err:
+        ...     print(err)
+        lr=-1.0: expected a finite number > 0
     """
 
 
@@ -78,4 +96,20 @@ class DataError(RecipeError):
         ... except DataError as err:
         ...     print(err)
         target grid (synthetic data): the gallery set is empty
+    """
+
+
+class DiskError(RecipeError):
+    """A file that could not be written: the disk is full, read-only, or over its quota.
+
+    The message names the file, the system's reason and the space left on that disk; whatever
+    was saved before (the previous checkpoint, earlier results) is intact, since every file of a
+    run is written to a temporary file first and renamed over the old one.
+
+    Examples:
+        >>> import errno
+        >>> from metabin_layers.reid.disk import disk_error
+        >>> err = disk_error("runs/x/checkpoint.pt", OSError(errno.ENOSPC, "No space left on device"))
+        >>> str(err).split(" (")[0]
+        'cannot write runs/x/checkpoint.pt: No space left on device'
     """

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .disk import DISK_ERRNOS, atomic_path, disk_error
+
 __all__ = [
     "write_results",
     "write_text_atomic",
@@ -202,7 +204,8 @@ def plot_rho(rho_per_layer: Sequence[Mapping[str, float]], path: Path) -> bool:
     ax.set(xlabel="MetaBIN layer (forward order)", ylabel="rho (1 = BN, 0 = IN)", ylim=(-0.05, 1.05))
     ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # the earlier plot stays until this one is whole
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 
@@ -239,7 +242,8 @@ def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # the earlier plot stays until this one is whole
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 
@@ -247,7 +251,8 @@ def plot_cmc(targets: Mapping[str, Mapping[str, Any]], path: Path, max_rank: int
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename.
 
-    Readers see the old file or the whole new one, never a partial file.
+    Readers see the old file or the whole new one, never a partial file. A full, read-only or
+    over-quota disk raises ``DiskError`` naming ``path`` and the space left (the old file intact).
 
     Args:
         path: the file to write; its folder must exist.
@@ -270,6 +275,10 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_ERRNOS:  # full, read-only, over quota: one line naming the file
+            raise disk_error(path, err) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -28,20 +28,30 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import CapturedIteration, MetaBINOptimizer, convert_sync_metabin, metabin_modules, rho_parameters, update_bn_stats
+from .. import (
+    CapturedIteration,
+    MetaBINOptimizer,
+    clamp_rho_,
+    convert_sync_metabin,
+    metabin_modules,
+    rho_parameters,
+    update_bn_stats,
+)
 from ..episode import CyclicInnerLR
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .checks import check_data, check_pretrained
+from .checks import check_data, check_images, check_pretrained
 from .config import TrainConfig
 from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError, RecipeError
 from .evaluation import evaluate
 from .events import log_iteration, log_metrics, require_tensorboard, tensorboard_writer
+from .lock import check_unlocked, run_lock
 from .model import END_TO_END_RHO_NORMS, META_LEARNED_NORMS, ReIDModel
 from .report import NORM_LABELS, write_results, write_text_atomic
 from .rerank import QueryExpansion, ReRanking
 from .sampler import DomainBalancedSampler, RandomIdentitySampler
+from .validation import validate_config
 from .visualize import save_ranked_pictures
 
 __all__ = [
@@ -58,6 +68,7 @@ __all__ = [
     "progress_postfix",
     "format_log_line",
     "read_resume",
+    "replacing_results",
 ]
 
 
@@ -335,6 +346,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Optional[RecipeData] = None) -> None:
+        validate_config(cfg)  # also a config changed after it was built
         self.cfg = cfg
         self.rank, self.world_size = _dist_info()
         self.device = _device(cfg.device)
@@ -342,6 +354,7 @@ class Trainer:
         check_pretrained(cfg)
         self.data = data if data is not None else build_data(cfg)
         check_data(cfg, self.data)  # before the first iteration, not after hours of training
+        check_images(self.data)  # every image header, the test sets' too
         self.model = ReIDModel(
             cfg.backbone,
             self.data.num_classes,
@@ -354,8 +367,12 @@ class Trainer:
         base_sampler = RandomIdentitySampler(
             self.data.train_items, cfg.batch_size, cfg.num_instances, seed=cfg.seed, rank=self.rank, world_size=self.world_size
         )
-        self.ipe = cfg.iters_per_epoch or max(1, base_sampler.estimated_num_images // cfg.batch_size)
-        self.max_iters = cfg.max_iters or cfg.epochs * self.ipe
+        self.ipe = (
+            cfg.iters_per_epoch
+            if cfg.iters_per_epoch is not None
+            else max(1, base_sampler.estimated_num_images // cfg.batch_size)
+        )
+        self.max_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * self.ipe
         self.base_batches = _Batches(self.data.train_set, base_sampler, cfg.workers, self.device)
         self.meta_batches: Optional[_Batches] = None
         if cfg.norm in META_LEARNED_NORMS:
@@ -471,10 +488,7 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         if self.rho_opt is not None:
-            with torch.no_grad():
-                rhos: list[Tensor] = list(rho_parameters(self.model))
-                torch._foreach_clamp_min_(rhos, 0.0)
-                torch._foreach_clamp_max_(rhos, 1.0)
+            clamp_rho_(self.model)  # in [0, 1], and taken as checked by the layers (no re-check)
 
     def base_step(self) -> dict[str, Tensor]:
         """One base update; returns its detached losses (tensors: read them when logging)."""
@@ -875,8 +889,8 @@ def precise_bn(
 
 #: Files a run writes into its output folder; any of them there means an earlier run.
 RUN_FILES = ("config.json", "log.txt", "checkpoint.pt", "results.json", "results.md", "rho.png", "cmc.png", "ranked.png")
-#: The files that describe a finished run; removed before a resumed run trains on (with the
-#: ``ranked-<target>.png`` pictures of a run with several targets).
+#: The files that describe a finished run (with the ``ranked-<target>.png`` pictures of a run with
+#: several targets); a resumed run keeps them until it writes its own (``replacing_results``).
 RESULT_FILES = ("results.json", "results.md", "rho.png", "cmc.png", "ranked.png")
 #: Config keys that may differ from the checkpoint's when resuming: where the run writes, how far it
 #: goes and how it is logged or evaluated, none of which changes the iterations already done.
@@ -943,17 +957,18 @@ def check_output(output: Path, overwrite: bool = False, resuming: bool = False) 
 
 
 def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
-    """Create ``output``; delete an earlier run's files (``overwrite``) or its results (``resuming``).
+    """Create ``output``; delete an earlier run's files (``overwrite``) or its stale results.
 
-    So a run that fails later never leaves its new files beside stale results. The temporary
-    file of a checkpoint save cut short by a killed process (``.checkpoint.pt.<pid>.tmp``) is
-    deleted too.
+    So a run that fails later never leaves its new files beside stale results. A resumed run
+    (``resuming``) keeps the results of the run it continues until its own replace them
+    (``replacing_results``): if it fails, they are still there. The temporary file of a save cut
+    short by a killed process (``.checkpoint.pt.<pid>.tmp``) is deleted too.
 
     Args:
         output: The run folder (created with its parents if missing).
         overwrite: Delete every file of an earlier run (``RUN_FILES``).
-        resuming: Delete only an earlier run's results (``RESULT_FILES``); it takes precedence
-            over ``overwrite``. With neither, only the results are deleted too.
+        resuming: Keep the earlier run (it takes precedence over ``overwrite``). With neither,
+            the results (``RESULT_FILES``) are deleted.
 
     Examples:
         >>> import os, tempfile
@@ -965,20 +980,72 @@ def clear_output(output: Path, overwrite: bool = False, resuming: bool = False) 
         ...     _ = (run / name).write_text("")
         >>> clear_output(run, resuming=True)
         >>> sorted(os.listdir(run))
-        ['checkpoint.pt', 'notes.txt']
+        ['checkpoint.pt', 'notes.txt', 'results.json']
         >>> clear_output(run, overwrite=True)
         >>> sorted(os.listdir(run))
         ['notes.txt']
     """
     output.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES if overwrite and not resuming else RESULT_FILES:
-        (output / name).unlink(missing_ok=True)
-    if overwrite and not resuming:  # the earlier run's tensorboard events
-        shutil.rmtree(output / "tensorboard", ignore_errors=True)
     for stale in output.glob(".checkpoint.pt.*.tmp"):  # a save cut short by a killed process
         stale.unlink(missing_ok=True)
+    if resuming:
+        return
+    for name in RUN_FILES if overwrite else RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
+    if overwrite:  # the earlier run's tensorboard events
+        shutil.rmtree(output / "tensorboard", ignore_errors=True)
     for picture in output.glob("ranked-*.png"):
         picture.unlink()
+
+
+def _result_files(output: Path) -> dict[Path, tuple[int, int]]:
+    """The results in ``output`` (``RESULT_FILES``, ``ranked-*.png``) with their inode and mtime."""
+    paths = [output / name for name in RESULT_FILES] + sorted(output.glob("ranked-*.png"))
+    found = {}
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            st = p.stat()
+            found[p] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+@contextlib.contextmanager
+def replacing_results(output: Path) -> Iterator[None]:
+    """Write a run's results over the earlier ones in the block; the earlier stay until then.
+
+    Every results file is written atomically (a temporary file renamed over the old one); once
+    the block has written them all, the earlier files it did not rewrite are deleted (e.g. the
+    plots of a run that had matplotlib). If the block fails, the earlier results are all still
+    there, and a folder the block created is removed again when it holds nothing.
+
+    Args:
+        output: The run (or evaluation) folder; created if missing.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metabin_layers.reid.train import replacing_results
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "results.json").write_text("old"); _ = (run / "rho.png").write_text("old")
+        >>> with replacing_results(run):
+        ...     _ = (run / "results.json").write_text("new")
+        >>> sorted(p.name for p in run.iterdir()), (run / "results.json").read_text()
+        (['results.json'], 'new')
+    """
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    earlier = _result_files(output)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # only when empty: what was written stays for the user to see
+        raise
+    now = _result_files(output)
+    for path, stamp in earlier.items():
+        if now.get(path) == stamp:  # not rewritten: a stale result of the earlier run
+            path.unlink(missing_ok=True)
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
@@ -1109,9 +1176,14 @@ def train(
         ``{}`` on the other ranks.
 
     Raises:
+        ConfigError: If a config value is wrong (``validate_config``), before anything is read
+            or written.
         OutputFolderError: If ``cfg.output`` holds an earlier run and neither ``overwrite`` nor
-            ``resume`` is given.
+            ``resume`` is given, or another run holds the folder (``metabin_layers.reid.lock``:
+            on rank 0 the run holds ``.metabin-reid.lock`` there until it ends).
         RecipeError: If ``cfg.tensorboard`` is set and tensorboard is not installed.
+        DiskError: If the disk is full, read-only or over quota while a file is written (the
+            previous checkpoint and results intact).
         CheckpointError: If the checkpoint to resume cannot be read, its config differs (without
             ``allow_config_change``) or it does not fit the run.
         TrainingInterrupted: On ``KeyboardInterrupt`` (Ctrl-C) while training (``Trainer.run``):
@@ -1133,10 +1205,13 @@ def train(
         >>> results["iterations"], list(results["targets"]), "checkpoint.pt" in os.listdir(cfg.output)
         (1, ['style2'], True)
     """
+    validate_config(cfg)  # before any folder is created or any data is read
     output = Path(cfg.output)
     check_output(output, overwrite=overwrite, resuming=bool(resume))
     if cfg.tensorboard:
         require_tensorboard()  # before training, not after it
+    if _dist_info()[0] == 0:
+        check_unlocked(output)  # another run there: said before the data are read
     state, source = _resume_state(resume, cfg, allow_config_change) if resume else (None, None)
     trainer = Trainer(cfg, data)
     if state is not None:
@@ -1146,8 +1221,24 @@ def train(
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"resume {resume}: the checkpoint does not fit this run ({first})") from err
         del state  # the model and optimizers hold their copies now
+    with run_lock(output, rank=trainer.rank):  # one run per folder, released also on errors and Ctrl-C
+        return _train_in(output, trainer, cfg, source, progress, overwrite, bool(resume), verbose)
+
+
+def _train_in(
+    output: Path,
+    trainer: Trainer,
+    cfg: TrainConfig,
+    source: Optional[Path],
+    progress: bool,
+    overwrite: bool,
+    resuming: bool,
+    verbose: bool,
+) -> dict[str, Any]:
+    """``train``'s work in the locked run folder: train, evaluate, write the results."""
     if trainer.rank == 0:
-        clear_output(output, overwrite=overwrite, resuming=bool(resume))
+        check_output(output, overwrite=overwrite, resuming=resuming)  # again, now that the folder is ours
+        clear_output(output, overwrite=overwrite, resuming=resuming)
         write_text_atomic(output / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if verbose:
             print(trainer.data.description, flush=True)
@@ -1199,8 +1290,9 @@ def _evaluate_and_report(
         "history": trainer.history,
         "precise_bn_batches": precise,
     }
-    write_results(results, output, echo=verbose)
-    save_ranked_pictures(distances, output, NORM_LABELS.get(cfg.norm, cfg.norm))
+    with replacing_results(output):  # a resumed run's earlier results stay until these are written
+        write_results(results, output, echo=verbose)
+        save_ranked_pictures(distances, output, NORM_LABELS.get(cfg.norm, cfg.norm))
     if verbose:
         print(f"Results, plots and checkpoint: {output}", flush=True)
     return results

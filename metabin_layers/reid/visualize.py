@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .disk import atomic_path
+
 __all__ = [
     "GREEN",
     "RED",
@@ -274,7 +276,8 @@ def save_ranked_results(
         title=title,
         **layout,
     )
-    Image.fromarray(grid).save(path)
+    with atomic_path(path) as tmp:  # the earlier picture stays until this one is whole
+        Image.fromarray(grid).save(tmp)
     return grid
 
 

@@ -100,8 +100,17 @@ def list_images(directory: PathLike) -> list[str]:
     """
     directory = os.fspath(directory)
     with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
+        names = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and _is_file(e))
     return [os.path.join(directory, name) for name in names]
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A file, or an image name that cannot be followed (a symlink loop): listed, so that the
+    image check names it instead of the dataset silently losing it."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return entry.is_symlink()
 
 
 _MARKET_RE = re.compile(r"^([-\d]+)_c(\d)")
@@ -455,6 +464,10 @@ class SplitReIDDataset(ReIDDataset):
                 splits = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{self.name}: cannot read split file {path!r}: {exc}") from exc
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise ValueError(
+                f"{self.name}: cannot read split file {path!r}: its JSON is nested too deep; delete it to regenerate the splits"
+            ) from None
         if not isinstance(splits, list) or len(splits) < min_entries or not all(isinstance(s, dict) for s in splits):
             raise ValueError(
                 f"{self.name}: split file {path!r} must be a JSON list of at least "

@@ -66,7 +66,7 @@ def read_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for bad files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises all four for bad files
         raise UnreadableImageError(f"cannot read image {path!r}: {type(exc).__name__}: {exc}", path) from exc
 
 
