@@ -298,10 +298,10 @@ class _MetaBINBase(nn.Module):
         """Whether rho may have changed since it was last found valid (host-side, no device sync)."""
         if _compiler_flag("is_compiling") or torch.jit.is_tracing():
             return False  # traced or compiled code cannot branch on values
-        if self.rho.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False  # nor can a CUDA graph capture
         key = self._rho_key()
-        return key is not None and key != self._rho_checked
+        if key is None or key == self._rho_checked:
+            return False
+        return not (self.rho.is_cuda and torch.cuda.is_current_stream_capturing())  # nor can a CUDA graph capture
 
     @torch.jit.unused
     def _check_rho_if_changed(self) -> None:
@@ -400,6 +400,28 @@ class _MetaBINBase(nn.Module):
         if rho is not None and len(error_msgs) == errors:
             self._mark_rho_checked()  # loaded, and checked above
 
+    def _fill_batchnorm_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Add ``rho`` / ``in_weight`` / ``in_bias`` to a plain BatchNorm's entries, as the converter sets them.
+
+        Only when every other tensor of the layer is there and none of the three is: any other
+        key set is left for the strict check to report.
+        """
+        own = [name for name, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
+        own = [n for n in own if n not in self._non_persistent_buffers_set]
+        if any(prefix + n in state_dict for n in _METABIN_ONLY_KEYS):
+            return
+        if not all(prefix + n in state_dict for n in own if n not in _METABIN_ONLY_KEYS):
+            return
+        with torch.no_grad():
+            state_dict[prefix + "rho"] = torch.full_like(self.rho, self.rho_init)
+            if self.in_weight is not None and self.in_bias is not None:
+                if getattr(self, "in_affine_init", "copy") == "copy":  # layers pickled before the attribute: the default
+                    state_dict[prefix + "in_weight"] = state_dict[prefix + "weight"].detach().clone()
+                    state_dict[prefix + "in_bias"] = state_dict[prefix + "bias"].detach().clone()
+                else:
+                    state_dict[prefix + "in_weight"] = torch.ones_like(self.in_weight)
+                    state_dict[prefix + "in_bias"] = torch.zeros_like(self.in_bias)
+
 
 def rho_problem(rho: Tensor) -> Optional[str]:
     """Why ``rho`` is not a valid rho (a value outside [0, 1], NaN or infinite), or None.
@@ -477,28 +499,6 @@ def clamp_rho_(model: nn.Module) -> None:
         torch._foreach_clamp_max_(rhos, 1.0)
     for m in layers:
         m._mark_rho_checked()
-
-    def _fill_batchnorm_state(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Add ``rho`` / ``in_weight`` / ``in_bias`` to a plain BatchNorm's entries, as the converter sets them.
-
-        Only when every other tensor of the layer is there and none of the three is: any other
-        key set is left for the strict check to report.
-        """
-        own = [name for name, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
-        own = [n for n in own if n not in self._non_persistent_buffers_set]
-        if any(prefix + n in state_dict for n in _METABIN_ONLY_KEYS):
-            return
-        if not all(prefix + n in state_dict for n in own if n not in _METABIN_ONLY_KEYS):
-            return
-        with torch.no_grad():
-            state_dict[prefix + "rho"] = torch.full_like(self.rho, self.rho_init)
-            if self.in_weight is not None and self.in_bias is not None:
-                if getattr(self, "in_affine_init", "copy") == "copy":  # layers pickled before the attribute: the default
-                    state_dict[prefix + "in_weight"] = state_dict[prefix + "weight"].detach().clone()
-                    state_dict[prefix + "in_bias"] = state_dict[prefix + "bias"].detach().clone()
-                else:
-                    state_dict[prefix + "in_weight"] = torch.ones_like(self.in_weight)
-                    state_dict[prefix + "in_bias"] = torch.zeros_like(self.in_bias)
 
 
 def _check_rho_init(rho_init: float) -> None:

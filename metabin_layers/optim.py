@@ -473,28 +473,29 @@ class MetaBINOptimizer(torch.optim.Optimizer):
             p.grad = g
         # A loss that is not finite refuses the step even when its gradients are (a detached NaN
         # added to it): folded into found_inf on the device, so the skip costs no host sync.
-        l_mtr_d, l_mte_d = l_mtr.detach(), l_mte.detach()
-        loss_bad = torch.stack([~torch.isfinite(l_mtr_d), ~torch.isfinite(l_mte_d)])
+        losses = torch.stack([l_mtr.detach(), l_mte.detach()])
+        loss_bad = (losses - losses).ne(0)  # NaN for inf and NaN: two launches where isfinite takes four
         if scaler is not None:
             # The scaler finds the overflow of the outer gradient itself; make it see the inner
             # one and a non-finite loss too (inf added where found_inf is 1): it then skips.
-            torch.maximum(found_inf, loss_bad.any().float(), out=found_inf)
+            torch.maximum(found_inf, loss_bad.any(), out=found_inf)
             outer[0].add_(found_inf / (1.0 - found_inf))
             _check_finite(outer, found_inf, one)
             scaler.step(self.rho_optimizer)
             self._update_scaler()  # one update for the base and the meta step of this iteration
         else:
             _check_finite(outer, found_inf, one)
-            torch.maximum(found_inf, loss_bad.any().float(), out=found_inf)
+            torch.maximum(found_inf, loss_bad.any(), out=found_inf)
             self._step_rho_unless(found_inf)
         self.clamp_rho()
         self._count_skipped(found_inf)
+        skipped = found_inf > 0
         return {
-            "meta_train_loss": l_mtr_d,
-            "meta_test_loss": l_mte_d,
+            "meta_train_loss": losses[0],
+            "meta_test_loss": losses[1],
             "inner_lr": inner_lr,
-            "skipped": found_inf > 0,
-            "skip_flags": torch.cat([loss_bad, (found_inf > 0).reshape(1)]),
+            "skipped": skipped,
+            "skip_flags": torch.cat([loss_bad, skipped.reshape(1)]),
         }
 
     @staticmethod
