@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import dg_digits_data as data  # noqa: E402
 
-from metabin_layers import MetaBINOptimizer, base_parameters, convert_bn_to_metabin, rho_parameters  # noqa: E402
+from metabin_layers import MetaBINOptimizer, base_parameters, clamp_rho_, convert_bn_to_metabin, rho_parameters  # noqa: E402
 from metabin_layers.episode import CyclicInnerLR  # noqa: E402
 from metabin_layers.losses import (  # noqa: E402
     cross_entropy_label_smooth,
@@ -204,9 +204,7 @@ def base_iteration(model, optimizer, rho_optimizer, batch):
     optimizer.step()
     if rho_optimizer is not None:
         rho_optimizer.step()
-        with torch.no_grad():
-            for rho in rho_parameters(model):
-                rho.clamp_(0.0, 1.0)
+        clamp_rho_(model)
     return loss.detach()
 
 
