@@ -418,10 +418,11 @@ class MetaBINOptimizer(torch.optim.Optimizer):
         Host-side: only layers whose rho changed since it was last checked are read (one sync
         each), so the optimizer's own updates cost nothing; see the rho policy of ``MetaBIN2d``.
         """
-        for name, m in self.model.named_modules():
-            if isinstance(m, _MetaBINBase) and m._rho_changed():
+        for m in metabin_modules(self.model):  # as _episode finds them: layers converted after construction too
+            if m._rho_changed():
                 problem = rho_problem(m.rho)
                 if problem is not None:
+                    name = next(n for n, module in self.model.named_modules() if module is m)
                     raise ValueError(
                         f"MetaBINOptimizer.meta_step: layer {name or '<root>'!r} ({m._label()}): {problem}; "
                         "rho was changed outside the optimizer: set it back in [0, 1]"
@@ -429,7 +430,7 @@ class MetaBINOptimizer(torch.optim.Optimizer):
                 m._mark_rho_checked()
 
     def _mark_rho_checked(self) -> None:
-        for m in metabin_modules(self.model):
+        for m in self.layers:
             m._mark_rho_checked()
 
     def _episode_step(self, meta_train_loss: LossClosure, meta_test_loss: LossClosure) -> dict[str, Any]:
