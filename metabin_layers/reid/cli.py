@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig, default_output, load_config, parse_overrides, read_config_file
+from .config import RANKING_KEYS, TrainConfig, default_output, load_config, parse_overrides, read_config_file
 from .errors import OutputFolderError, RecipeError
 from .model import NORM_VARIANTS
 from .presets import PAPER_PRESETS, paper_preset
@@ -45,14 +45,7 @@ EVAL_KEYS = (
     "metric",
     "eval_batch_size",
     "eval_invalid_as_zero",
-    "rerank",
-    "rerank_k1",
-    "rerank_k2",
-    "rerank_lambda",
-    "query_expansion",
-    "query_expansion_k",
-    "query_expansion_alpha",
-    "precise_bn_iters",
+    *RANKING_KEYS,
     "output",
 )
 #: Keys that ``eval`` also honours for an authors' checkpoint, which holds no config of its own.

@@ -24,6 +24,19 @@ __all__ = [
     "parse_overrides",
 ]
 
+#: The keys of how a trained model is evaluated (re-ranking, query expansion, precise BN): ``eval``
+#: honours them, and a resumed run may change them.
+RANKING_KEYS = (
+    "rerank",
+    "rerank_k1",
+    "rerank_k2",
+    "rerank_lambda",
+    "query_expansion",
+    "query_expansion_k",
+    "query_expansion_alpha",
+    "precise_bn_iters",
+)
+
 
 @dataclass
 class TrainConfig:

@@ -41,7 +41,7 @@ from ..episode import CyclicInnerLR
 from ..losses import cross_entropy_label_smooth, inter_domain_shuffle_loss, intra_domain_scatter_loss, triplet_loss
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .checks import check_data, check_images, check_pretrained
-from .config import TrainConfig
+from .config import RANKING_KEYS, TrainConfig
 from .data import RecipeData, build_data
 from .errors import CheckpointError, OutputFolderError, RecipeError
 from .evaluation import evaluate
@@ -905,14 +905,7 @@ RESUME_FREE_KEYS = (
     "eval_flip",
     "metric",
     "eval_batch_size",
-    "rerank",
-    "rerank_k1",
-    "rerank_k2",
-    "rerank_lambda",
-    "query_expansion",
-    "query_expansion_k",
-    "query_expansion_alpha",
-    "precise_bn_iters",
+    *RANKING_KEYS,
     "tensorboard",
 )
 
